@@ -1,0 +1,110 @@
+"""The ``qconvert`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from qconvert import __version__
+from qconvert.constants import GGMLType
+from qconvert.errors import QConvertError
+
+GGUF_EPILOG = """\
+examples:
+  qconvert gguf --size 1.5b --bits 5            # -> qwen2.5-1.5b-instruct-q5_k_m.gguf
+  qconvert gguf --size 7b --variant coder --type Q4_K_M --out-dir out/
+  qconvert gguf --model ./my-finetune --type Q8_0
+  qconvert gguf --size 72b --bits 4 --dry-run   # per-tensor plan and predicted size, no weights needed beyond config
+
+--bits maps to llama.cpp's usual presets: 2=Q2_K 3=Q3_K_M 4=Q4_K_M 5=Q5_K_M 6=Q6_K 8=Q8_0 16=F16.
+Mixtures follow llama-quantize: the output (or tied embedding) gets Q6_K, about half of the attn_v/ffn_down
+layers get more bits, and rows that are not a multiple of 256 (Qwen2.5-0.5B's 896) fall back to 32-blocks.
+The output file is written under a temporary name and renamed when complete; an existing file is kept unless
+--force is given.
+"""
+
+
+def _ggml_type(value: str) -> GGMLType:
+    try:
+        return GGMLType[value.upper()]
+    except KeyError:
+        valid = ", ".join(t.name for t in GGMLType)
+        raise argparse.ArgumentTypeError(f"unknown tensor type {value!r}; valid: {valid}")
+
+
+def _tensor_type(value: str) -> tuple[str, GGMLType]:
+    pattern, sep, name = value.rpartition("=")
+    if not sep or not pattern:
+        raise argparse.ArgumentTypeError(f"--tensor-type takes REGEX=TYPE (e.g. 'attn_v=q8_0'), got {value!r}")
+    return pattern, _ggml_type(name)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    from qconvert.family import SIZES, VARIANTS
+
+    src = p.add_argument_group("model (one of --size or --model)")
+    src.add_argument("--size", choices=SIZES, help="a Qwen2.5 size; resolved to its hub repo (see --variant)")
+    src.add_argument("--variant", choices=VARIANTS, default="instruct", help="which Qwen2.5 repo of that size (default: instruct)")
+    src.add_argument("--model", help="a local checkpoint directory or any hub repo id (Qwen/Qwen2.5-7B-Instruct)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qconvert", description="Turn Qwen2.5 checkpoints into verified deployable artifacts.")
+    parser.add_argument("--version", action="version", version=f"qconvert {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    g = sub.add_parser("gguf", help="convert a checkpoint to GGUF (llama.cpp, Ollama, LM Studio)",
+                       description="Convert a Qwen2.5 checkpoint to GGUF in one pass, byte-identical to llama.cpp's "
+                                   "convert_hf_to_gguf.py + llama-quantize.",
+                       epilog=GGUF_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_args(g)
+    q = g.add_argument_group("quantization")
+    pick = q.add_mutually_exclusive_group()
+    pick.add_argument("--bits", type=int, help="2, 3, 4, 5, 6, 8 or 16 (default 5 = Q5_K_M)")
+    pick.add_argument("--type", dest="preset", help="a llama-quantize preset: Q2_K, Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M, Q6_K, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, F16, BF16, F32")
+    q.add_argument("--pure", action="store_true", help="no mixture: every matrix gets the preset's base type")
+    q.add_argument("--output-tensor-type", type=_ggml_type, metavar="TYPE", help="type of output.weight (or of the tied embedding)")
+    q.add_argument("--token-embedding-type", type=_ggml_type, metavar="TYPE", help="type of token_embd.weight")
+    q.add_argument("--tensor-type", type=_tensor_type, action="append", default=[], metavar="REGEX=TYPE",
+                   help="override the type of tensors whose GGUF name matches REGEX (repeatable; shape fallbacks still apply)")
+    o = g.add_argument_group("output")
+    o.add_argument("--out-dir", type=Path, default=Path("."), help="directory for the .gguf file (default: .)")
+    o.add_argument("--output", type=Path, help="explicit output file name (default: qwen2.5-<size>-<variant>-<preset>.gguf)")
+    o.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    o.add_argument("--dry-run", action="store_true", help="print the per-tensor plan and predicted size; write nothing")
+    o.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    i = sub.add_parser("info", help="show what a checkpoint directory or a GGUF file holds",
+                       description="Architecture, shapes, dtypes or quant types per tensor, size and bits per weight.")
+    i.add_argument("path", type=Path, help="a .gguf file or a Hugging Face checkpoint directory")
+    i.add_argument("--tensors", action="store_true", help="list every tensor")
+    return parser
+
+
+def resolve_preset(bits: int | None, preset: str | None) -> str:
+    from qconvert.gguf.plan import preset_for_bits, validate_preset
+
+    if preset is not None:
+        return validate_preset(preset)
+    return preset_for_bits(5 if bits is None else bits)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "gguf":
+            from qconvert.commands.gguf import run_gguf
+            return run_gguf(args)
+        if args.command == "info":
+            from qconvert.commands.info import run_info
+            return run_info(args)
+    except QConvertError as e:
+        print(f"qconvert: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("qconvert: interrupted; no partial output was kept.", file=sys.stderr)
+        return 130
+    raise AssertionError(f"unhandled command {args.command}")
+

@@ -1,0 +1,84 @@
+"""``qconvert gguf``: resolve the model, plan, convert, report."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from qconvert.errors import QConvertError
+from qconvert.family import hub_id, seed_config, tensor_shapes
+from qconvert.gguf.export import PlanOptions, build_plan, export_gguf
+from qconvert.resolve import resolve_model
+
+# Qwen's published GGUFs carry ~6 MB of tokenizer metadata (151k tokens + 151k merges); used for dry-run sizes
+# when the tokenizer is not at hand.
+QWEN_TOKENIZER_METADATA_BYTES = 6_000_000
+
+
+def output_name(model: str, preset: str) -> str:
+    """``Qwen/Qwen2.5-1.5B-Instruct`` + Q5_K_M -> ``qwen2.5-1.5b-instruct-q5_k_m.gguf`` (Qwen's own naming)."""
+    return f"{model.rstrip('/').split('/')[-1].lower()}-{preset.lower()}.gguf"
+
+
+def _model_ref(args: argparse.Namespace) -> str:
+    if args.model and args.size:
+        raise QConvertError("give either --size or --model, not both")
+    if args.model:
+        return args.model
+    if args.size:
+        return hub_id(args.size, args.variant)
+    raise QConvertError("say which model to convert: --size 1.5b (a Qwen2.5 size) or --model PATH_OR_REPO_ID")
+
+
+def _options(args: argparse.Namespace) -> PlanOptions:
+    return PlanOptions(pure=args.pure, output_tensor_type=args.output_tensor_type,
+                       token_embedding_type=args.token_embedding_type, tensor_types=tuple(args.tensor_type))
+
+
+def _dry_run_from_seed(args: argparse.Namespace, preset: str) -> int:
+    """Plan from the published shapes alone (no weights): what --dry-run --size prints before any download."""
+    config = seed_config(args.size)
+    plan = build_plan(config, preset, _options(args), tensor_shapes(config))
+    print(plan.format_table())
+    total = plan.tensor_bytes() + QWEN_TOKENIZER_METADATA_BYTES
+    print(f"predicted file size: {total / 1e9:.3f} GB ({total:,} bytes incl. ~6 MB tokenizer metadata)")
+    for line in plan.warnings():
+        print(line, file=sys.stderr)
+    return 0
+
+
+def run_gguf(args: argparse.Namespace) -> int:
+    from qconvert.cli import resolve_preset
+
+    preset = resolve_preset(args.bits, args.preset)
+    ref = _model_ref(args)
+    if args.dry_run and args.size and not args.model:
+        try:
+            resolved = resolve_model(ref, allow_download=False)
+        except QConvertError:
+            return _dry_run_from_seed(args, preset)
+    else:
+        resolved = resolve_model(ref)
+    out = None if args.dry_run else (args.output if args.output else args.out_dir / output_name(resolved.repo_id or resolved.path.name, preset))
+    bar = None
+    if out is not None and not args.quiet:
+        from tqdm import tqdm
+        bar = tqdm(desc=out.name, unit="tensor", dynamic_ncols=True, file=sys.stderr)
+    try:
+        result = export_gguf(resolved.path, out, preset, options=_options(args), model_name=resolved.repo_id or resolved.path.name,
+                             force=args.force, progress=(lambda name, n: bar.update(1)) if bar else None)
+    finally:
+        if bar:
+            bar.close()
+    for line in result.warnings:
+        print(line, file=sys.stderr)
+    plan = result.plan
+    if out is None:
+        print(plan.format_table())
+        print(f"predicted tensor data: {plan.tensor_bytes() / 1e9:.3f} GB (+ tokenizer metadata)")
+        return 0
+    n = sum(e.n_elements for e in plan.entries)
+    print(f"wrote {out} ({result.bytes_written / 1e9:.3f} GB, {8 * plan.tensor_bytes() / n:.2f} bpw, "
+          f"{result.seconds:.1f} s)")
+    return 0

@@ -1,0 +1,161 @@
+"""Checkpoint -> GGUF in one streaming pass: plan the types, write the header, quantize and write tensor by tensor.
+
+Peak memory is about one tensor: its float32 copy plus its encoded bytes (the reader never maps the whole file),
+and the next tensor's read overlaps the current one's quantization.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qconvert.constants import GGMLType
+from qconvert.errors import CheckpointError
+from qconvert.family import tensor_shapes
+from qconvert.gguf.metadata import KV, gguf_metadata
+from qconvert.gguf.plan import Plan, plan_tensors, preset_file_type
+from qconvert.gguf.vocab import read_vocab
+from qconvert.gguf.writer import GGUFWriter
+from qconvert.io.atomic import atomic_output
+from qconvert.io.safetensors import SafetensorsCheckpoint
+from qconvert.names import quantize_order_key
+from qconvert.quant import quantize_rows
+from qconvert.registry import ArchSpec, spec_for_config
+
+FLOAT_PRESETS = frozenset({"F32", "F16", "BF16"})
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    """llama-quantize's knobs: ``--pure``, ``--output-tensor-type``, ``--token-embedding-type``, ``--tensor-type``."""
+
+    pure: bool = False
+    output_tensor_type: GGMLType | None = None
+    token_embedding_type: GGMLType | None = None
+    tensor_types: tuple[tuple[str, GGMLType], ...] = ()
+
+
+@dataclass
+class ExportResult:
+    path: Path | None
+    plan: Plan
+    bytes_written: int = 0
+    seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+
+def load_config(model_dir: Path) -> dict[str, Any]:
+    path = Path(model_dir) / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{model_dir} has no config.json; point --model at a Hugging Face checkpoint directory.")
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); re-download it.")
+
+
+def _mapped_tensors(spec: ArchSpec, config: dict, ckpt: SafetensorsCheckpoint) -> dict[str, str]:
+    """GGUF name -> checkpoint name, checked against the shapes config.json implies (nothing missing or extra)."""
+    names = spec.name_map
+    mapped = {names.gguf_name(hf): hf for hf in ckpt.names()}
+    if not config.get("tie_word_embeddings", False) and "output.weight" not in mapped:
+        raise CheckpointError("config.json says tie_word_embeddings=false but the checkpoint has no lm_head.weight.")
+    expected = dict(tensor_shapes(config))
+    for gguf_name, shape in expected.items():
+        if gguf_name not in mapped:
+            raise CheckpointError(f"checkpoint lacks {gguf_name} (HF name for block/role as in config.json); it is incomplete.")
+        got = ckpt.entries[mapped[gguf_name]].shape
+        if tuple(got) != tuple(shape):
+            raise CheckpointError(
+                f"tensor {mapped[gguf_name]} has shape {list(got)} but config.json implies {list(shape)}; "
+                "the config does not belong to these weights."
+            )
+    extra = sorted(set(mapped) - set(expected))
+    if extra:
+        raise CheckpointError(f"checkpoint has tensors config.json does not account for: {', '.join(extra[:5])}.")
+    return mapped
+
+
+def build_plan(config: dict, preset: str, options: PlanOptions, shapes: list[tuple[str, tuple[int, ...]]]) -> Plan:
+    return plan_tensors(
+        shapes, preset,
+        n_layer=int(config["num_hidden_layers"]), n_head=int(config["num_attention_heads"]),
+        n_head_kv=int(config["num_key_value_heads"]),
+        pure=options.pure, output_tensor_type=options.output_tensor_type,
+        token_embedding_type=options.token_embedding_type, tensor_types=options.tensor_types,
+    )
+
+
+def metadata_order(kvs: list[KV], preset: str) -> list[KV]:
+    """Float files keep the converter's order (file_type and quantization_version after the hparams)."""
+    if preset not in FLOAT_PRESETS:
+        return kvs
+    tail = {kv.key: kv for kv in kvs if kv.key in ("general.file_type", "general.quantization_version")}
+    rest = [kv for kv in kvs if kv.key not in tail]
+    first_tok = next(i for i, kv in enumerate(rest) if kv.key.startswith("tokenizer."))
+    return rest[:first_tok] + [tail["general.file_type"], tail["general.quantization_version"]] + rest[first_tok:]
+
+
+def export_gguf(model_dir: Path, out_path: Path | None, preset: str, *, options: PlanOptions = PlanOptions(),
+                model_name: str | None = None, force: bool = False,
+                progress: Callable[[str, int], None] | None = None) -> ExportResult:
+    """Convert ``model_dir`` to ``out_path`` with llama-quantize's ``preset`` mixture.
+
+    ``out_path=None`` plans only (``--dry-run``). ``progress(name, nbytes)`` is called after each tensor.
+    """
+    model_dir = Path(model_dir)
+    config = load_config(model_dir)
+    spec = spec_for_config(config)
+    ckpt = SafetensorsCheckpoint(model_dir)
+    mapped = _mapped_tensors(spec, config, ckpt)
+    order = sorted(mapped, key=quantize_order_key) if preset not in FLOAT_PRESETS else list(mapped)
+    plan = build_plan(config, preset, options, [(g, ckpt.entries[mapped[g]].shape) for g in order])
+    result = ExportResult(None, plan, warnings=plan.warnings())
+    if out_path is None:
+        return result
+    vocab = read_vocab(model_dir, config)  # fail on tokenizer problems before writing anything
+    n_params = sum(int(np.prod(ckpt.entries[h].shape)) for h in mapped.values())
+    kvs = gguf_metadata(spec, config, vocab, model_name=model_name or model_dir.name, model_dir=model_dir,
+                        n_params=n_params, file_type=preset_file_type(preset))
+    start = time.perf_counter()
+    with atomic_output(Path(out_path), force=force) as tmp:
+        writer = GGUFWriter(tmp)
+        try:
+            for kv in metadata_order(kvs, preset):
+                writer.add(kv.key, kv.vtype, kv.value, kv.elem_type)
+            for entry in plan.entries:
+                writer.add_tensor_info(entry.name, entry.shape, entry.type)
+            writer.write_header()
+            _stream_tensors(writer, ckpt, mapped, plan, progress)
+            writer.close()
+        finally:
+            writer.abort()
+        result.bytes_written = tmp.stat().st_size
+    result.path, result.seconds = Path(out_path), time.perf_counter() - start
+    return result
+
+
+def _stream_tensors(writer: GGUFWriter, ckpt: SafetensorsCheckpoint, mapped: dict[str, str], plan: Plan,
+                    progress: Callable[[str, int], None] | None) -> None:
+    """Quantize and write each tensor; a reader thread fetches the next one meanwhile."""
+    entries = plan.entries
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(ckpt.read_f32, mapped[entries[0].name]) if entries else None
+        for i, entry in enumerate(entries):
+            assert pending is not None
+            x = pending.result()
+            pending = pool.submit(ckpt.read_f32, mapped[entries[i + 1].name]) if i + 1 < len(entries) else None
+            if not np.isfinite(x).all():
+                raise CheckpointError(f"tensor {mapped[entry.name]} contains NaN or Inf; the checkpoint is damaged.")
+            data = quantize_rows(entry.type, np.ascontiguousarray(x.reshape(-1, x.shape[-1])))
+            writer.write_tensor(entry.name, data)
+            if progress:
+                progress(entry.name, data.nbytes)
+            del x, data

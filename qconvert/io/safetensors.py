@@ -1,0 +1,169 @@
+"""Lazy, validating reader of (sharded) safetensors checkpoints.
+
+Only headers are read up front. Each tensor is read on demand with one positioned read into a fresh buffer, so
+peak memory is one tensor (plus its float32 copy), whatever the model size: no mmap whose touched pages would
+pile up in RSS while a 72B checkpoint streams through. Every header offset is checked against the file size
+before any tensor is read, so a truncated download fails at open time with the shard's name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+
+import numpy as np
+
+from qconvert.errors import CheckpointError
+
+# safetensors dtype -> (numpy storage dtype, bytes per element). bf16 is stored as uint16 and widened on read.
+DTYPES: MappingProxyType[str, tuple[np.dtype, int]] = MappingProxyType({
+    "BF16": (np.dtype("<u2"), 2),
+    "F16": (np.dtype("<f2"), 2),
+    "F32": (np.dtype("<f4"), 4),
+})
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+READ_CHUNK = 1 << 30
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor lives: file, dtype, numpy shape and absolute byte range."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    file: Path
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+def _header(path: Path) -> tuple[dict, int]:
+    """Parse a safetensors header; returns (header dict, absolute offset of the data section)."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path}: file is {size} bytes, too short to be safetensors; re-download it.")
+        (n,) = struct.unpack("<Q", raw)
+        if n > MAX_HEADER_BYTES or 8 + n > size:
+            raise CheckpointError(
+                f"{path}: header length {n} does not fit in a {size}-byte file; the file is truncated or not "
+                "safetensors. Re-download it (huggingface-cli download --force-download ...)."
+            )
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: header is not valid JSON ({e}); the file is corrupt, re-download it.")
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: header is not a JSON object; the file is corrupt, re-download it.")
+    return header, 8 + n
+
+
+def _entries(path: Path) -> list[TensorEntry]:
+    header, data_start = _header(path)
+    size = path.stat().st_size
+    out = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = info.get("dtype")
+        if dtype not in DTYPES:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has dtype {dtype}; qconvert reads {', '.join(DTYPES)} checkpoints. "
+                "Convert the checkpoint to bf16/fp16 with transformers (model.save_pretrained) first."
+            )
+        shape = tuple(int(d) for d in info["shape"])
+        begin, end = (int(o) for o in info["data_offsets"])
+        want = DTYPES[dtype][1] * int(np.prod(shape, dtype=np.int64))
+        if end - begin != want or begin < 0:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} {dtype}{list(shape)} needs {want} bytes but its offsets span "
+                f"{end - begin}; the header is corrupt. Re-download the file."
+            )
+        if data_start + end > size:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} ends at byte {data_start + end} but the file has {size} bytes: the file "
+                "is truncated (an interrupted download?). Re-download it."
+            )
+        out.append(TensorEntry(name, dtype, shape, path, data_start + begin, data_start + end))
+    return out
+
+
+def _shard_files(model_dir: Path) -> list[Path]:
+    index = model_dir / INDEX_FILE
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e}); re-download it.")
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (model_dir / f).exists()]
+        if missing:
+            raise CheckpointError(
+                f"{model_dir}: shard(s) {', '.join(missing)} named in {INDEX_FILE} are missing; "
+                "the download is incomplete. Download the missing files and retry."
+            )
+        return [model_dir / f for f in files]
+    if (model_dir / SINGLE_FILE).exists():
+        return [model_dir / SINGLE_FILE]
+    singles = sorted(model_dir.glob("*.safetensors"))
+    if singles:
+        return singles
+    if list(model_dir.glob("*.bin")) or list(model_dir.glob("*.pt")) or list(model_dir.glob("*.pth")):
+        raise CheckpointError(
+            f"{model_dir} holds only pickle (.bin/.pt) weights. qconvert never unpickles checkpoints (torch.load "
+            "can run arbitrary code). Convert it once in a trusted environment: "
+            "AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(OUT, safe_serialization=True)."
+        )
+    raise CheckpointError(f"{model_dir} has no *.safetensors weights; is this a Hugging Face model directory?")
+
+
+class SafetensorsCheckpoint:
+    """All tensors of a checkpoint directory, indexed by name, read lazily one at a time."""
+
+    def __init__(self, model_dir: Path) -> None:
+        self.dir = Path(model_dir)
+        entries: dict[str, TensorEntry] = {}
+        for shard in _shard_files(self.dir):
+            for e in _entries(shard):
+                if e.name in entries:
+                    raise CheckpointError(f"{self.dir}: tensor {e.name!r} appears in two shards; the checkpoint is inconsistent.")
+                entries[e.name] = e
+        self.entries: MappingProxyType[str, TensorEntry] = MappingProxyType(entries)
+
+    def names(self) -> list[str]:
+        """Tensor names in file order (shard by shard, header order within a shard)."""
+        return list(self.entries)
+
+    def read_raw(self, name: str) -> np.ndarray:
+        """The tensor's stored values with its numpy shape (bf16 as uint16 bit patterns)."""
+        e = self.entries[name]
+        dtype, _ = DTYPES[e.dtype]
+        buf = np.empty(e.nbytes, dtype=np.uint8)
+        view, done = memoryview(buf), 0
+        with e.file.open("rb", buffering=0) as f:
+            while done < e.nbytes:  # Linux returns at most ~2 GiB per call; a 72B embedding is 2.5 GB
+                got = os.preadv(f.fileno(), [view[done:done + READ_CHUNK]], e.start + done)
+                if got <= 0:
+                    raise CheckpointError(
+                        f"{e.file}: short read of {name!r} ({done}/{e.nbytes} bytes); the file changed or is truncated."
+                    )
+                done += got
+        return buf.view(dtype).reshape(e.shape)
+
+    def read_f32(self, name: str) -> np.ndarray:
+        """The tensor as float32 (bf16 and f16 widen exactly)."""
+        raw = self.read_raw(name)
+        if self.entries[name].dtype == "BF16":
+            return (raw.astype(np.uint32) << 16).view(np.float32)
+        return raw.astype(np.float32, copy=False)
