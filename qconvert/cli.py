@@ -8,7 +8,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from qconvert import __version__
-from qconvert.constants import GGMLType
 from qconvert.errors import QConvertError
 
 GGUF_EPILOG = """\
@@ -26,27 +25,12 @@ The output file is written under a temporary name and renamed when complete; an 
 """
 
 
-def _ggml_type(value: str) -> GGMLType:
-    try:
-        return GGMLType[value.upper()]
-    except KeyError:
-        valid = ", ".join(t.name for t in GGMLType)
-        raise argparse.ArgumentTypeError(f"unknown tensor type {value!r}; valid: {valid}")
-
-
-def _tensor_type(value: str) -> tuple[str, GGMLType]:
-    pattern, sep, name = value.rpartition("=")
-    if not sep or not pattern:
-        raise argparse.ArgumentTypeError(f"--tensor-type takes REGEX=TYPE (e.g. 'attn_v=q8_0'), got {value!r}")
-    return pattern, _ggml_type(name)
-
-
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     from qconvert.family import SIZES, VARIANTS
 
     src = p.add_argument_group("model (one of --size or --model)")
-    src.add_argument("--size", choices=SIZES, help="a Qwen2.5 size; resolved to its hub repo (see --variant)")
-    src.add_argument("--variant", choices=VARIANTS, default="instruct", help="which Qwen2.5 repo of that size (default: instruct)")
+    src.add_argument("--size", choices=tuple(SIZES), help="a Qwen2.5 size; resolved to its hub repo (see --variant)")
+    src.add_argument("--variant", choices=tuple(VARIANTS), default="instruct", help="which Qwen2.5 repo of that size (default: instruct)")
     src.add_argument("--model", help="a local checkpoint directory or any hub repo id (Qwen/Qwen2.5-7B-Instruct)")
 
 
@@ -65,9 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     pick.add_argument("--bits", type=int, help="2, 3, 4, 5, 6, 8 or 16 (default 5 = Q5_K_M)")
     pick.add_argument("--type", dest="preset", help="a llama-quantize preset: Q2_K, Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M, Q6_K, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, F16, BF16, F32")
     q.add_argument("--pure", action="store_true", help="no mixture: every matrix gets the preset's base type")
-    q.add_argument("--output-tensor-type", type=_ggml_type, metavar="TYPE", help="type of output.weight (or of the tied embedding)")
-    q.add_argument("--token-embedding-type", type=_ggml_type, metavar="TYPE", help="type of token_embd.weight")
-    q.add_argument("--tensor-type", type=_tensor_type, action="append", default=[], metavar="REGEX=TYPE",
+    q.add_argument("--output-tensor-type", metavar="TYPE", help="type of output.weight (or of the tied embedding)")
+    q.add_argument("--token-embedding-type", metavar="TYPE", help="type of token_embd.weight")
+    q.add_argument("--tensor-type", action="append", default=[], metavar="REGEX=TYPE",
                    help="override the type of tensors whose GGUF name matches REGEX (repeatable; shape fallbacks still apply)")
     o = g.add_argument_group("output")
     o.add_argument("--out-dir", type=Path, default=Path("."), help="directory for the .gguf file (default: .)")
@@ -80,15 +64,21 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Architecture, shapes, dtypes or quant types per tensor, size and bits per weight.")
     i.add_argument("path", type=Path, help="a .gguf file or a Hugging Face checkpoint directory")
     i.add_argument("--tensors", action="store_true", help="list every tensor")
+
+    d = sub.add_parser("demo", help="convert the embedded demo model to GGUF Q5_K_M and check it in llama.cpp",
+                       description="Offline end-to-end check: build the small trained demo model, convert it to "
+                                   "GGUF Q5_K_M, run it in llama.cpp, compare with the float reference.")
+    d.add_argument("--out-dir", type=Path, default=Path("out"), help="where the demo GGUF goes (default: out/)")
     return parser
 
 
 def resolve_preset(bits: int | None, preset: str | None) -> str:
-    from qconvert.gguf.plan import preset_for_bits, validate_preset
+    """``--type`` wins; otherwise ``--bits`` (default 5 -> Q5_K_M)."""
+    from qconvert.gguf.plan import get_preset, preset_for_bits
 
     if preset is not None:
-        return validate_preset(preset)
-    return preset_for_bits(5 if bits is None else bits)
+        return get_preset(preset).name
+    return preset_for_bits(5 if bits is None else bits).name
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -97,6 +87,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "gguf":
             from qconvert.commands.gguf import run_gguf
             return run_gguf(args)
+        if args.command == "demo":
+            from qconvert.commands.demo import run_demo
+            return run_demo(args)
         if args.command == "info":
             from qconvert.commands.info import run_info
             return run_info(args)

@@ -6,9 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from qconvert.constants import GGMLType
 from qconvert.errors import QConvertError
 from qconvert.family import hub_id, seed_config, tensor_shapes
 from qconvert.gguf.export import PlanOptions, build_plan, export_gguf
+from qconvert.gguf.plan import parse_tensor_type_option, parse_type
 from qconvert.resolve import resolve_model
 
 # Qwen's published GGUFs carry ~6 MB of tokenizer metadata (151k tokens + 151k merges); used for dry-run sizes
@@ -32,8 +34,12 @@ def _model_ref(args: argparse.Namespace) -> str:
 
 
 def _options(args: argparse.Namespace) -> PlanOptions:
-    return PlanOptions(pure=args.pure, output_tensor_type=args.output_tensor_type,
-                       token_embedding_type=args.token_embedding_type, tensor_types=tuple(args.tensor_type))
+    def opt_type(value: str | None) -> GGMLType | None:
+        return None if value is None else parse_type(value)
+
+    return PlanOptions(pure=args.pure, output_tensor_type=opt_type(args.output_tensor_type),
+                       token_embedding_type=opt_type(args.token_embedding_type),
+                       tensor_types=tuple(parse_tensor_type_option(o) for o in args.tensor_type))
 
 
 def _dry_run_from_seed(args: argparse.Namespace, preset: str) -> int:
@@ -65,11 +71,18 @@ def run_gguf(args: argparse.Namespace) -> int:
     if out is not None and not args.quiet:
         from tqdm import tqdm
         bar = tqdm(desc=out.name, unit="tensor", dynamic_ncols=True, file=sys.stderr)
+
+    def progress(done: int, total: int, name: str) -> None:
+        assert bar is not None
+        bar.total = total
+        bar.set_postfix_str(name, refresh=False)
+        bar.update(done - bar.n)
+
     try:
         result = export_gguf(resolved.path, out, preset, options=_options(args), model_name=resolved.repo_id or resolved.path.name,
-                             force=args.force, progress=(lambda name, n: bar.update(1)) if bar else None)
+                             force=args.force, progress=progress if bar is not None else None)
     finally:
-        if bar:
+        if bar is not None:
             bar.close()
     for line in result.warnings:
         print(line, file=sys.stderr)
@@ -79,6 +92,7 @@ def run_gguf(args: argparse.Namespace) -> int:
         print(f"predicted tensor data: {plan.tensor_bytes() / 1e9:.3f} GB (+ tokenizer metadata)")
         return 0
     n = sum(e.n_elements for e in plan.entries)
-    print(f"wrote {out} ({result.bytes_written / 1e9:.3f} GB, {8 * plan.tensor_bytes() / n:.2f} bpw, "
+    size = f"{result.bytes_written / 1e9:.3f} GB" if result.bytes_written >= 1e8 else f"{result.bytes_written / 1e6:.2f} MB"
+    print(f"wrote {out} ({size}, {8 * plan.tensor_bytes() / n:.2f} bpw, "
           f"{result.seconds:.1f} s)")
     return 0

@@ -7,6 +7,7 @@ and the next tensor's read overlaps the current one's quantization.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +21,7 @@ from qconvert.constants import GGMLType
 from qconvert.errors import CheckpointError
 from qconvert.family import tensor_shapes
 from qconvert.gguf.metadata import KV, gguf_metadata
-from qconvert.gguf.plan import Plan, plan_tensors, preset_file_type
+from qconvert.gguf.plan import Plan, get_preset, plan_tensors
 from qconvert.gguf.vocab import read_vocab
 from qconvert.gguf.writer import GGUFWriter
 from qconvert.io.atomic import atomic_output
@@ -105,12 +106,13 @@ def metadata_order(kvs: list[KV], preset: str) -> list[KV]:
 
 def export_gguf(model_dir: Path, out_path: Path | None, preset: str, *, options: PlanOptions = PlanOptions(),
                 model_name: str | None = None, force: bool = False,
-                progress: Callable[[str, int], None] | None = None) -> ExportResult:
+                progress: Callable[[int, int, str], None] | None = None) -> ExportResult:
     """Convert ``model_dir`` to ``out_path`` with llama-quantize's ``preset`` mixture.
 
-    ``out_path=None`` plans only (``--dry-run``). ``progress(name, nbytes)`` is called after each tensor.
+    ``out_path=None`` plans only (``--dry-run``). ``progress(done, total, name)`` is called after each tensor.
     """
     model_dir = Path(model_dir)
+    preset = get_preset(preset).name
     config = load_config(model_dir)
     spec = spec_for_config(config)
     ckpt = SafetensorsCheckpoint(model_dir)
@@ -123,7 +125,7 @@ def export_gguf(model_dir: Path, out_path: Path | None, preset: str, *, options:
     vocab = read_vocab(model_dir, config)  # fail on tokenizer problems before writing anything
     n_params = sum(int(np.prod(ckpt.entries[h].shape)) for h in mapped.values())
     kvs = gguf_metadata(spec, config, vocab, model_name=model_name or model_dir.name, model_dir=model_dir,
-                        n_params=n_params, file_type=preset_file_type(preset))
+                        n_params=n_params, file_type=get_preset(preset).file_type)
     start = time.perf_counter()
     with atomic_output(Path(out_path), force=force) as tmp:
         writer = GGUFWriter(tmp)
@@ -143,9 +145,10 @@ def export_gguf(model_dir: Path, out_path: Path | None, preset: str, *, options:
 
 
 def _stream_tensors(writer: GGUFWriter, ckpt: SafetensorsCheckpoint, mapped: dict[str, str], plan: Plan,
-                    progress: Callable[[str, int], None] | None) -> None:
+                    progress: Callable[[int, int, str], None] | None) -> None:
     """Quantize and write each tensor; a reader thread fetches the next one meanwhile."""
     entries = plan.entries
+    pause = float(os.environ.get("QCONVERT_TEST_SLOW_WRITE", "0"))  # tests: widen the window for a Ctrl-C
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(ckpt.read_f32, mapped[entries[0].name]) if entries else None
         for i, entry in enumerate(entries):
@@ -156,6 +159,8 @@ def _stream_tensors(writer: GGUFWriter, ckpt: SafetensorsCheckpoint, mapped: dic
                 raise CheckpointError(f"tensor {mapped[entry.name]} contains NaN or Inf; the checkpoint is damaged.")
             data = quantize_rows(entry.type, np.ascontiguousarray(x.reshape(-1, x.shape[-1])))
             writer.write_tensor(entry.name, data)
+            if pause:
+                time.sleep(pause)
             if progress:
-                progress(entry.name, data.nbytes)
+                progress(i + 1, len(entries), entry.name)
             del x, data

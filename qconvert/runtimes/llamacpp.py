@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from qconvert.errors import CheckpointError, RuntimeMissingError
+from qconvert.errors import CheckpointError
+from qconvert.runtimes.native import libllama
 
 _LOCK = threading.Lock()
 _STATE: dict[str, Any] = {}
@@ -25,13 +26,7 @@ def _lib() -> tuple[Any, Any]:
     """(ffi, lib), loaded once; llama.cpp's log goes to a buffer instead of stderr."""
     with _LOCK:
         if "lib" not in _STATE:
-            try:
-                from llama_cpp_py_sync._cffi_bindings import get_ffi, get_lib
-            except ImportError as e:
-                raise RuntimeMissingError(
-                    f"llama.cpp binding not installed ({e}); install it with: pip install 'qconvert[llamacpp]'"
-                ) from e
-            ffi, lib = get_ffi(), get_lib()
+            ffi, lib = libllama()
             lib.llama_backend_init()
             _STATE["log"] = []
 

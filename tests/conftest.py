@@ -1,0 +1,34 @@
+"""Shared test fixtures: the project's own tiny checkpoints and their float GGUFs, built once per session."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Callable[[str], Path]:
+    """``model_dir("tiny-tied")`` -> a checkpoint directory built (once, cached) by qconvert.fixtures."""
+    from qconvert.fixtures.models import fixture_path
+
+    return fixture_path
+
+
+@pytest.fixture(scope="session")
+def float_gguf(model_dir, tmp_path_factory) -> Callable[[str, str], Path]:
+    """``float_gguf("tiny-tied", "BF16")`` -> qconvert's float GGUF of a fixture, written once per session."""
+    from qconvert.gguf.export import export_gguf
+
+    made: dict[tuple[str, str], Path] = {}
+    root = tmp_path_factory.mktemp("float-gguf")
+
+    def get(name: str, preset: str = "BF16") -> Path:
+        if (name, preset) not in made:
+            path = root / f"{name}-{preset.lower()}.gguf"
+            export_gguf(model_dir(name), path, preset, model_name=f"qconvert/{name}")
+            made[name, preset] = path
+        return made[name, preset]
+
+    return get

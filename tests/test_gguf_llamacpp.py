@@ -1,0 +1,164 @@
+"""GGUF contracts against llama.cpp itself (libllama from llama-cpp-py-sync).
+
+1. Byte identity: qconvert's one-pass export equals llama.cpp's ``llama_model_quantize`` run on qconvert's BF16
+   GGUF of the same checkpoint -- every tensor's type and bytes, and (for quantized presets) the whole file.
+2. llama.cpp loads what we write and its logits match the float reference (transformers) within stated bounds.
+3. llama.cpp's tokenizer on our GGUF equals the Hugging Face tokenizer on a mixed sample.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from qconvert.gguf.export import export_gguf
+from qconvert.gguf.plan import get_preset
+from qconvert.gguf.reader import read_gguf
+
+llamacpp = pytest.importorskip("qconvert.runtimes.llamacpp")
+pytest.importorskip("llama_cpp_py_sync", reason="llama.cpp binding (llama-cpp-py-sync) is the oracle")
+
+QUANT_PRESETS = ["Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K",
+                 "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
+FAST_FIXTURES = ["tiny-tied", "tiny-untied", "tiny-fallback"]
+
+
+def _assert_same_tensors(ours_path, ref_path):
+    ours, ref = read_gguf(ours_path), read_gguf(ref_path)
+    assert list(ours.tensors) == list(ref.tensors), "tensor order differs"
+    for name, t in ref.tensors.items():
+        mine = ours.tensors[name]
+        assert (mine.type, mine.shape) == (t.type, t.shape), f"{name}: {mine.type.name}{mine.shape} vs llama.cpp {t.type.name}{t.shape}"
+        a, b = ours.read_tensor_bytes(name), ref.read_tensor_bytes(name)
+        if not np.array_equal(a, b):
+            bad = int(np.count_nonzero(a != b))
+            pytest.fail(f"{name} ({t.type.name}): {bad} of {a.size} bytes differ from llama.cpp")
+    return ours, ref
+
+
+@pytest.mark.parametrize("preset", QUANT_PRESETS)
+@pytest.mark.parametrize("fixture", FAST_FIXTURES)
+def test_direct_export_is_byte_identical_to_llama_quantize(tmp_path, model_dir, float_gguf, fixture, preset):
+    ours = tmp_path / "ours.gguf"
+    export_gguf(model_dir(fixture), ours, preset, model_name=f"qconvert/{fixture}")
+    ref = tmp_path / "llama.gguf"
+    llamacpp.llama_quantize(float_gguf(fixture, "BF16"), ref, int(get_preset(preset).file_type))
+    _assert_same_tensors(ours, ref)
+    assert ours.read_bytes() == ref.read_bytes(), "tensors agree but the files differ (metadata order or padding)"
+
+
+@pytest.mark.parametrize("preset", ["Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "Q4_0"])
+def test_80_layer_rules_match_llama_quantize(tmp_path, model_dir, float_gguf, preset):
+    """80 layers: llama.cpp treats qwen2 as its 70B class (attn_v bump) and ffn_down rows of 288 fall back."""
+    ours = tmp_path / "ours.gguf"
+    export_gguf(model_dir("tiny-80"), ours, preset, model_name="qconvert/tiny-80")
+    ref = tmp_path / "llama.gguf"
+    llamacpp.llama_quantize(float_gguf("tiny-80", "BF16"), ref, int(get_preset(preset).file_type))
+    _assert_same_tensors(ours, ref)
+    assert ours.read_bytes() == ref.read_bytes()
+
+
+@pytest.mark.parametrize("preset", ["F16", "F32"])
+def test_float_exports_match_llama_conversion(tmp_path, model_dir, float_gguf, preset):
+    """F16/F32 from the BF16 GGUF through llama.cpp equals qconvert's direct F16/F32 export, tensor by tensor."""
+    ours = float_gguf("tiny-untied", preset)
+    ref = tmp_path / "llama.gguf"
+    llamacpp.llama_quantize(float_gguf("tiny-untied", "BF16"), ref, int(get_preset(preset).file_type))
+    ours_f, ref_f = read_gguf(ours), read_gguf(ref)
+    for name, t in ref_f.tensors.items():
+        assert ours_f.tensors[name].type == t.type
+        assert np.array_equal(ours_f.read_tensor_bytes(name), ref_f.read_tensor_bytes(name)), name
+
+
+def test_export_is_deterministic(tmp_path, model_dir):
+    a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    export_gguf(model_dir("tiny-untied"), a, "Q4_K_M")
+    export_gguf(model_dir("tiny-untied"), b, "Q4_K_M")
+    assert a.read_bytes() == b.read_bytes()
+
+
+# ---------------------------------------------------------------- llama.cpp runs what we write
+
+def _reference_logits(model_path, ids):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].numpy()
+
+
+def _sample_ids(model_path, n=96):
+    from tokenizers import Tokenizer
+
+    from qconvert.fixtures.corpus import eval_text
+
+    ids = Tokenizer.from_file(str(model_path / "tokenizer.json")).encode(eval_text()).ids
+    return ids[:n]
+
+
+# Bounds on the relative logit error ||l - ref|| / ||ref|| (RMS over all positions and the vocabulary) and on
+# top-1 agreement with the float reference, on the trained demo model. F32 is exact up to kernel order; the
+# quantized bounds sit about 2x above what was measured, so a broken kernel or mixture fails them.
+LOGIT_BOUNDS = {"F32": (1e-4, 1.0), "F16": (5e-3, 0.98), "BF16": (2e-2, 0.95), "Q8_0": (2e-2, 0.95),
+                "Q6_K": (5e-2, 0.9), "Q5_K_M": (8e-2, 0.85), "Q4_K_M": (0.15, 0.8), "Q3_K_M": (0.3, 0.6),
+                "Q2_K": (0.6, 0.4)}
+
+
+@pytest.fixture(scope="module")
+def demo_reference(model_dir):
+    path = model_dir("demo")
+    ids = _sample_ids(path)
+    return path, ids, _reference_logits(path, ids)
+
+
+@pytest.mark.parametrize("preset", list(LOGIT_BOUNDS))
+def test_llamacpp_logits_match_reference(tmp_path, demo_reference, preset):
+    path, ids, ref = demo_reference
+    out = tmp_path / "demo.gguf"
+    export_gguf(path, out, preset)
+    with llamacpp.LlamaCppModel(out, n_ctx=128) as m:
+        got = m.logits(ids)
+    rel = float(np.linalg.norm(got - ref[:, : got.shape[1]]) / np.linalg.norm(ref))
+    top1 = float(np.mean(got.argmax(-1) == ref.argmax(-1)))
+    max_rel, min_top1 = LOGIT_BOUNDS[preset]
+    assert got.shape == ref.shape
+    assert rel <= max_rel, f"{preset}: relative logit error {rel:.2e} > {max_rel:.0e}"
+    assert top1 >= min_top1, f"{preset}: top-1 agreement {top1:.2f} < {min_top1}"
+
+
+MIXED_SAMPLE = (
+    "Hello world! It's 2026, isn't it? 你好，世界。量化模型在笔记本上运行。\n"
+    "def f(x):\n    return x ** 2  # square\n\t\tindent\r\n"
+    "Émile's café costs €3.50 — 🚀🦙✅ 😶‍🌫️  multiple   spaces\n\n\n"
+    "<|im_start|>user\nWhat is 12*7?<|im_end|>\n<|im_start|>assistant\n84<|im_end|><|endoftext|>"
+    "<tool_call>{\"name\": \"f\"}</tool_call> <|fim_prefix|>a<|fim_suffix|>b<|fim_middle|>"
+)
+
+
+@pytest.mark.parametrize("fixture", ["demo", "tiny-fallback"])
+def test_llamacpp_tokenizer_matches_hf(model_dir, float_gguf, fixture):
+    from tokenizers import Tokenizer
+
+    hf = Tokenizer.from_file(str(model_dir(fixture) / "tokenizer.json"))
+    with llamacpp.LlamaCppModel(float_gguf(fixture, "BF16"), vocab_only=True) as m:
+        for text in [MIXED_SAMPLE, *MIXED_SAMPLE.split("\n")]:
+            want = hf.encode(text, add_special_tokens=False).ids
+            got = m.tokenize(text, add_special=False, parse_special=True)
+            assert got == want, f"tokenization differs on {text!r}"
+
+
+def test_llamacpp_greedy_generation_matches_reference(model_dir, tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    path = model_dir("demo")
+    out = tmp_path / "demo-f32.gguf"
+    export_gguf(path, out, "F32")
+    prompt = _sample_ids(path, 24)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(20):  # plain greedy: no EOS stop, no generation-config surprises
+            seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+    ref = seq[len(prompt):]
+    with llamacpp.LlamaCppModel(out, n_ctx=64) as m:
+        assert m.greedy(prompt, 20) == ref
