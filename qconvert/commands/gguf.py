@@ -66,22 +66,20 @@ def run_gguf(args: argparse.Namespace) -> int:
     else:
         resolved = resolve_model(ref)
     out = None if args.dry_run else (args.output if args.output else args.out_dir / output_name(resolved.repo_id or resolved.path.name, preset))
-    bar = None
-    if out is not None and not args.quiet:
-        from tqdm import tqdm
-        bar = tqdm(desc=out.name, unit="tensor", dynamic_ncols=True, file=sys.stderr)
+    bars: list = []  # the progress bar appears once writing starts, after every check has passed
 
     def progress(done: int, total: int, name: str) -> None:
-        assert bar is not None
-        bar.total = total
-        bar.set_postfix_str(name, refresh=False)
-        bar.update(done - bar.n)
+        if not bars:
+            from tqdm import tqdm
+            bars.append(tqdm(total=total, desc=out.name if out else "", unit="tensor", dynamic_ncols=True, file=sys.stderr))
+        bars[0].set_postfix_str(name, refresh=False)
+        bars[0].update(done - bars[0].n)
 
     try:
         result = export_gguf(resolved.path, out, preset, options=_options(args), model_name=resolved.repo_id or resolved.path.name,
-                             force=args.force, progress=progress if bar is not None else None)
+                             force=args.force, progress=None if args.quiet else progress)
     finally:
-        if bar is not None:
+        for bar in bars:
             bar.close()
     for line in result.warnings:
         print(line, file=sys.stderr)
