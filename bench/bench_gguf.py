@@ -24,15 +24,33 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def timed(cmd: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS in GB) of a child process."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"benchmark step failed: {' '.join(cmd)}")
-    return wall, usage.ru_maxrss * 1024 / 1e9
+# Runs a Python module or snippet, then records the process's own peak RSS (VmHWM). getrusage/wait4 cannot be
+# used: a child's ru_maxrss starts from its parent's RSS at fork time.
+PEAK_WRAPPER = """
+import atexit, runpy, sys
+out = sys.argv.pop(1)
+def report():
+    hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]
+    open(out, 'w').write(hwm)
+atexit.register(report)
+if sys.argv[1] == '-m':
+    sys.argv = sys.argv[2:]
+    runpy.run_module(sys.argv[0], run_name='__main__')
+else:
+    code = sys.argv.pop(1)
+    exec(compile(code, '<bench>', 'exec'))
+"""
+
+
+def timed(args: list[str]) -> tuple[float, float]:
+    """(wall seconds, peak RSS in GB) of ``python ARGS`` run in a fresh process."""
+    with tempfile.NamedTemporaryFile(suffix=".hwm") as hwm:
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-c", PEAK_WRAPPER, hwm.name, *args], cwd=ROOT)
+        wall = time.perf_counter() - start
+        if proc.returncode != 0:
+            raise SystemExit(f"benchmark step failed: python {' '.join(args)}")
+        return wall, int(Path(hwm.name).read_text()) * 1024 / 1e9
 
 
 def build_input(workdir: Path, layers: int) -> Path:
@@ -63,11 +81,16 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--types", nargs="+", default=["Q5_K_M", "Q4_K_M", "Q8_0"])
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "qconvert-bench")
+    ap.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    model = build_input(args.workdir, args.layers)
-    py = sys.executable
-    qc = [py, "-m", "qconvert", "gguf", "--model", str(model), "--force", "--quiet"]
+    if args.build_only:
+        build_input(args.workdir, args.layers)
+        return
+    model = args.workdir / f"bench-1.5b-{args.layers}l"
+    if not (model / "config.json").exists():  # built in a child so this process stays small
+        subprocess.run([sys.executable, __file__, "--build-only", "--layers", str(args.layers), "--workdir", str(args.workdir)], check=True)
+    qc = ["-m", "qconvert", "gguf", "--model", str(model), "--force", "--quiet"]
     bf16 = args.workdir / "step1-bf16.gguf"
     conv_wall, conv_rss = timed(qc + ["--type", "BF16", "--output", str(bf16)])
     rows = []
@@ -77,7 +100,7 @@ def main() -> None:
         script = ("import sys; from qconvert.runtimes.llamacpp import llama_quantize; "
                   "from qconvert.gguf.plan import get_preset; "
                   f"llama_quantize(sys.argv[1], sys.argv[2], int(get_preset({preset!r}).file_type), nthread={os.cpu_count()})")
-        l_wall, l_rss = timed([py, "-c", script, str(bf16), str(ref)])
+        l_wall, l_rss = timed([script, str(bf16), str(ref)])
         rows.append((preset, q_wall, q_rss, conv_wall + l_wall, max(conv_rss, l_rss), identical(ours, ref)))
     print(f"\ninput: 1.5B layer shapes x {args.layers} layers + 151936x1536 embedding, bf16; {os.cpu_count()} cores")
     print(f"{'type':<8} {'qconvert s':>10} {'llama.cpp s':>11} {'(convert+quantize)':>18} {'ratio':>6} "

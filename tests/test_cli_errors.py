@@ -75,7 +75,17 @@ def _corrupt_header(d: Path) -> None:
     f.write_bytes(bytes(raw))
 
 
+def _nan_weight(d: Path) -> None:
+    from qconvert.io.safetensors import SafetensorsCheckpoint
+
+    e = SafetensorsCheckpoint(d).entries["model.layers.1.mlp.up_proj.weight"]
+    raw = bytearray(e.file.read_bytes())
+    raw[e.start + 100:e.start + 102] = b"\xc0\x7f"  # bf16 quiet NaN
+    e.file.write_bytes(bytes(raw))
+
+
 DAMAGES = {
+    "nan weights": (_nan_weight, ["model.layers.1.mlp.up_proj.weight", "NaN"]),
     "truncated shard": (_truncate_shard, ["truncated", "Re-download"]),
     "corrupt header": (_corrupt_header, ["not valid JSON", "re-download"]),
     "missing shard": (lambda d: sorted(d.glob("*.safetensors"))[0].unlink(), ["missing", "incomplete"]),

@@ -144,6 +144,14 @@ def export_gguf(model_dir: Path, out_path: Path | None, preset: str, *, options:
     return result
 
 
+def _check_finite(x: np.ndarray, name: str, chunk: int = 1 << 24) -> None:
+    """Refuse NaN/Inf weights (llama.cpp would quantize them silently into garbage); chunked to bound memory."""
+    flat = x.reshape(-1)
+    for start in range(0, flat.size, chunk):
+        if not np.isfinite(flat[start:start + chunk]).all():
+            raise CheckpointError(f"tensor {name} contains NaN or Inf; the checkpoint is damaged. Re-download it.")
+
+
 def _stream_tensors(writer: GGUFWriter, ckpt: SafetensorsCheckpoint, mapped: dict[str, str], plan: Plan,
                     progress: Callable[[int, int, str], None] | None) -> None:
     """Quantize and write each tensor; a reader thread fetches the next one meanwhile."""
@@ -155,8 +163,7 @@ def _stream_tensors(writer: GGUFWriter, ckpt: SafetensorsCheckpoint, mapped: dic
             assert pending is not None
             x = pending.result()
             pending = pool.submit(ckpt.read_f32, mapped[entries[i + 1].name]) if i + 1 < len(entries) else None
-            if not np.isfinite(x).all():
-                raise CheckpointError(f"tensor {mapped[entry.name]} contains NaN or Inf; the checkpoint is damaged.")
+            _check_finite(x, mapped[entry.name])
             data = quantize_rows(entry.type, np.ascontiguousarray(x.reshape(-1, x.shape[-1])))
             writer.write_tensor(entry.name, data)
             if pause:
