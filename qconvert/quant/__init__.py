@@ -1,0 +1,124 @@
+"""ggml tensor encodings, byte-identical to llama.cpp's reference quantizers.
+
+    quantize_rows(qtype, x f32[rows, cols]) -> u8[rows, qtype.row_bytes(cols)]
+    dequantize_rows(qtype, data u8[rows, row_bytes], cols) -> f32[rows, cols]
+
+``quantize_rows`` reproduces ``ggml_quantize_chunk`` with no importance matrix (what ``llama-quantize`` runs
+without ``--imatrix``) byte for byte; ``dequantize_rows`` reproduces ``dequantize_row_*`` value for value.
+Quantized types run as numba kernels (no GIL), split over ``numba.get_num_threads()`` threads by block ranges,
+so ``numba.set_num_threads`` controls the parallelism.
+Where each type lives: ``floats`` (F32, F16, BF16), ``legacy`` (Q4_0..Q8_0), ``kquants`` (Q2_K..Q6_K, with
+their scale searches in ``ksearch`` and decoders in ``kdequant``); C's float quirks are in ``cfloat``;
+``jitcache`` keeps numba's kernel cache in step with all of these sources.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from types import MappingProxyType
+
+import numba
+import numpy as np
+
+from qconvert.constants import GGMLType
+from qconvert.errors import QuantTypeError
+from qconvert.quant import floats, jitcache, kdequant, kquants, legacy
+
+jitcache.drop_stale_cache()  # before any kernel is loaded from numba's cache (it loads lazily, on first call)
+
+__all__ = ["SUPPORTED_TYPES", "dequantize_rows", "quantize_rows"]
+
+Decoder = Callable[[np.ndarray], np.ndarray]
+# Block kernels: quantize(x f32[nb, block], out u8[nb, block_bytes], first, end) fills blocks first..end-1;
+# dequantize u8[nb, bytes] -> f32[nb, block].
+_BLOCK_KERNELS: MappingProxyType[GGMLType, tuple[Callable[..., None], Decoder]] = \
+    MappingProxyType({
+        GGMLType.Q4_0: (legacy.quantize_q4_0, legacy.dequantize_q4_0),
+        GGMLType.Q4_1: (legacy.quantize_q4_1, legacy.dequantize_q4_1),
+        GGMLType.Q5_0: (legacy.quantize_q5_0, legacy.dequantize_q5_0),
+        GGMLType.Q5_1: (legacy.quantize_q5_1, legacy.dequantize_q5_1),
+        GGMLType.Q8_0: (legacy.quantize_q8_0, legacy.dequantize_q8_0),
+        GGMLType.Q2_K: (kquants.quantize_q2_k, kdequant.dequantize_q2_k),
+        GGMLType.Q3_K: (kquants.quantize_q3_k, kdequant.dequantize_q3_k),
+        GGMLType.Q4_K: (kquants.quantize_q4_k, kdequant.dequantize_q4_k),
+        GGMLType.Q5_K: (kquants.quantize_q5_k, kdequant.dequantize_q5_k),
+        GGMLType.Q6_K: (kquants.quantize_q6_k, kdequant.dequantize_q6_k),
+    })
+# Element-wise float encodings: f32[...] -> u8[..., bytes] and back.
+_FLOAT_CODECS: MappingProxyType[GGMLType, tuple[Callable[[np.ndarray], np.ndarray], Decoder]] = \
+    MappingProxyType({
+        GGMLType.F32: (floats.quantize_f32, floats.dequantize_f32),
+        GGMLType.F16: (floats.quantize_f16, floats.dequantize_f16),
+        GGMLType.BF16: (floats.quantize_bf16, floats.dequantize_bf16),
+    })
+SUPPORTED_TYPES: frozenset[GGMLType] = frozenset(_BLOCK_KERNELS) | frozenset(_FLOAT_CODECS)
+_MIN_BLOCKS_PER_THREAD = 64  # below this a thread costs more than it saves
+_ALIGN = kquants.CHUNK  # ranges start at multiples of the K-quant chunk so chunks stay whole
+
+
+def _run_blocks(kernel: Callable[..., None], x: np.ndarray, out: np.ndarray) -> None:
+    """Run ``kernel`` over all blocks, split in contiguous ranges over numba's thread count.
+
+    The kernels release the GIL, so Python threads run them in parallel; this is one call per thread, with
+    no per-row Python work. (A numba ``prange`` wrapper would do the same but costs seconds of extra compile
+    per type.)
+    """
+    nb = x.shape[0]
+    threads = min(numba.get_num_threads(), nb // _MIN_BLOCKS_PER_THREAD)
+    if threads <= 1:
+        kernel(x, out, 0, nb)
+        return
+    step = -(-nb // threads // _ALIGN) * _ALIGN
+    with ThreadPoolExecutor(threads) as pool:
+        for f in [pool.submit(kernel, x, out, b, min(nb, b + step)) for b in range(0, nb, step)]:
+            f.result()
+
+
+def _check(qtype: GGMLType | int, cols: int) -> GGMLType:
+    """``qtype`` as a supported GGMLType, after checking that rows of ``cols`` weights fit its blocks."""
+    if qtype not in SUPPORTED_TYPES:
+        names = ", ".join(sorted(t.name for t in SUPPORTED_TYPES))
+        raise QuantTypeError(f"qconvert cannot encode ggml type {getattr(qtype, 'name', qtype)}; "
+                             f"choose one of: {names}")
+    qtype = GGMLType(qtype)
+    if cols % qtype.block_size:
+        raise QuantTypeError(
+            f"rows of {cols} weights cannot be stored as {qtype.name}: its blocks hold {qtype.block_size} "
+            f"weights and {cols} is not a multiple of {qtype.block_size}; pick a type with a block size that "
+            f"divides {cols} (llama.cpp falls back Q4_K->Q5_0, Q5_K->Q5_1, Q6_K->Q8_0, Q2_K/Q3_K->Q4_0)")
+    return qtype
+
+
+def quantize_rows(qtype: GGMLType | int, x: np.ndarray) -> np.ndarray:
+    """Encode ``x`` f32[rows, cols] as ggml ``qtype``: u8[rows, qtype.row_bytes(cols)].
+
+    Byte-identical to llama.cpp's ``ggml_quantize_chunk(qtype, x, ..., imatrix=NULL)``. ``x`` must be float32
+    (convert bf16/f16 sources to f32 first; that is exact). Raises ``QuantTypeError`` when ``qtype`` is not
+    supported or ``cols`` is not a multiple of its block size.
+    """
+    if x.ndim != 2 or x.dtype != np.float32:
+        raise TypeError(f"quantize_rows wants a float32 [rows, cols] array, got {x.dtype} {x.shape}")
+    rows, cols = x.shape
+    qtype = _check(qtype, cols)
+    x = np.ascontiguousarray(x)
+    if qtype in _FLOAT_CODECS:
+        return _FLOAT_CODECS[qtype][0](x).reshape(rows, qtype.row_bytes(cols))
+    out = np.empty((rows, qtype.row_bytes(cols)), dtype=np.uint8)
+    _run_blocks(_BLOCK_KERNELS[qtype][0], x.reshape(-1, qtype.block_size), out.reshape(-1, qtype.block_bytes))
+    return out
+
+
+def dequantize_rows(qtype: GGMLType | int, data: np.ndarray, cols: int) -> np.ndarray:
+    """Decode ``data`` u8[rows, qtype.row_bytes(cols)] to f32[rows, cols], as llama.cpp's ``dequantize_row_*``."""
+    qtype = _check(qtype, cols)
+    if data.ndim != 2 or data.dtype != np.uint8 or data.shape[1] != qtype.row_bytes(cols):
+        raise TypeError(f"dequantize_rows wants uint8 [rows, {qtype.row_bytes(cols)}] for {cols} {qtype.name} "
+                        f"weights per row, got {data.dtype} {data.shape}")
+    rows = data.shape[0]
+    data = np.ascontiguousarray(data)
+    if qtype in _FLOAT_CODECS:
+        return _FLOAT_CODECS[qtype][1](data).reshape(rows, cols)
+    with np.errstate(all="ignore"):  # inf/nan scales (from inf or huge inputs) decode to inf/nan, as in C
+        y = _BLOCK_KERNELS[qtype][1](data.reshape(-1, qtype.block_bytes))
+    return np.ascontiguousarray(y, dtype=np.float32).reshape(rows, cols)
