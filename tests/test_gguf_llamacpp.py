@@ -96,12 +96,15 @@ def _sample_ids(model_path, n=96):
     return ids[:n]
 
 
-# Bounds on the relative logit error ||l - ref|| / ||ref|| (RMS over all positions and the vocabulary) and on
-# top-1 agreement with the float reference, on the trained demo model. F32 is exact up to kernel order; the
-# quantized bounds sit about 2x above what was measured, so a broken kernel or mixture fails them.
-LOGIT_BOUNDS = {"F32": (1e-4, 1.0), "F16": (5e-3, 0.98), "BF16": (2e-2, 0.95), "Q8_0": (2e-2, 0.95),
-                "Q6_K": (5e-2, 0.9), "Q5_K_M": (8e-2, 0.85), "Q4_K_M": (0.15, 0.8), "Q3_K_M": (0.3, 0.6),
-                "Q2_K": (0.6, 0.4)}
+# Bounds on the relative logit error ||l - ref|| / ||ref|| (over all positions and the vocabulary) and on top-1
+# agreement with the float reference (transformers, fp32), on the trained demo model, 96 held-out tokens.
+# Measured (python, 2026-11-23): F32 3.8e-5, F16 1.1e-4, BF16 8.0e-4, Q8_0 3.5e-3, Q6_K 1.1e-2, Q5_K_M 9.3e-3,
+# Q4_K_M 1.2e-2, Q3_K_M 1.8e-2, Q2_K 2.7e-2 (top-1 1.0 ... 0.91). The K-quant errors sit near 1e-2 because
+# llama.cpp's CPU matmuls quantize activations to Q8_K. Bounds are about 2x the measured error, so a broken
+# kernel or mixture fails them while thread-count noise does not.
+LOGIT_BOUNDS = {"F32": (1e-4, 0.99), "F16": (3e-4, 0.98), "BF16": (2e-3, 0.98), "Q8_0": (8e-3, 0.97),
+                "Q6_K": (2.5e-2, 0.95), "Q5_K_M": (2e-2, 0.95), "Q4_K_M": (2.5e-2, 0.94), "Q3_K_M": (4e-2, 0.9),
+                "Q2_K": (6e-2, 0.8)}
 
 
 @pytest.fixture(scope="module")
