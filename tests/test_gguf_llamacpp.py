@@ -165,3 +165,75 @@ def test_llamacpp_greedy_generation_matches_reference(model_dir, tmp_path):
     ref = seq[len(prompt):]
     with llamacpp.LlamaCppModel(out, n_ctx=64) as m:
         assert m.greedy(prompt, 20) == ref
+
+
+# ---------------------------------------------------------------- metadata as llama.cpp reads it
+
+# llama.h: enum llama_token_attr is a bit set (the CFFI declaration in the wheel lost the shifts).
+ATTR_UNUSED, ATTR_NORMAL, ATTR_CONTROL, ATTR_USER_DEFINED = 1 << 1, 1 << 2, 1 << 3, 1 << 4
+
+
+def test_token_types_as_llama_cpp_reads_them(model_dir, float_gguf):
+    """Qwen's rules: <|...|> added tokens CONTROL (FIM ones too, though not flagged special), <tool_call>
+    USER_DEFINED, BPE tokens NORMAL, ids between the tokenizer and config.vocab_size UNUSED padding."""
+    import json
+
+    tok = json.loads((model_dir("demo") / "tokenizer.json").read_text())
+    added = {t["content"]: t["id"] for t in tok["added_tokens"]}
+    n_vocab = json.loads((model_dir("demo") / "config.json").read_text())["vocab_size"]
+    with llamacpp.LlamaCppModel(float_gguf("demo", "BF16"), vocab_only=True) as m:
+        attr = lambda i: m.lib.llama_vocab_get_attr(m.vocab, i)  # noqa: E731
+        assert m.n_vocab == n_vocab
+        for name in ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|fim_prefix|>", "<|file_sep|>"):
+            assert attr(added[name]) & ATTR_CONTROL, name
+        for name in ("<tool_call>", "</tool_call>"):
+            assert attr(added[name]) & ATTR_USER_DEFINED, name
+        assert attr(5) & ATTR_NORMAL
+        assert attr(n_vocab - 1) & ATTR_UNUSED
+        assert m.meta("tokenizer.ggml.pre") == "qwen2"
+        assert int(m.meta("tokenizer.ggml.eos_token_id")) == added["<|im_end|>"]
+        assert int(m.meta("tokenizer.ggml.padding_token_id")) == added["<|endoftext|>"]
+        assert m.meta("tokenizer.ggml.add_bos_token") == "false"
+
+
+def test_yarn_and_eps_come_from_config(model_dir, float_gguf):
+    """tiny-yarn sets rope_scaling yarn x4 and rms_norm_eps 1e-5: llama.cpp must see both."""
+    with llamacpp.LlamaCppModel(float_gguf("tiny-yarn", "F32"), vocab_only=True) as m:
+        assert m.meta("qwen2.rope.scaling.type") == "yarn"
+        assert float(m.meta("qwen2.rope.scaling.factor")) == 4.0
+        assert int(m.meta("qwen2.rope.scaling.original_context_length")) == 32768
+        assert float(m.meta("qwen2.attention.layer_norm_rms_epsilon")) == pytest.approx(1e-5)
+    with llamacpp.LlamaCppModel(float_gguf("tiny-tied", "F32"), vocab_only=True) as m:
+        assert m.meta("qwen2.rope.scaling.type") is None  # stock Qwen2.5: no YaRN keys at all
+
+
+def test_chat_template_from_jinja_file(model_dir, tmp_path):
+    import json
+    import shutil
+
+    from qconvert.gguf.vocab import read_vocab
+
+    d = tmp_path / "m"
+    shutil.copytree(model_dir("tiny-tied"), d)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    template = cfg.pop("chat_template")
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (d / "chat_template.jinja").write_text(template)
+    assert read_vocab(d, json.loads((d / "config.json").read_text())).chat_template == template
+
+
+@pytest.mark.parametrize("preset, options", [
+    ("Q4_K_M", {"pure": True}),
+    ("Q5_K_M", {"output_tensor_type": "Q8_0", "token_embedding_type": "Q4_K"}),
+])
+def test_overrides_match_llama_quantize(tmp_path, model_dir, float_gguf, preset, options):
+    from qconvert.gguf.export import PlanOptions
+    from qconvert.gguf.plan import parse_type
+
+    typed = {k: (parse_type(v) if isinstance(v, str) else v) for k, v in options.items()}
+    ours = tmp_path / "ours.gguf"
+    export_gguf(model_dir("tiny-untied"), ours, preset, options=PlanOptions(**typed), model_name="qconvert/tiny-untied")
+    ref = tmp_path / "llama.gguf"
+    llamacpp.llama_quantize(float_gguf("tiny-untied", "BF16"), ref, int(get_preset(preset).file_type),
+                            **{k: (int(v) if k.endswith("_type") else v) for k, v in typed.items()})
+    _assert_same_tensors(ours, ref)
