@@ -93,3 +93,14 @@ def test_registry():
         spec_for_config({"architectures": ["MistralForCausalLM"]})
     with pytest.raises(CheckpointError, match="architectures"):
         spec_for_config({})
+
+
+@pytest.mark.parametrize("size, variant, preset, name", [
+    ("1.5b", "instruct", "Q5_K_M", "qwen2.5-1.5b-instruct-q5_k_m.gguf"),
+    ("7b", "coder-instruct", "Q4_K_M", "qwen2.5-coder-7b-instruct-q4_k_m.gguf"),
+    ("72b", "base", "Q8_0", "qwen2.5-72b-q8_0.gguf"),
+])
+def test_output_names_follow_qwen(size, variant, preset, name):
+    from qconvert.commands.gguf import output_name
+
+    assert output_name(hub_id(size, variant), preset) == name
