@@ -161,3 +161,21 @@ def test_reader_refuses_damaged_checkpoints(tmp_path, damage):
         f.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n:])
     with pytest.raises(CheckpointError, match=expected):
         SafetensorsCheckpoint(d)
+
+
+def test_model_card_metadata_from_qwen_style_readme(tmp_path):
+    """The general.* keys llama.cpp's converter derives from a Qwen repo id and its model card."""
+    from qconvert.gguf.metadata import model_card_metadata
+
+    (tmp_path / "README.md").write_text(
+        "---\nlicense: apache-2.0\nlicense_link: https://huggingface.co/Qwen/Qwen2.5-1.5B-Instruct/blob/main/LICENSE\n"
+        "language:\n- en\npipeline_tag: text-generation\nbase_model: Qwen/Qwen2.5-1.5B\ntags:\n- chat\n---\n\n# Qwen2.5\n")
+    kv = {k.key: k.value for k in model_card_metadata("Qwen/Qwen2.5-1.5B-Instruct", tmp_path, 1_543_714_304)}
+    assert kv["general.name"] == "Qwen2.5 1.5B Instruct"
+    assert (kv["general.basename"], kv["general.size_label"], kv["general.finetune"]) == ("Qwen2.5", "1.5B", "Instruct")
+    assert kv["general.license"] == "apache-2.0" and kv["general.license.link"].endswith("/LICENSE")
+    assert kv["general.base_model.count"] == 1 and kv["general.base_model.0.organization"] == "Qwen"
+    assert kv["general.base_model.0.repo_url"] == "https://huggingface.co/Qwen/Qwen2.5-1.5B"
+    assert kv["general.tags"] == ["chat"] and kv["general.languages"] == ["en"]
+    no_card = {k.key: k.value for k in model_card_metadata("my-finetune", tmp_path / "none", 1_543_714_304)}
+    assert no_card["general.size_label"] == "1.5B"  # from the parameter count when the name has none

@@ -81,6 +81,16 @@ def model_card_metadata(model_name: str, model_dir: Path, n_params: int) -> list
         kvs.append(KV("general.license", V.STRING, card["license"]))
     if isinstance(card.get("license_link"), str) and card["license_link"]:
         kvs.append(KV("general.license.link", V.STRING, card["license_link"]))
+    bases = card.get("base_model")
+    bases = [bases] if isinstance(bases, str) and bases else bases if isinstance(bases, list) else []
+    if bases:
+        kvs.append(KV("general.base_model.count", V.UINT32, len(bases)))
+    for i, repo in enumerate(bases):  # "Qwen/Qwen2.5-1.5B" -> name "Qwen2.5 1.5B", organization "Qwen"
+        org, _, tail = repo.rpartition("/")
+        kvs.append(KV(f"general.base_model.{i}.name", V.STRING, tail.replace("-", " ")))
+        if org:
+            kvs.append(KV(f"general.base_model.{i}.organization", V.STRING, org))
+        kvs.append(KV(f"general.base_model.{i}.repo_url", V.STRING, f"https://huggingface.co/{repo}"))
     for key, gkey in (("tags", "general.tags"), ("language", "general.languages")):
         if isinstance(card.get(key), list) and card[key]:
             kvs.append(KV(gkey, V.ARRAY, card[key], V.STRING))
