@@ -1,10 +1,12 @@
 """ggml tensor encodings, byte-identical to llama.cpp's reference quantizers.
 
-    quantize_rows(qtype, x f32[rows, cols]) -> u8[rows, qtype.row_bytes(cols)]
+    quantize_rows(qtype, x f32[rows, cols], imatrix f32[cols] | None = None) -> u8[rows, qtype.row_bytes(cols)]
     dequantize_rows(qtype, data u8[rows, row_bytes], cols) -> f32[rows, cols]
 
-``quantize_rows`` reproduces ``ggml_quantize_chunk`` with no importance matrix (what ``llama-quantize`` runs
-without ``--imatrix``) byte for byte; ``dequantize_rows`` reproduces ``dequantize_row_*`` value for value.
+``quantize_rows`` reproduces ``ggml_quantize_chunk`` byte for byte, with no importance matrix (what
+``llama-quantize`` runs without ``--imatrix``) or with one (``--imatrix``: kernels in ``kquants_imatrix`` and
+``legacy_imatrix``, searches in ``ksearch_weighted``); ``dequantize_rows`` reproduces ``dequantize_row_*``
+value for value.
 Quantized types run as numba kernels (no GIL), split over ``numba.get_num_threads()`` threads by block ranges,
 so ``numba.set_num_threads`` controls the parallelism.
 Where each type lives: ``floats`` (F32, F16, BF16), ``legacy`` (Q4_0..Q8_0), ``kquants`` (Q2_K..Q6_K, with
@@ -23,7 +25,15 @@ import numpy as np
 
 from qconvert.constants import GGMLType
 from qconvert.errors import QuantTypeError
-from qconvert.quant import floats, jitcache, kdequant, kquants, legacy
+from qconvert.quant import (
+    floats,
+    jitcache,
+    kdequant,
+    kquants,
+    kquants_imatrix,
+    legacy,
+    legacy_imatrix,
+)
 
 jitcache.drop_stale_cache()  # before any kernel is loaded from numba's cache (it loads lazily, on first call)
 
@@ -52,6 +62,24 @@ _FLOAT_CODECS: MappingProxyType[GGMLType, tuple[Callable[[np.ndarray], np.ndarra
         GGMLType.F16: (floats.quantize_f16, floats.dequantize_f16),
         GGMLType.BF16: (floats.quantize_bf16, floats.dequantize_bf16),
     })
+# Importance-matrix kernels: quantize(x, qw, out, first, end). K-quants work on super-blocks (x f32[nb, 256],
+# qw f32[row blocks, 256]); the legacy types on whole rows (x f32[rows, cols], qw f32[cols]), as their weights
+# depend on the row's mean square.
+_IMATRIX_BLOCK_KERNELS: MappingProxyType[GGMLType, Callable[..., None]] = MappingProxyType({
+    GGMLType.Q2_K: kquants_imatrix.quantize_q2_k_imatrix,
+    GGMLType.Q3_K: kquants_imatrix.quantize_q3_k_imatrix,
+    GGMLType.Q4_K: kquants_imatrix.quantize_q4_k_imatrix,
+    GGMLType.Q5_K: kquants_imatrix.quantize_q5_k_imatrix,
+    GGMLType.Q6_K: kquants_imatrix.quantize_q6_k_imatrix,
+})
+_IMATRIX_ROW_KERNELS: MappingProxyType[GGMLType, Callable[..., None]] = MappingProxyType({
+    GGMLType.Q4_0: legacy_imatrix.quantize_q4_0_imatrix,
+    GGMLType.Q4_1: legacy_imatrix.quantize_q4_1_imatrix,
+    GGMLType.Q5_0: legacy_imatrix.quantize_q5_0_imatrix,
+    GGMLType.Q5_1: legacy_imatrix.quantize_q5_1_imatrix,
+})
+# Types whose llama.cpp quantizer ignores the importance matrix.
+_IMATRIX_IGNORED = frozenset({GGMLType.F32, GGMLType.F16, GGMLType.BF16, GGMLType.Q8_0})
 SUPPORTED_TYPES: frozenset[GGMLType] = frozenset(_BLOCK_KERNELS) | frozenset(_FLOAT_CODECS)
 _MIN_BLOCKS_PER_THREAD = 64  # below this a thread costs more than it saves
 _ALIGN = kquants.CHUNK  # ranges start at multiples of the K-quant chunk so chunks stay whole
@@ -90,22 +118,48 @@ def _check(qtype: GGMLType | int, cols: int) -> GGMLType:
     return qtype
 
 
-def quantize_rows(qtype: GGMLType | int, x: np.ndarray) -> np.ndarray:
+def quantize_rows(qtype: GGMLType | int, x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
     """Encode ``x`` f32[rows, cols] as ggml ``qtype``: u8[rows, qtype.row_bytes(cols)].
 
-    Byte-identical to llama.cpp's ``ggml_quantize_chunk(qtype, x, ..., imatrix=NULL)``. ``x`` must be float32
-    (convert bf16/f16 sources to f32 first; that is exact). Raises ``QuantTypeError`` when ``qtype`` is not
-    supported or ``cols`` is not a multiple of its block size.
+    Byte-identical to llama.cpp's ``ggml_quantize_chunk(qtype, x, ..., imatrix)``. ``x`` must be float32
+    (convert bf16/f16 sources to f32 first; that is exact). ``imatrix`` f32[cols] is the importance matrix of
+    ``llama-quantize --imatrix`` (per-column mean of x² over calibration tokens); None (the default) runs the
+    reference quantizers. F32/F16/BF16/Q8_0 ignore it, as llama.cpp does. Raises ``QuantTypeError`` when
+    ``qtype`` is not supported or ``cols`` is not a multiple of its block size.
     """
     if x.ndim != 2 or x.dtype != np.float32:
         raise TypeError(f"quantize_rows wants a float32 [rows, cols] array, got {x.dtype} {x.shape}")
     rows, cols = x.shape
     qtype = _check(qtype, cols)
     x = np.ascontiguousarray(x)
+    if imatrix is not None and qtype not in _IMATRIX_IGNORED:
+        return _quantize_imatrix(qtype, x, imatrix)
     if qtype in _FLOAT_CODECS:
         return _FLOAT_CODECS[qtype][0](x).reshape(rows, qtype.row_bytes(cols))
     out = np.empty((rows, qtype.row_bytes(cols)), dtype=np.uint8)
     _run_blocks(_BLOCK_KERNELS[qtype][0], x.reshape(-1, qtype.block_size), out.reshape(-1, qtype.block_bytes))
+    return out
+
+
+def _quantize_imatrix(qtype: GGMLType, x: np.ndarray, imatrix: np.ndarray) -> np.ndarray:
+    rows, cols = x.shape
+    imatrix = np.asarray(imatrix)
+    if imatrix.shape != (cols,) or imatrix.dtype != np.float32:
+        raise TypeError(f"quantize_rows wants the imatrix as float32 [{cols}] (one weight per column), got "
+                        f"{imatrix.dtype} {imatrix.shape}")
+    imatrix = np.ascontiguousarray(imatrix)
+    out = np.empty((rows, qtype.row_bytes(cols)), dtype=np.uint8)
+    if qtype in _IMATRIX_BLOCK_KERNELS:
+        kernel = _IMATRIX_BLOCK_KERNELS[qtype]
+        qw = imatrix.reshape(-1, qtype.block_size)
+        xb, ob = x.reshape(-1, qtype.block_size), out.reshape(-1, qtype.block_bytes)
+    elif qtype in _IMATRIX_ROW_KERNELS:
+        kernel = _IMATRIX_ROW_KERNELS[qtype]
+        qw, xb, ob = imatrix, x, out
+    else:
+        raise QuantTypeError(f"imatrix quantization of {qtype.name} is not implemented yet; quantize it "
+                             f"without an imatrix (imatrix=None)")
+    _run_blocks(lambda xs, outs, first, end: kernel(xs, qw, outs, first, end), xb, ob)
     return out
 
 

@@ -1,7 +1,8 @@
 """llama.cpp's own quantizer, through ctypes on the ``libggml-base`` that ``llama-cpp-py-sync`` ships.
 
 This is the oracle for qconvert's kernels: ``ggml_quantize(qtype, x)`` runs ``ggml_quantize_chunk`` with no
-importance matrix, i.e. exactly the ``quantize_row_*_ref`` functions ``llama-quantize`` uses, and
+importance matrix, i.e. exactly the ``quantize_row_*_ref`` functions ``llama-quantize`` uses (with
+``imatrix=`` the ``quantize_row_*_impl`` functions of ``llama-quantize --imatrix``), and
 ``ggml_dequantize`` runs the ``dequantize_row_*`` functions llama.cpp uses when it loads a file.
 
 The library is the copy ``qconvert.runtimes.native`` loads (shared with libllama; see there for glibc < 2.38).
@@ -46,16 +47,26 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     return lib
 
 
-def ggml_quantize(qtype: GGMLType, x: np.ndarray) -> np.ndarray:
-    """llama.cpp's quantization of ``x`` f32[rows, cols] -> u8[rows, row_bytes(cols)] (single-threaded C)."""
+def ggml_quantize(qtype: GGMLType, x: np.ndarray, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """llama.cpp's quantization of ``x`` f32[rows, cols] -> u8[rows, row_bytes(cols)] (single-threaded C).
+
+    ``imatrix`` f32[cols] (per-column mean of x² over calibration tokens) is passed to ``ggml_quantize_chunk``
+    as its quant weights, as ``llama-quantize --imatrix`` does; None runs the reference quantizers.
+    """
     lib = _lib()
     x = np.ascontiguousarray(x, dtype=np.float32)
     rows, cols = x.shape
     if cols % qtype.block_size:
         raise QuantTypeError(f"{qtype.name} needs rows of a multiple of {qtype.block_size} weights, got {cols}")
+    qw = None
+    if imatrix is not None:
+        imatrix = np.ascontiguousarray(imatrix, dtype=np.float32)
+        if imatrix.shape != (cols,):
+            raise ValueError(f"imatrix must be f32[{cols}], got {imatrix.shape}")
+        qw = imatrix.ctypes.data
     out = np.zeros((rows, qtype.row_bytes(cols)), dtype=np.uint8)
     lib.ggml_quantize_init(int(qtype))
-    n = lib.ggml_quantize_chunk(int(qtype), x.ctypes.data, out.ctypes.data, 0, rows, cols, None)
+    n = lib.ggml_quantize_chunk(int(qtype), x.ctypes.data, out.ctypes.data, 0, rows, cols, qw)
     assert n == out.size, (n, out.size)
     return out
 
