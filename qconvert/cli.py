@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--pure", action="store_true", help="no mixture: every matrix gets the preset's base type")
     q.add_argument("--output-tensor-type", metavar="TYPE", help="type of output.weight (or of the tied embedding)")
     q.add_argument("--token-embedding-type", metavar="TYPE", help="type of token_embd.weight")
+    q.add_argument("--imatrix", type=Path, metavar="FILE",
+                   help="llama.cpp importance matrix (imatrix GGUF from llama-imatrix): weighted K-quant search, as llama-quantize --imatrix")
     q.add_argument("--tensor-type", action="append", default=[], metavar="REGEX=TYPE",
                    help="override the type of tensors whose GGUF name matches REGEX (repeatable; shape fallbacks still apply)")
     o = g.add_argument_group("output")

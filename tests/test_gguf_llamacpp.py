@@ -237,3 +237,43 @@ def test_overrides_match_llama_quantize(tmp_path, model_dir, float_gguf, preset,
     llamacpp.llama_quantize(float_gguf("tiny-untied", "BF16"), ref, int(get_preset(preset).file_type),
                             **{k: (int(v) if k.endswith("_type") else v) for k, v in typed.items()})
     _assert_same_tensors(ours, ref)
+
+
+# ---------------------------------------------------------------- importance matrix
+
+def _random_imatrix(model_path, seed=0):
+    """Per-column mean x² for every quantizable matrix (chi²-like, a wide range, some zero columns)."""
+    from qconvert.family import tensor_shapes
+    import json
+
+    rng = np.random.default_rng(seed)
+    config = json.loads((model_path / "config.json").read_text())
+    out = {}
+    for name, shape in tensor_shapes(config):
+        if len(shape) == 2 and name != "token_embd.weight":
+            v = (rng.chisquare(2, shape[1]) * 10.0 ** rng.uniform(-2, 2)).astype(np.float32)
+            v[rng.random(shape[1]) < 0.05] = 0.0
+            out[name] = v
+    return out
+
+
+@pytest.mark.parametrize("preset", ["Q4_K_M", "Q5_K_M", "Q6_K", "Q3_K_M", "Q2_K", "Q4_0", "Q5_0", "Q4_1"])
+def test_imatrix_export_is_byte_identical_to_llama_quantize(tmp_path, model_dir, float_gguf, preset):
+    """With the same importance matrix, qconvert's bytes equal llama_model_quantize's (weighted K-quant search,
+    the has-imatrix mixture rules such as Q4_1 ffn_down in the first layers of Q4_0)."""
+    from qconvert.gguf.imatrix import read_imatrix, write_imatrix
+
+    path = model_dir("tiny-untied")
+    im = _random_imatrix(path)
+    f = tmp_path / "imatrix.gguf"
+    write_imatrix(f, {k: v * 7 for k, v in im.items()}, {k: 7 for k in im}, datasets=["test"], chunk_count=1, chunk_size=7)
+    loaded = read_imatrix(f)
+    assert all(np.allclose(loaded[k], im[k], rtol=1e-6) for k in im)
+    ours = tmp_path / "ours.gguf"
+    export_gguf(path, ours, preset, imatrix=loaded, model_name="qconvert/tiny-untied")
+    ref = tmp_path / "llama.gguf"
+    llamacpp.llama_quantize(float_gguf("tiny-untied", "BF16"), ref, int(get_preset(preset).file_type), imatrix=loaded)
+    _assert_same_tensors(ours, ref)
+    plain = tmp_path / "plain.gguf"
+    export_gguf(path, plain, preset, model_name="qconvert/tiny-untied")
+    assert plain.read_bytes() != ours.read_bytes(), "the imatrix changed nothing: it was not used"

@@ -75,9 +75,13 @@ def run_gguf(args: argparse.Namespace) -> int:
         bars[0].set_postfix_str(name, refresh=False)
         bars[0].update(done - bars[0].n)
 
+    imatrix = None
+    if args.imatrix is not None:
+        from qconvert.gguf.imatrix import read_imatrix
+        imatrix = read_imatrix(args.imatrix)
     try:
         result = export_gguf(resolved.path, out, preset, options=_options(args), model_name=resolved.repo_id or resolved.path.name,
-                             force=args.force, progress=None if args.quiet else progress)
+                             force=args.force, imatrix=imatrix, progress=None if args.quiet else progress)
     finally:
         for bar in bars:
             bar.close()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,13 +84,15 @@ def _mapped_tensors(spec: ArchSpec, config: dict, ckpt: SafetensorsCheckpoint) -
     return mapped
 
 
-def build_plan(config: dict, preset: str, options: PlanOptions, shapes: list[tuple[str, tuple[int, ...]]]) -> Plan:
+def build_plan(config: dict, preset: str, options: PlanOptions, shapes: list[tuple[str, tuple[int, ...]]],
+               has_imatrix: bool = False) -> Plan:
     return plan_tensors(
         shapes, preset,
         n_layer=int(config["num_hidden_layers"]), n_head=int(config["num_attention_heads"]),
         n_head_kv=int(config["num_key_value_heads"]),
         pure=options.pure, output_tensor_type=options.output_tensor_type,
         token_embedding_type=options.token_embedding_type, tensor_types=options.tensor_types,
+        has_imatrix=has_imatrix,
     )
 
 
@@ -105,11 +107,13 @@ def metadata_order(kvs: list[KV], preset: str) -> list[KV]:
 
 
 def export_gguf(model_dir: Path, out_path: Path | None, preset: str, *, options: PlanOptions = PlanOptions(),
-                model_name: str | None = None, force: bool = False,
+                model_name: str | None = None, force: bool = False, imatrix: Mapping[str, np.ndarray] | None = None,
                 progress: Callable[[int, int, str], None] | None = None) -> ExportResult:
     """Convert ``model_dir`` to ``out_path`` with llama-quantize's ``preset`` mixture.
 
-    ``out_path=None`` plans only (``--dry-run``). ``progress(done, total, name)`` is called after each tensor.
+    ``out_path=None`` plans only (``--dry-run``). ``imatrix`` (GGUF tensor name -> f32[n_in] mean of x², see
+    ``qconvert.gguf.imatrix``) switches to llama.cpp's weighted quantizers for the tensors it covers.
+    ``progress(done, total, name)`` is called after each tensor.
     """
     model_dir = Path(model_dir)
     preset = get_preset(preset).name
@@ -118,7 +122,8 @@ def export_gguf(model_dir: Path, out_path: Path | None, preset: str, *, options:
     ckpt = SafetensorsCheckpoint(model_dir)
     mapped = _mapped_tensors(spec, config, ckpt)
     order = sorted(mapped, key=quantize_order_key) if preset not in FLOAT_PRESETS else list(mapped)
-    plan = build_plan(config, preset, options, [(g, ckpt.entries[mapped[g]].shape) for g in order])
+    plan = build_plan(config, preset, options, [(g, ckpt.entries[mapped[g]].shape) for g in order], bool(imatrix))
+    _check_imatrix(imatrix or {}, plan)
     result = ExportResult(None, plan, warnings=plan.warnings())
     if out_path is None:
         return result
@@ -135,7 +140,7 @@ def export_gguf(model_dir: Path, out_path: Path | None, preset: str, *, options:
             for entry in plan.entries:
                 writer.add_tensor_info(entry.name, entry.shape, entry.type)
             writer.write_header()
-            _stream_tensors(writer, ckpt, mapped, plan, progress)
+            _stream_tensors(writer, ckpt, mapped, plan, imatrix or {}, progress)
             writer.close()
         finally:
             writer.abort()
@@ -152,8 +157,18 @@ def _check_finite(x: np.ndarray, name: str, chunk: int = 1 << 24) -> None:
             raise CheckpointError(f"tensor {name} contains NaN or Inf; the checkpoint is damaged. Re-download it.")
 
 
+def _check_imatrix(imatrix: Mapping[str, np.ndarray], plan: Plan) -> None:
+    for entry in plan.entries:
+        values = imatrix.get(entry.name)
+        if values is not None and values.shape != (entry.shape[-1],):
+            raise CheckpointError(
+                f"imatrix entry for {entry.name} has {values.size} values but the tensor's rows have "
+                f"{entry.shape[-1]}; the imatrix was computed for another model."
+            )
+
+
 def _stream_tensors(writer: GGUFWriter, ckpt: SafetensorsCheckpoint, mapped: dict[str, str], plan: Plan,
-                    progress: Callable[[int, int, str], None] | None) -> None:
+                    imatrix: Mapping[str, np.ndarray], progress: Callable[[int, int, str], None] | None) -> None:
     """Quantize and write each tensor; a reader thread fetches the next one meanwhile."""
     entries = plan.entries
     pause = float(os.environ.get("QCONVERT_TEST_SLOW_WRITE", "0"))  # tests: widen the window for a Ctrl-C
@@ -164,7 +179,7 @@ def _stream_tensors(writer: GGUFWriter, ckpt: SafetensorsCheckpoint, mapped: dic
             x = pending.result()
             pending = pool.submit(ckpt.read_f32, mapped[entries[i + 1].name]) if i + 1 < len(entries) else None
             _check_finite(x, mapped[entry.name])
-            data = quantize_rows(entry.type, np.ascontiguousarray(x.reshape(-1, x.shape[-1])))
+            data = quantize_rows(entry.type, np.ascontiguousarray(x.reshape(-1, x.shape[-1])), imatrix.get(entry.name))
             writer.write_tensor(entry.name, data)
             if pause:
                 time.sleep(pause)

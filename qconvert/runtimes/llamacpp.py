@@ -54,8 +54,11 @@ def captured_log() -> Iterator[list[str]]:
 
 def llama_quantize(src: Path, dst: Path, ftype: int, *, nthread: int = 0, pure: bool = False,
                    output_tensor_type: int | None = None, token_embedding_type: int | None = None,
-                   dry_run: bool = False) -> list[str]:
-    """Run llama.cpp's ``llama_model_quantize``; returns its log lines. Raises when it fails."""
+                   dry_run: bool = False, imatrix: dict[str, np.ndarray] | None = None) -> list[str]:
+    """Run llama.cpp's ``llama_model_quantize``; returns its log lines. Raises when it fails.
+
+    ``imatrix`` maps tensor names to their per-column mean of x² (what llama-quantize loads from a file).
+    """
     ffi, lib = _lib()
     params = ffi.new("llama_model_quantize_params *", lib.llama_model_quantize_default_params())
     params.nthread = nthread or (os.cpu_count() or 1)
@@ -66,6 +69,15 @@ def llama_quantize(src: Path, dst: Path, ftype: int, *, nthread: int = 0, pure: 
         params.output_tensor_type = output_tensor_type
     if token_embedding_type is not None:
         params.token_embedding_type = token_embedding_type
+    keep = []  # CFFI buffers must outlive the call
+    if imatrix:
+        entries = ffi.new("struct llama_model_imatrix_data[]", len(imatrix) + 1)
+        for i, (name, values) in enumerate(imatrix.items()):
+            keep += [ffi.new("char[]", name.encode()), ffi.new("float[]", [float(v) for v in values])]
+            entries[i].name, entries[i].data, entries[i].size = keep[-2], keep[-1], len(values)
+        entries[len(imatrix)].name = ffi.NULL
+        params.imatrix = entries
+        keep.append(entries)
     with captured_log() as log:
         rc = lib.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
     if rc != 0:
