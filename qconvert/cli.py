@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Offline end-to-end check: build the small trained demo model, convert it to "
                                    "GGUF Q5_K_M, run it in llama.cpp, compare with the float reference.")
     d.add_argument("--out-dir", type=Path, default=Path("out"), help="where the demo GGUF goes (default: out/)")
+    from qconvert.commands.int4 import add_int4_parsers
+    add_int4_parsers(sub, _add_model_args)
     return parser
 
 
@@ -92,6 +94,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             from qconvert.commands.demo import run_demo
             return run_demo(args)
+        if args.command in ("gptq", "awq"):
+            from qconvert.commands.int4 import run_int4
+            return run_int4(args)
         if args.command == "info":
             from qconvert.commands.info import run_info
             return run_info(args)

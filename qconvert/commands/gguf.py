@@ -22,7 +22,8 @@ def output_name(model: str, preset: str) -> str:
     return f"{model.rstrip('/').split('/')[-1].lower()}-{preset.lower()}.gguf"
 
 
-def _model_ref(args: argparse.Namespace) -> str:
+def model_ref(args: argparse.Namespace) -> str:
+    """The checkpoint the user named: --model as given, or the Qwen hub id of --size/--variant."""
     if args.model and args.size:
         raise QConvertError("give either --size or --model, not both")
     if args.model:
@@ -57,7 +58,7 @@ def run_gguf(args: argparse.Namespace) -> int:
     from qconvert.cli import resolve_preset
 
     preset = resolve_preset(args.bits, args.preset)
-    ref = _model_ref(args)
+    ref = model_ref(args)
     if args.dry_run and args.size and not args.model:
         try:
             resolved = resolve_model(ref, allow_download=False)

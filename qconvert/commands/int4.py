@@ -1,0 +1,206 @@
+"""``qconvert gptq`` / ``qconvert awq``: resolve the model, load calibration data, run the driver, write.
+
+Every check that can fail (scheme vs model shapes, device, calibration text, existing output) runs before the
+first forward and before anything is created under the output name; the writer builds the checkpoint in a
+temporary directory and renames it when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the parser is built on every CLI call; torch is imported only when a command runs
+    from qconvert.calibrate import CalibrationReport
+    from qconvert.calibset import CalibrationSet
+    from qconvert.int4 import AWQConfig, GPTQConfig
+
+
+def output_dir_name(model: str, method: str, bits: int) -> str:
+    """``Qwen/Qwen2.5-7B-Instruct`` -> ``qwen2.5-7b-instruct-gptq-int4`` / ``qwen2.5-7b-instruct-awq`` (Qwen's names)."""
+    base = model.rstrip("/").split("/")[-1].lower()
+    return f"{base}-gptq-int{bits}" if method == "gptq" else f"{base}-awq"
+
+
+def _config(args: argparse.Namespace) -> GPTQConfig | AWQConfig:
+    from qconvert.int4 import AWQConfig, GPTQConfig
+
+    if args.command == "awq":
+        return AWQConfig(group_size=args.group_size)
+    return GPTQConfig(bits=args.bits, group_size=args.group_size, sym=not args.asym, desc_act=args.act_order,
+                      static_groups=args.static_groups, damp_percent=args.damp)
+
+
+def _marlin_warnings(cfg: GPTQConfig | AWQConfig) -> None:
+    from qconvert.int4 import GPTQConfig
+
+    if isinstance(cfg, GPTQConfig) and not cfg.sym:
+        print("qconvert: warning: --asym: vLLM's Marlin GPTQ kernels accept only symmetric checkpoints; vLLM will fall "
+              "back to slower kernels or refuse. Drop --asym for the widely loadable format.", file=sys.stderr)
+    if isinstance(cfg, GPTQConfig) and cfg.desc_act:
+        print("qconvert: warning: --act-order writes permuted group indices (desc_act true); Marlin and ExLlama "
+              "reorder at load time or refuse. --static-groups keeps most of act-order's gain without it.",
+              file=sys.stderr)
+
+
+def model_card(name: str, source: str, method: str, qcfg: dict[str, Any], calib: CalibrationSet,
+               report: CalibrationReport) -> str:
+    """README.md of the output: what was done, with which settings and which data."""
+    from qconvert import __version__
+
+    settings = "\n".join(f"| `{k}` | `{json.dumps(v)}` |" for k, v in qcfg.items() if k != "meta")
+    return f"""# {name} — {method.upper()} {qcfg['bits']}-bit
+
+Quantized with qconvert {__version__} from `{source}`.
+
+| setting | value |
+|---|---|
+{settings}
+
+## Calibration
+
+- data: {calib.describe()}
+- tokens used: {calib.n_tokens:,}
+- forward: {report.device}, {report.dtype}; layer-by-layer (quantized outputs propagated), statistics in float32
+- time: {report.seconds:.1f} s
+
+Load with transformers (`AutoModelForCausalLM.from_pretrained`; GPTQ needs gptqmodel + optimum, AWQ needs
+autoawq) or vLLM (`--quantization {'gptq_marlin' if method == 'gptq' else 'awq_marlin'}`).
+"""
+
+
+def run_int4(args: argparse.Namespace) -> int:
+    from qconvert.calibrate import (
+        CalibrationSettings,
+        calibrate,
+        check_model_scheme,
+        resolve_device,
+        resolve_dtype,
+    )
+    from qconvert.calibset import load_calibration
+    from qconvert.commands.gguf import model_ref
+    from qconvert.int4 import GPTQConfig, QuantizedCheckpointWriter
+    from qconvert.int4.formats import awq_quantization_config, gptq_quantization_config
+    from qconvert.io.atomic import check_writable_target
+    from qconvert.registry import spec_for_config
+    from qconvert.resolve import resolve_model
+
+    cfg = _config(args)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    resolved = resolve_model(model_ref(args))
+    model_name = resolved.repo_id or resolved.path.name
+    config = json.loads((resolved.path / "config.json").read_text())
+    check_model_scheme(config, spec_for_config(config), cfg.bits, cfg.group_size)
+    out = args.out_dir / output_dir_name(model_name, args.command, cfg.bits)
+    if out.exists() and not args.force:
+        check_writable_target(out, force=False)
+    chat = args.calib_format == "chat" or (args.calib_format == "auto" and "instruct" in model_name.lower())
+    calib = load_calibration(args.calib, resolved.path, chat=chat, n_samples=args.calib_samples,
+                             seq_len=args.calib_seqlen, seed=args.seed)
+    _marlin_warnings(cfg)
+    print(f"calibration: {calib.describe()}", file=sys.stderr)
+    qcfg = gptq_quantization_config(cfg) if isinstance(cfg, GPTQConfig) else awq_quantization_config(cfg)
+    settings = CalibrationSettings(device, dtype, args.batch_size)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        writer = QuantizedCheckpointWriter(resolved.path, out, qcfg, force=args.force)
+    for w in caught:
+        print(f"qconvert: warning: {w.message}", file=sys.stderr)
+    bars: list = []
+
+    def progress(done: int, total: int) -> None:
+        if args.quiet:
+            return
+        if not bars:
+            from tqdm import tqdm
+            bars.append(tqdm(total=total, desc=f"{args.command} layers", unit="layer", file=sys.stderr))
+        bars[0].update(done - bars[0].n)
+
+    with writer:
+        try:
+            report = calibrate(resolved.path, calib.ids, args.command, cfg, writer.add_linear, writer.add_float,
+                               settings, progress)
+        finally:
+            for bar in bars:
+                bar.close()
+        (writer.tmp / "README.md").write_text(model_card(out.name, model_name, args.command, qcfg, calib, report))
+        writer.finish()
+    print(f"used {calib.n_tokens:,} calibration tokens ({calib.ids.shape[0]} x {calib.ids.shape[1]})")
+    print(f"wrote {out} ({report.seconds:.1f} s on {report.device}, {report.dtype})")
+    return 0
+
+
+GPTQ_EPILOG = """\
+examples:
+  qconvert gptq --size 7b                        # -> qwen2.5-7b-instruct-gptq-int4/ (4-bit, g128, sym)
+  qconvert gptq --size 7b --bits 8 --group-size 128 --calib my_prompts.jsonl
+  qconvert gptq --model ./my-finetune --calib-samples 256 --calib-seqlen 2048 --device cuda
+
+How it works: the model runs one decoder layer at a time (memory ~ one layer + activations). Within a layer the
+linears are quantized in order q/k/v -> o -> gate/up -> down; each column is rounded and the error it leaves is
+pushed onto the columns not yet quantized, weighted by the inverse Hessian of that layer's calibration inputs.
+The defaults (4-bit, group 128, symmetric, no act-order) are the format every loader takes, including vLLM's
+Marlin kernels; --asym and --act-order are accepted but Marlin rejects or reorders them.
+
+Calibration data is offline by default: --calib builtin is a small multilingual set (English and Chinese prose,
+Python code, math) that qconvert ships; Instruct models see it rendered as ChatML conversations, base models as
+raw text. Use --calib FILE.txt|FILE.jsonl for your own domain. The number of tokens used is printed and written
+into the output's README.md.
+"""
+
+AWQ_EPILOG = """\
+examples:
+  qconvert awq --size 7b                         # -> qwen2.5-7b-instruct-awq/ (4-bit, g128, zero point, GEMM)
+  qconvert awq --model ./my-finetune --calib data.txt --device cuda
+
+How it works: per layer, AWQ finds per-input-channel scales s that protect the channels with large activations
+(searching s = x_mean^a / w_mean^(1-a) over a grid of a), folds 1/s into the preceding RMSNorm or linear and s
+into the weights, then searches a clipping range per group, and rounds to 4 bits with zero points.
+Calibration data as for `qconvert gptq --help`.
+"""
+
+
+def add_int4_parsers(sub: Any, add_model_args: Any) -> None:
+    """Register ``gptq`` and ``awq`` on the CLI's subparsers."""
+    for method, epilog in (("gptq", GPTQ_EPILOG), ("awq", AWQ_EPILOG)):
+        p = sub.add_parser(method, help=f"quantize to {'an' if method == 'awq' else 'a'} {method.upper()} checkpoint (transformers, vLLM) with calibration",
+                           description=f"Quantize a Qwen2.5 checkpoint to {method.upper()} with a layer-by-layer "
+                                       "calibration pass; the output loads in transformers and vLLM.",
+                           epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+        add_model_args(p)
+        q = p.add_argument_group("quantization")
+        if method == "gptq":
+            q.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 (default 4)")
+        q.add_argument("--group-size", type=int, default=128,
+                       help="input columns sharing one scale: 32, 64, 128 (default) or -1 (one per row)")
+        if method == "gptq":
+            q.add_argument("--sym", action="store_true", default=True, help="symmetric grid (default; what Marlin needs)")
+            q.add_argument("--asym", action="store_true", help="asymmetric grid with zero points (Marlin rejects it)")
+            order = q.add_mutually_exclusive_group()
+            order.add_argument("--act-order", action="store_true",
+                               help="quantize columns by decreasing Hessian diagonal (desc_act; slower loaders)")
+            order.add_argument("--static-groups", action="store_true",
+                               help="act-order with group parameters fixed up front (loads like desc_act false)")
+            q.add_argument("--damp", type=float, default=0.01, help="Hessian damping, fraction of mean diagonal (0.01)")
+        c = p.add_argument_group("calibration")
+        c.add_argument("--calib", default="builtin",
+                       help="builtin (default, offline), a .txt or .jsonl file; wikitext2/c4/pileval/hf:NAME need network")
+        c.add_argument("--calib-samples", type=int, default=128, help="number of token windows (default 128)")
+        c.add_argument("--calib-seqlen", type=int, default=512, help="tokens per window (default 512)")
+        c.add_argument("--calib-format", choices=("auto", "chat", "raw"), default="auto",
+                       help="ChatML-render documents (auto: for Instruct models) or use raw text")
+        c.add_argument("--seed", type=int, default=0, help="sampling seed (same seed -> same tokens)")
+        r = p.add_argument_group("runtime")
+        r.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
+        r.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
+                       help="forward dtype (auto: bfloat16 on GPU, float32 on CPU); float16 overflows on Qwen2")
+        r.add_argument("--batch-size", type=int, default=8, help="calibration samples per forward (default 8)")
+        o = p.add_argument_group("output")
+        o.add_argument("--out-dir", type=Path, default=Path("."), help="parent directory of the output (default .)")
+        o.add_argument("--force", action="store_true", help="replace an existing output directory")
+        o.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -1,0 +1,1 @@
+"""qconvert's own small model forwards (used by the calibration driver and by verification)."""
