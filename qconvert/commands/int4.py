@@ -168,7 +168,7 @@ Calibration data as for `qconvert gptq --help`.
 def add_int4_parsers(sub: Any, add_model_args: Any) -> None:
     """Register ``gptq`` and ``awq`` on the CLI's subparsers."""
     for method, epilog in (("gptq", GPTQ_EPILOG), ("awq", AWQ_EPILOG)):
-        p = sub.add_parser(method, help=f"quantize to {'an' if method == 'awq' else 'a'} {method.upper()} checkpoint (transformers, vLLM) with calibration",
+        p = sub.add_parser(method, help=f"quantize to {'an' if method == 'awq' else 'a'} {method.upper()} checkpoint with calibration (preview: checked with transformers and GPTQModel on CPU)",
                            description=f"Quantize a Qwen2.5 checkpoint to {method.upper()} with a layer-by-layer "
                                        "calibration pass; the output loads in transformers and vLLM.",
                            epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
