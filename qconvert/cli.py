@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from qconvert import __version__
 from qconvert.errors import QConvertError
@@ -71,9 +72,20 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Offline end-to-end check: build the small trained demo model, convert it to "
                                    "GGUF Q5_K_M, run it in llama.cpp, compare with the float reference.")
     d.add_argument("--out-dir", type=Path, default=Path("out"), help="where the demo GGUF goes (default: out/)")
-    from qconvert.commands.int4 import add_int4_parsers
-    add_int4_parsers(sub, _add_model_args)
+    for module in _command_modules():
+        module.add_parsers(sub, _add_model_args)
     return parser
+
+
+# Subcommands that live in their own module: each module has COMMANDS (names), add_parsers(sub, add_model_args)
+# and run(args) -> exit code. Importing them must stay cheap (no torch at import time).
+COMMAND_MODULES = ("qconvert.commands.int4",)
+
+
+def _command_modules() -> list[Any]:
+    import importlib
+
+    return [importlib.import_module(name) for name in COMMAND_MODULES]
 
 
 def resolve_preset(bits: int | None, preset: str | None) -> str:
@@ -94,9 +106,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             from qconvert.commands.demo import run_demo
             return run_demo(args)
-        if args.command in ("gptq", "awq"):
-            from qconvert.commands.int4 import run_int4
-            return run_int4(args)
+        for module in _command_modules():
+            if args.command in module.COMMANDS:
+                return int(module.run(args))
         if args.command == "info":
             from qconvert.commands.info import run_info
             return run_info(args)

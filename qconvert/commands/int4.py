@@ -11,11 +11,12 @@ import argparse
 import json
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the parser is built on every CLI call; torch is imported only when a command runs
-    from qconvert.calibrate import CalibrationReport
+    from qconvert.calibrate import CalibrationReport, CalibrationSettings
     from qconvert.calibset import CalibrationSet
     from qconvert.int4 import AWQConfig, GPTQConfig
 
@@ -73,18 +74,39 @@ autoawq) or vLLM (`--quantization {'gptq_marlin' if method == 'gptq' else 'awq_m
 """
 
 
+def write_int4(model_dir: Path, model_name: str, out: Path, method: str, cfg: GPTQConfig | AWQConfig,
+               calib: CalibrationSet, settings: CalibrationSettings, *, force: bool = False,
+               progress: Callable[[int, int], None] | None = None) -> CalibrationReport:
+    """Calibrate and write the GPTQ/AWQ checkpoint ``out`` (atomic: built in a temporary directory, renamed at the end).
+
+    ``method`` is ``gptq`` or ``awq``; warnings about vLLM tensor-parallel shapes are printed to stderr.
+    """
+    from qconvert.calibrate import calibrate
+    from qconvert.int4 import GPTQConfig, QuantizedCheckpointWriter
+    from qconvert.int4.formats import awq_quantization_config, gptq_quantization_config
+
+    qcfg = gptq_quantization_config(cfg) if isinstance(cfg, GPTQConfig) else awq_quantization_config(cfg)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        writer = QuantizedCheckpointWriter(model_dir, out, qcfg, force=force)
+    for w in caught:
+        print(f"qconvert: warning: {w.message}", file=sys.stderr)
+    with writer:
+        report = calibrate(model_dir, calib.ids, method, cfg, writer.add_linear, writer.add_float, settings, progress)
+        (writer.tmp / "README.md").write_text(model_card(out.name, model_name, method, qcfg, calib, report))
+        writer.finish()
+    return report
+
+
 def run_int4(args: argparse.Namespace) -> int:
     from qconvert.calibrate import (
         CalibrationSettings,
-        calibrate,
         check_model_scheme,
         resolve_device,
         resolve_dtype,
     )
     from qconvert.calibset import load_calibration
     from qconvert.commands.gguf import model_ref
-    from qconvert.int4 import GPTQConfig, QuantizedCheckpointWriter
-    from qconvert.int4.formats import awq_quantization_config, gptq_quantization_config
     from qconvert.io.atomic import check_writable_target
     from qconvert.registry import spec_for_config
     from qconvert.resolve import resolve_model
@@ -104,13 +126,6 @@ def run_int4(args: argparse.Namespace) -> int:
                              seq_len=args.calib_seqlen, seed=args.seed)
     _marlin_warnings(cfg)
     print(f"calibration: {calib.describe()}", file=sys.stderr)
-    qcfg = gptq_quantization_config(cfg) if isinstance(cfg, GPTQConfig) else awq_quantization_config(cfg)
-    settings = CalibrationSettings(device, dtype, args.batch_size)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        writer = QuantizedCheckpointWriter(resolved.path, out, qcfg, force=args.force)
-    for w in caught:
-        print(f"qconvert: warning: {w.message}", file=sys.stderr)
     bars: list = []
 
     def progress(done: int, total: int) -> None:
@@ -121,15 +136,12 @@ def run_int4(args: argparse.Namespace) -> int:
             bars.append(tqdm(total=total, desc=f"{args.command} layers", unit="layer", file=sys.stderr))
         bars[0].update(done - bars[0].n)
 
-    with writer:
-        try:
-            report = calibrate(resolved.path, calib.ids, args.command, cfg, writer.add_linear, writer.add_float,
-                               settings, progress)
-        finally:
-            for bar in bars:
-                bar.close()
-        (writer.tmp / "README.md").write_text(model_card(out.name, model_name, args.command, qcfg, calib, report))
-        writer.finish()
+    try:
+        report = write_int4(resolved.path, model_name, out, args.command, cfg, calib,
+                            CalibrationSettings(device, dtype, args.batch_size), force=args.force, progress=progress)
+    finally:
+        for bar in bars:
+            bar.close()
     print(f"used {calib.n_tokens:,} calibration tokens ({calib.ids.shape[0]} x {calib.ids.shape[1]})")
     print(f"wrote {out} ({report.seconds:.1f} s on {report.device}, {report.dtype})")
     return 0
@@ -165,7 +177,10 @@ Calibration data as for `qconvert gptq --help`.
 """
 
 
-def add_int4_parsers(sub: Any, add_model_args: Any) -> None:
+COMMANDS = ("gptq", "awq")
+
+
+def add_parsers(sub: Any, add_model_args: Any) -> None:
     """Register ``gptq`` and ``awq`` on the CLI's subparsers."""
     for method, epilog in (("gptq", GPTQ_EPILOG), ("awq", AWQ_EPILOG)):
         p = sub.add_parser(method, help=f"quantize to {'an' if method == 'awq' else 'a'} {method.upper()} checkpoint with calibration (preview: checked with transformers and GPTQModel on CPU)",
@@ -204,3 +219,6 @@ def add_int4_parsers(sub: Any, add_model_args: Any) -> None:
         o.add_argument("--out-dir", type=Path, default=Path("."), help="parent directory of the output (default .)")
         o.add_argument("--force", action="store_true", help="replace an existing output directory")
         o.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+run = run_int4
