@@ -17,10 +17,13 @@ examples:
   qconvert gguf --size 7b --variant coder --type Q4_K_M --out-dir out/
   qconvert gguf --model ./my-finetune --type Q8_0
   qconvert gguf --size 72b --bits 4 --dry-run   # per-tensor plan and predicted size, no weights needed beyond config
+  qconvert gguf --size 1.5b --bits 3 --calib builtin --save-imatrix imatrix.gguf   # importance-weighted K-quants
 
 --bits maps to llama.cpp's usual presets: 2=Q2_K 3=Q3_K_M 4=Q4_K_M 5=Q5_K_M 6=Q6_K 8=Q8_0 16=F16.
 Mixtures follow llama-quantize: the output (or tied embedding) gets Q6_K, about half of the attn_v/ffn_down
 layers get more bits, and rows that are not a multiple of 256 (Qwen2.5-0.5B's 896) fall back to 32-blocks.
+--calib (or --stats, --imatrix) gives the K-quants an importance matrix: the per-column mean of x² of every
+matrix's inputs on calibration text, the same file llama-imatrix writes; it matters most at 2-3 bits.
 The output file is written under a temporary name and renamed when complete; an existing file is kept unless
 --force is given.
 """
@@ -56,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="llama.cpp importance matrix (imatrix GGUF from llama-imatrix): weighted K-quant search, as llama-quantize --imatrix")
     q.add_argument("--tensor-type", action="append", default=[], metavar="REGEX=TYPE",
                    help="override the type of tensors whose GGUF name matches REGEX (repeatable; shape fallbacks still apply)")
+    from qconvert.commands.calibargs import add_calibration_args
+    add_calibration_args(g, default_calib=None, stats_help="importance matrix from a statistics file saved by "
+                         "--save-stats (of gguf, gptq or awq)")
+    g.add_argument("--save-imatrix", type=Path, metavar="FILE",
+                   help="also write the importance matrix from --calib/--stats as a llama.cpp imatrix GGUF")
     o = g.add_argument_group("output")
     o.add_argument("--out-dir", type=Path, default=Path("."), help="directory for the .gguf file (default: .)")
     o.add_argument("--output", type=Path, help="explicit output file name (default: qwen2.5-<size>-<variant>-<preset>.gguf)")

@@ -43,3 +43,7 @@ class OutputError(QConvertError):
 
 class RuntimeMissingError(QConvertError):
     """An optional runtime (llama.cpp binding, onnxruntime, ...) is not installed."""
+
+
+class UsageError(QConvertError):
+    """Command-line options that do not go together."""

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from qconvert.constants import GGMLType
-from qconvert.errors import QConvertError
+from qconvert.errors import QConvertError, UsageError
 from qconvert.family import hub_id, seed_config, tensor_shapes
 from qconvert.gguf.export import PlanOptions, build_plan, export_gguf
 from qconvert.gguf.plan import parse_tensor_type_option, parse_type
+from qconvert.io.atomic import check_writable_target
 from qconvert.resolve import resolve_model
 
 # Qwen's published GGUFs carry ~6 MB of tokenizer metadata (151k tokens + 151k merges); used for dry-run sizes
@@ -54,6 +56,41 @@ def _dry_run_from_seed(args: argparse.Namespace, preset: str) -> int:
     return 0
 
 
+def _importance(args: argparse.Namespace, model_dir: Path, model_name: str) -> dict | None:
+    """The importance matrix from --imatrix, --stats or --calib (at most one); --save-stats/--save-imatrix."""
+    from qconvert.commands.calibargs import (
+        calibration_from_args,
+        collect_and_save,
+        load_stats,
+    )
+
+    given = [f for f, v in (("--imatrix", args.imatrix), ("--stats", args.stats), ("--calib", args.calib)) if v]
+    if len(given) > 1:
+        raise UsageError(f"{' and '.join(given)} each give an importance matrix; use one of them.")
+    if args.save_stats is not None and args.calib is None:
+        raise UsageError("--save-stats needs --calib SOURCE (statistics are collected on calibration text).")
+    if args.save_imatrix is not None and not (args.calib or args.stats):
+        raise UsageError("--save-imatrix needs --calib SOURCE or --stats FILE.")
+    for target in (args.save_stats, args.save_imatrix):
+        if target is not None:
+            check_writable_target(target, force=args.force)
+    if args.imatrix is not None:
+        from qconvert.gguf.imatrix import read_imatrix
+        return read_imatrix(args.imatrix)
+    if args.stats is not None:
+        stats = load_stats(args.stats, model_dir)
+    elif args.calib is not None:
+        from qconvert.commands.calibargs import settings_from_args
+        stats = collect_and_save(args, model_dir, calibration_from_args(args, model_dir, model_name),
+                                 settings_from_args(args))
+    else:
+        return None
+    if args.save_imatrix is not None:
+        stats.write_imatrix(args.save_imatrix, force=args.force)
+        print(f"wrote importance matrix {args.save_imatrix}", file=sys.stderr)
+    return stats.imatrix()
+
+
 def run_gguf(args: argparse.Namespace) -> int:
     from qconvert.cli import resolve_preset
 
@@ -76,10 +113,7 @@ def run_gguf(args: argparse.Namespace) -> int:
         bars[0].set_postfix_str(name, refresh=False)
         bars[0].update(done - bars[0].n)
 
-    imatrix = None
-    if args.imatrix is not None:
-        from qconvert.gguf.imatrix import read_imatrix
-        imatrix = read_imatrix(args.imatrix)
+    imatrix = None if out is None else _importance(args, resolved.path, resolved.repo_id or resolved.path.name)
     try:
         result = export_gguf(resolved.path, out, preset, options=_options(args), model_name=resolved.repo_id or resolved.path.name,
                              force=args.force, imatrix=imatrix, progress=None if args.quiet else progress)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +20,7 @@ if TYPE_CHECKING:  # the parser is built on every CLI call; torch is imported on
     from qconvert.calibrate import CalibrationReport, CalibrationSettings
     from qconvert.calibset import CalibrationSet
     from qconvert.int4 import AWQConfig, GPTQConfig
+    from qconvert.stats import CalibrationStats
 
 
 def output_dir_name(model: str, method: str, bits: int) -> str:
@@ -48,11 +50,13 @@ def _marlin_warnings(cfg: GPTQConfig | AWQConfig) -> None:
               file=sys.stderr)
 
 
-def model_card(name: str, source: str, method: str, qcfg: dict[str, Any], calib: CalibrationSet,
-               report: CalibrationReport) -> str:
+def model_card(name: str, source: str, method: str, qcfg: dict[str, Any], calib: str, report: CalibrationReport,
+               *, from_stats: bool = False) -> str:
     """README.md of the output: what was done, with which settings and which data."""
     from qconvert import __version__
 
+    forward = ("none: GPTQ from saved float-model Hessians (one float pass, not true-sequential)" if from_stats else
+               f"{report.device}, {report.dtype}; layer-by-layer (quantized outputs propagated), statistics in float32")
     settings = "\n".join(f"| `{k}` | `{json.dumps(v)}` |" for k, v in qcfg.items() if k != "meta")
     return f"""# {name} — {method.upper()} {qcfg['bits']}-bit
 
@@ -64,9 +68,9 @@ Quantized with qconvert {__version__} from `{source}`.
 
 ## Calibration
 
-- data: {calib.describe()}
-- tokens used: {calib.n_tokens:,}
-- forward: {report.device}, {report.dtype}; layer-by-layer (quantized outputs propagated), statistics in float32
+- data: {calib}
+- tokens used: {report.n_tokens:,}
+- forward: {forward}
 - time: {report.seconds:.1f} s
 
 Load with transformers (`AutoModelForCausalLM.from_pretrained`; GPTQ needs gptqmodel + optimum, AWQ needs
@@ -75,15 +79,18 @@ autoawq) or vLLM (`--quantization {'gptq_marlin' if method == 'gptq' else 'awq_m
 
 
 def write_int4(model_dir: Path, model_name: str, out: Path, method: str, cfg: GPTQConfig | AWQConfig,
-               calib: CalibrationSet, settings: CalibrationSettings, *, force: bool = False,
-               progress: Callable[[int, int], None] | None = None) -> CalibrationReport:
+               calib: CalibrationSet | None, settings: CalibrationSettings, *, force: bool = False,
+               progress: Callable[[int, int], None] | None = None,
+               stats: CalibrationStats | None = None) -> CalibrationReport:
     """Calibrate and write the GPTQ/AWQ checkpoint ``out`` (atomic: built in a temporary directory, renamed at the end).
 
-    ``method`` is ``gptq`` or ``awq``; warnings about vLLM tensor-parallel shapes are printed to stderr.
+    ``method`` is ``gptq`` or ``awq``; warnings about vLLM tensor-parallel shapes are printed to stderr. With
+    ``stats`` (GPTQ only) every linear is quantized from the stored float-model Hessians and no forward runs.
     """
-    from qconvert.calibrate import calibrate
+    from qconvert.calibrate import CalibrationReport, calibrate
     from qconvert.int4 import GPTQConfig, QuantizedCheckpointWriter
     from qconvert.int4.formats import awq_quantization_config, gptq_quantization_config
+    from qconvert.stats import quantize_from_stats
 
     qcfg = gptq_quantization_config(cfg) if isinstance(cfg, GPTQConfig) else awq_quantization_config(cfg)
     with warnings.catch_warnings(record=True) as caught:
@@ -92,57 +99,68 @@ def write_int4(model_dir: Path, model_name: str, out: Path, method: str, cfg: GP
     for w in caught:
         print(f"qconvert: warning: {w.message}", file=sys.stderr)
     with writer:
-        report = calibrate(model_dir, calib.ids, method, cfg, writer.add_linear, writer.add_float, settings, progress)
-        (writer.tmp / "README.md").write_text(model_card(out.name, model_name, method, qcfg, calib, report))
+        if stats is None:
+            if calib is None:
+                raise ValueError("write_int4 needs a calibration set or statistics")
+            report = calibrate(model_dir, calib.ids, method, cfg, writer.add_linear, writer.add_float, settings,
+                               progress)
+        else:
+            start = time.perf_counter()
+            quantize_from_stats(model_dir, stats, cfg, writer.add_linear, settings, progress)
+            n = int(stats.meta.get("n_samples", 0)), int(stats.meta.get("seq_len", 0))
+            report = CalibrationReport(n[0], n[1], n[0] * n[1], time.perf_counter() - start, settings.device,
+                                       str(settings.dtype).removeprefix("torch."))
+        desc = calib.describe() if calib is not None else f"{stats.source} (saved statistics)" if stats else ""
+        card = model_card(out.name, model_name, method, qcfg, desc, report, from_stats=stats is not None)
+        (writer.tmp / "README.md").write_text(card)
         writer.finish()
     return report
 
 
 def run_int4(args: argparse.Namespace) -> int:
-    from qconvert.calibrate import (
-        CalibrationSettings,
-        check_model_scheme,
-        resolve_device,
-        resolve_dtype,
+    from qconvert.calibrate import CalibrationError, check_model_scheme
+    from qconvert.commands.calibargs import (
+        calibration_from_args,
+        collect_and_save,
+        layer_progress,
+        load_stats,
+        settings_from_args,
     )
-    from qconvert.calibset import load_calibration
     from qconvert.commands.gguf import model_ref
     from qconvert.io.atomic import check_writable_target
     from qconvert.registry import spec_for_config
     from qconvert.resolve import resolve_model
 
     cfg = _config(args)
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
+    settings = settings_from_args(args)
     resolved = resolve_model(model_ref(args))
     model_name = resolved.repo_id or resolved.path.name
     config = json.loads((resolved.path / "config.json").read_text())
     check_model_scheme(config, spec_for_config(config), cfg.bits, cfg.group_size)
+    if args.stats is not None and args.command == "awq":
+        raise CalibrationError("qconvert awq does not take --stats: AWQ searches its scales on each layer's own "
+                               "activations, which a statistics file does not hold. Drop --stats.")
+    if args.stats is not None and args.save_stats is not None:
+        raise CalibrationError("--stats reads statistics and --save-stats writes them; give one of the two.")
     out = args.out_dir / output_dir_name(model_name, args.command, cfg.bits)
     if out.exists() and not args.force:
         check_writable_target(out, force=False)
-    chat = args.calib_format == "chat" or (args.calib_format == "auto" and "instruct" in model_name.lower())
-    calib = load_calibration(args.calib, resolved.path, chat=chat, n_samples=args.calib_samples,
-                             seq_len=args.calib_seqlen, seed=args.seed)
+    if args.save_stats is not None and args.save_stats.exists() and not args.force:
+        check_writable_target(args.save_stats, force=False)
+    stats = load_stats(args.stats, resolved.path) if args.stats is not None else None
+    calib = calibration_from_args(args, resolved.path, model_name) if stats is None else None
     _marlin_warnings(cfg)
-    print(f"calibration: {calib.describe()}", file=sys.stderr)
-    bars: list = []
-
-    def progress(done: int, total: int) -> None:
-        if args.quiet:
-            return
-        if not bars:
-            from tqdm import tqdm
-            bars.append(tqdm(total=total, desc=f"{args.command} layers", unit="layer", file=sys.stderr))
-        bars[0].update(done - bars[0].n)
-
+    if args.save_stats is not None:
+        assert calib is not None
+        collect_and_save(args, resolved.path, calib, settings)
+    progress, bars = layer_progress(f"{args.command} layers", args.quiet)
     try:
-        report = write_int4(resolved.path, model_name, out, args.command, cfg, calib,
-                            CalibrationSettings(device, dtype, args.batch_size), force=args.force, progress=progress)
+        report = write_int4(resolved.path, model_name, out, args.command, cfg, calib, settings, force=args.force,
+                            progress=progress, stats=stats)
     finally:
         for bar in bars:
             bar.close()
-    print(f"used {calib.n_tokens:,} calibration tokens ({calib.ids.shape[0]} x {calib.ids.shape[1]})")
+    print(f"used {report.n_tokens:,} calibration tokens ({report.n_samples} x {report.seq_len})")
     print(f"wrote {out} ({report.seconds:.1f} s on {report.device}, {report.dtype})")
     return 0
 
@@ -182,6 +200,8 @@ COMMANDS = ("gptq", "awq")
 
 def add_parsers(sub: Any, add_model_args: Any) -> None:
     """Register ``gptq`` and ``awq`` on the CLI's subparsers."""
+    from qconvert.commands.calibargs import add_calibration_args
+
     for method, epilog in (("gptq", GPTQ_EPILOG), ("awq", AWQ_EPILOG)):
         p = sub.add_parser(method, help=f"quantize to {'an' if method == 'awq' else 'a'} {method.upper()} checkpoint with calibration (preview: checked with transformers and GPTQModel on CPU)",
                            description=f"Quantize a Qwen2.5 checkpoint to {method.upper()} with a layer-by-layer "
@@ -202,19 +222,10 @@ def add_parsers(sub: Any, add_model_args: Any) -> None:
             order.add_argument("--static-groups", action="store_true",
                                help="act-order with group parameters fixed up front (loads like desc_act false)")
             q.add_argument("--damp", type=float, default=0.01, help="Hessian damping, fraction of mean diagonal (0.01)")
-        c = p.add_argument_group("calibration")
-        c.add_argument("--calib", default="builtin",
-                       help="builtin (default, offline), a .txt or .jsonl file; wikitext2/c4/pileval/hf:NAME need network")
-        c.add_argument("--calib-samples", type=int, default=128, help="number of token windows (default 128)")
-        c.add_argument("--calib-seqlen", type=int, default=512, help="tokens per window (default 512)")
-        c.add_argument("--calib-format", choices=("auto", "chat", "raw"), default="auto",
-                       help="ChatML-render documents (auto: for Instruct models) or use raw text")
-        c.add_argument("--seed", type=int, default=0, help="sampling seed (same seed -> same tokens)")
-        r = p.add_argument_group("runtime")
-        r.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
-        r.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
-                       help="forward dtype (auto: bfloat16 on GPU, float32 on CPU); float16 overflows on Qwen2")
-        r.add_argument("--batch-size", type=int, default=8, help="calibration samples per forward (default 8)")
+        add_calibration_args(p, default_calib="builtin", stats_help=(
+            "GPTQ from saved statistics (--save-stats): quantize every linear from the float model's Hessians, "
+            "no forward pass (faster; not true-sequential)" if method == "gptq" else
+            "not accepted: AWQ searches its scales on each layer's own activations"))
         o = p.add_argument_group("output")
         o.add_argument("--out-dir", type=Path, default=Path("."), help="parent directory of the output (default .)")
         o.add_argument("--force", action="store_true", help="replace an existing output directory")

@@ -38,6 +38,9 @@ def atomic_output(final: Path, *, force: bool = False) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # some writers create 0600 files; give the usual permissions
         os.replace(tmp, final)
     except OSError as e:
         if e.errno == errno.ENOSPC:

@@ -1,0 +1,91 @@
+"""Calibration options shared by ``gguf`` (importance matrix), ``gptq`` and ``awq``: data, statistics files, device."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from qconvert.calibrate import CalibrationSettings
+    from qconvert.calibset import CalibrationSet
+    from qconvert.stats import CalibrationStats
+
+
+def add_calibration_args(p: argparse.ArgumentParser, *, default_calib: str | None, stats_help: str) -> None:
+    c = p.add_argument_group("calibration")
+    c.add_argument("--calib", default=default_calib, metavar="SOURCE",
+                   help=("builtin" + (" (default, offline)" if default_calib else " (offline)") +
+                         ", a .txt or .jsonl file; wikitext2/c4/pileval/hf:NAME need network"))
+    c.add_argument("--calib-samples", type=int, default=128, help="number of token windows (default 128)")
+    c.add_argument("--calib-seqlen", type=int, default=512, help="tokens per window (default 512)")
+    c.add_argument("--calib-format", choices=("auto", "chat", "raw"), default="auto",
+                   help="ChatML-render documents (auto: for Instruct models) or use raw text")
+    c.add_argument("--seed", type=int, default=0, help="sampling seed (same seed -> same tokens)")
+    c.add_argument("--stats", type=Path, metavar="FILE", help=stats_help)
+    c.add_argument("--save-stats", type=Path, metavar="FILE",
+                   help="save the float model's calibration statistics (Hessians, activation means, importance "
+                        "matrix; one float pass) for later --stats runs of gguf/gptq")
+    r = p.add_argument_group("runtime")
+    r.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
+    r.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
+                   help="forward dtype (auto: bfloat16 on GPU, float32 on CPU); float16 overflows on Qwen2")
+    r.add_argument("--batch-size", type=int, default=8, help="calibration samples per forward (default 8)")
+
+
+def settings_from_args(args: argparse.Namespace) -> CalibrationSettings:
+    from qconvert.calibrate import CalibrationSettings, resolve_device, resolve_dtype
+
+    device = resolve_device(args.device)
+    return CalibrationSettings(device, resolve_dtype(args.dtype, device), args.batch_size)
+
+
+def calibration_from_args(args: argparse.Namespace, model_dir: Path, model_name: str) -> CalibrationSet:
+    from qconvert.calibset import load_calibration
+
+    chat = args.calib_format == "chat" or (args.calib_format == "auto" and "instruct" in model_name.lower())
+    calib = load_calibration(args.calib or "builtin", model_dir, chat=chat, n_samples=args.calib_samples,
+                             seq_len=args.calib_seqlen, seed=args.seed)
+    print(f"calibration: {calib.describe()}", file=sys.stderr)
+    return calib
+
+
+def layer_progress(label: str, quiet: bool) -> tuple[Any, list]:
+    """A ``progress(done, total)`` callback drawing a tqdm bar on first call, and the list holding the bar."""
+    bars: list = []
+
+    def progress(done: int, total: int) -> None:
+        if quiet:
+            return
+        if not bars:
+            from tqdm import tqdm
+            bars.append(tqdm(total=total, desc=label, unit="layer", file=sys.stderr))
+        bars[0].update(done - bars[0].n)
+    return progress, bars
+
+
+def collect_and_save(args: argparse.Namespace, model_dir: Path, calib: CalibrationSet,
+                     settings: CalibrationSettings) -> CalibrationStats:
+    """One float pass over ``calib``; saved to ``--save-stats`` when given."""
+    from qconvert.stats import collect_stats
+
+    progress, bars = layer_progress("statistics", args.quiet)
+    try:
+        stats = collect_stats(model_dir, calib.ids, settings, progress, source=calib.describe())
+    finally:
+        for bar in bars:
+            bar.close()
+    if args.save_stats is not None:
+        stats.save(args.save_stats, force=args.force)
+        print(f"saved calibration statistics to {args.save_stats}", file=sys.stderr)
+    return stats
+
+
+def load_stats(path: Path, model_dir: Path) -> CalibrationStats:
+    from qconvert.stats import CalibrationStats
+
+    stats = CalibrationStats.load(path)
+    stats.check_model(model_dir)
+    print(f"statistics: {path} ({stats.source or 'unknown source'})", file=sys.stderr)
+    return stats
