@@ -22,7 +22,6 @@ import torch
 from qconvert.errors import QConvertError
 
 BUILTIN = "builtin"
-HUB_DATASETS = ("wikitext2", "c4", "pileval")
 SYSTEM_PROMPT = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."  # Qwen2.5's default
 BUILTIN_SEED = "qconvert-calibset-v1"
 BUILTIN_DOCS_PER_KIND = 60
@@ -159,23 +158,18 @@ def _file_documents(path: Path) -> list[tuple[str | None, str]]:
     return [(None, para.strip()) for para in text.split("\n\n") if para.strip()]
 
 
-def _hub_error(source: str) -> CalibrationDataError:
-    try:
-        import datasets  # noqa: F401
-        have = "the `datasets` package is installed, but qconvert does not download calibration data"
-    except ImportError:
-        have = "it needs the `datasets` package (not installed) and network access"
-    return CalibrationDataError(f"calibration set {source!r} is a Hugging Face dataset: {have}. Calibration is "
-                                f"offline by default: use --calib {BUILTIN} (multilingual prose, code, math), or "
-                                "export the text you want to a local .txt/.jsonl file and pass its path.")
-
-
 def documents(source: str) -> list[tuple[str | None, str]]:
-    """(request or None, text) pairs of ``source``: ``builtin``, a .txt/.jsonl path; hub names raise."""
+    """(request or None, text) pairs of ``source``: ``builtin``, a .txt/.jsonl path, or a hub dataset name."""
     if source == BUILTIN:
         return list(builtin_documents())
-    if source in HUB_DATASETS or source.startswith("hf:"):
-        raise _hub_error(source)
+    from qconvert.hubdata import HubDataError, load_hub_texts, parse_hub_name
+
+    try:
+        if parse_hub_name(source) is not None:
+            return [(None, t) for t in load_hub_texts(source)]
+    except HubDataError as e:
+        raise CalibrationDataError(f"{e} Calibration is offline by default: --calib {BUILTIN} is a multilingual "
+                                   "set (prose, code, math).") from None
     return _file_documents(Path(source).expanduser())
 
 

@@ -141,11 +141,40 @@ def test_jsonl_source(demo, tmp_path: Path) -> None:
     assert cal.n_documents == 50 and cal.ids.shape == (2, 32)
 
 
-@pytest.mark.parametrize("source, needle", [("wikitext2", "datasets"), ("hf:allenai/c4", "offline"),
+@pytest.mark.parametrize("source, needle", [("wikitext2", "datasets"), ("hf:allenai/c4", "local .txt"),
                                             ("missing.txt", "does not exist")])
 def test_unusable_sources_say_why(demo, source: str, needle: str) -> None:
     with pytest.raises(CalibrationDataError, match=needle):
         load_calibration(source, demo, chat=False)
+
+
+def test_hub_dataset_names_load_through_datasets(demo, monkeypatch) -> None:
+    """With a `datasets` package present (a stand-in module here: CI has no network), the short names map to the
+    right repo/config/split and only the text column's non-empty rows are used."""
+    import sys
+    import types
+
+    calls = []
+
+    class FakeDataset:
+        column_names = ["text"]
+
+        def __getitem__(self, col):
+            return ["", "  ", "The engineer repaired the bridge. " * 40, "工程师修好了那座桥。" * 40]
+
+    fake = types.SimpleNamespace(load_dataset=lambda path, name, split, data_files: calls.append(
+        (path, name, split, data_files)) or FakeDataset())
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    cal = load_calibration("wikitext2", demo, chat=False, n_samples=2, seq_len=32)
+    assert calls[-1] == ("Salesforce/wikitext", "wikitext-2-raw-v1", "train", None)
+    assert cal.n_documents == 2
+    load_calibration("hf:someone/texts:validation", demo, chat=False, n_samples=1, seq_len=16)
+    assert calls[-1] == ("someone/texts", None, "validation", None)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CalibrationDataError, match="HF_HUB_OFFLINE"):
+        load_calibration("c4", demo, chat=False)
 
 
 # -- driver -----------------------------------------------------------------------------------------------------
