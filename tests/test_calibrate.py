@@ -13,6 +13,7 @@ forward (qconvert.model.qwen2) and the ``qconvert gptq`` / ``qconvert awq`` comm
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -219,6 +220,40 @@ def test_cli_writes_the_expected_directory(gptq_out: Path) -> None:
     card = (gptq_out / "README.md").read_text()
     assert f"{CALIB_SAMPLES * CALIB_SEQLEN:,}" in card and "GPTQ" in card
     assert not list(gptq_out.parent.glob(".*partial*"))
+
+
+def test_gguf_from_a_gptq_checkpoint_says_use_the_float_one(gptq_out: Path, tmp_path: Path, capsys) -> None:
+    rc = main(["gguf", "--model", str(gptq_out), "--type", "Q8_0", "--out-dir", str(tmp_path), "--quiet"])
+    assert rc != 0 and "already quantized (gptq)" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_model_card_quality_matches_transformers(demo, gptq_out: Path) -> None:
+    """The card's streamed figures (two layers in memory) equal transformers run on the float weights and on the
+    checkpoint's dequantized weights, over the same held-out windows."""
+    transformers = pytest.importorskip("transformers")
+    from qconvert.quality import compare_checkpoints, eval_windows
+
+    ids = eval_windows(demo)
+    q = compare_checkpoints(demo, gptq_out, ids)
+    card = (gptq_out / "README.md").read_text()
+    assert "## Measured quality" in card and f"{q.ppl_quant:.3f}" in card
+
+    def run(weights: dict | None) -> torch.Tensor:
+        model = transformers.AutoModelForCausalLM.from_pretrained(demo, dtype=torch.float32).eval()
+        if weights is not None:
+            model.load_state_dict({k: v for k, v in weights.items() if k in model.state_dict()}, strict=False)
+        with torch.no_grad():
+            return torch.log_softmax(model(ids).logits.double(), -1)
+
+    lf, lq = run(None), run(dequantized_checkpoint(demo, gptq_out))
+    tgt = ids[:, 1:, None]
+    ppl = [math.exp(-lp[:, :-1].gather(2, tgt).mean().item()) for lp in (lf, lq)]
+    kl = (lf.exp() * (lf - lq)).sum(-1).mean().item()
+    top1 = (lf.argmax(-1) == lq.argmax(-1)).double().mean().item()
+    assert q.ppl_float == pytest.approx(ppl[0], rel=1e-4) and q.ppl_quant == pytest.approx(ppl[1], rel=1e-4)
+    assert q.kl_mean == pytest.approx(kl, rel=1e-2, abs=1e-6) and q.top1 == pytest.approx(top1, abs=2e-3)
+    assert q.ppl_quant != q.ppl_float
 
 
 def test_awq_cli_writes_a_gemm_checkpoint(demo, tmp_path: Path) -> None:

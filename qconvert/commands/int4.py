@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import warnings
@@ -81,11 +82,12 @@ autoawq) or vLLM (`--quantization {'gptq_marlin' if method == 'gptq' else 'awq_m
 def write_int4(model_dir: Path, model_name: str, out: Path, method: str, cfg: GPTQConfig | AWQConfig,
                calib: CalibrationSet | None, settings: CalibrationSettings, *, force: bool = False,
                progress: Callable[[int, int], None] | None = None,
-               stats: CalibrationStats | None = None) -> CalibrationReport:
+               stats: CalibrationStats | None = None, evaluate: bool = True) -> CalibrationReport:
     """Calibrate and write the GPTQ/AWQ checkpoint ``out`` (atomic: built in a temporary directory, renamed at the end).
 
     ``method`` is ``gptq`` or ``awq``; warnings about vLLM tensor-parallel shapes are printed to stderr. With
     ``stats`` (GPTQ only) every linear is quantized from the stored float-model Hessians and no forward runs.
+    With ``evaluate`` the model card gets the measured quality on held-out text (``qconvert.quality``).
     """
     from qconvert.calibrate import CalibrationReport, calibrate
     from qconvert.int4 import GPTQConfig, QuantizedCheckpointWriter
@@ -114,7 +116,24 @@ def write_int4(model_dir: Path, model_name: str, out: Path, method: str, cfg: GP
         card = model_card(out.name, model_name, method, qcfg, desc, report, from_stats=stats is not None)
         (writer.tmp / "README.md").write_text(card)
         writer.finish()
+    if evaluate:
+        from qconvert.quality import compare_checkpoints, eval_windows
+
+        quality = compare_checkpoints(model_dir, out, eval_windows(model_dir), settings)
+        print(f"quality: {quality.describe()}", file=sys.stderr)
+        tmp = out / ".README.md.partial"
+        tmp.write_text(card + QUALITY_SECTION.format(quality=quality.describe()))
+        os.replace(tmp, out / "README.md")
     return report
+
+
+QUALITY_SECTION = """
+## Measured quality
+
+{quality} (the project's evaluation text, disjoint from the calibration set; the float source and this
+checkpoint's dequantized weights run in the same forward; `qconvert verify` measures it in a runtime of your
+choice).
+"""
 
 
 def run_int4(args: argparse.Namespace) -> int:
@@ -156,7 +175,7 @@ def run_int4(args: argparse.Namespace) -> int:
     progress, bars = layer_progress(f"{args.command} layers", args.quiet)
     try:
         report = write_int4(resolved.path, model_name, out, args.command, cfg, calib, settings, force=args.force,
-                            progress=progress, stats=stats)
+                            progress=progress, stats=stats, evaluate=not args.no_eval)
     finally:
         for bar in bars:
             bar.close()
@@ -230,6 +249,8 @@ def add_parsers(sub: Any, add_model_args: Any) -> None:
         o.add_argument("--out-dir", type=Path, default=Path("."), help="parent directory of the output (default .)")
         o.add_argument("--force", action="store_true", help="replace an existing output directory")
         o.add_argument("--quiet", action="store_true", help="no progress bar")
+        o.add_argument("--no-eval", action="store_true",
+                       help="skip the quality measurement for the model card (two forwards of 1,024 held-out tokens)")
 
 
 run = run_int4

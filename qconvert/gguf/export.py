@@ -55,11 +55,16 @@ class ExportResult:
 def load_config(model_dir: Path) -> dict[str, Any]:
     path = Path(model_dir) / "config.json"
     try:
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
     except FileNotFoundError:
         raise CheckpointError(f"{model_dir} has no config.json; point --model at a Hugging Face checkpoint directory.")
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path} is not valid JSON ({e}); re-download it.")
+    quant = (config.get("quantization_config") or {}).get("quant_method")
+    if quant:
+        raise CheckpointError(f"{model_dir} is an already quantized ({quant}) checkpoint; GGUF conversion needs the "
+                              "float (bf16/fp16) checkpoint it was made from. Point --model at that one.")
+    return config
 
 
 def _mapped_tensors(spec: ArchSpec, config: dict, ckpt: SafetensorsCheckpoint) -> dict[str, str]:

@@ -24,7 +24,9 @@ DTYPES: MappingProxyType[str, tuple[np.dtype, int]] = MappingProxyType({
     "BF16": (np.dtype("<u2"), 2),
     "F16": (np.dtype("<f2"), 2),
     "F32": (np.dtype("<f4"), 4),
+    "I32": (np.dtype("<i4"), 4),  # packed GPTQ/AWQ weights and g_idx (read with read_raw)
 })
+FLOAT_DTYPES = frozenset({"BF16", "F16", "F32"})
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -80,7 +82,7 @@ def _entries(path: Path) -> list[TensorEntry]:
         dtype = info.get("dtype")
         if dtype not in DTYPES:
             raise CheckpointError(
-                f"{path}: tensor {name!r} has dtype {dtype}; qconvert reads {', '.join(DTYPES)} checkpoints. "
+                f"{path}: tensor {name!r} has dtype {dtype}; qconvert reads {', '.join(sorted(FLOAT_DTYPES))} checkpoints. "
                 "Convert the checkpoint to bf16/fp16 with transformers (model.save_pretrained) first."
             )
         shape = tuple(int(d) for d in info["shape"])
@@ -172,6 +174,9 @@ class SafetensorsCheckpoint:
         stored copy plus temporaries (a 72B embedding is 2.5 GB stored, 5 GB as float32).
         """
         e = self.entries[name]
+        if e.dtype not in FLOAT_DTYPES:
+            raise CheckpointError(f"{e.file}: tensor {name!r} is {e.dtype}, not a float tensor: this looks like an already "
+                                  "quantized (GPTQ/AWQ) checkpoint. Convert from the float (bf16/fp16) checkpoint.")
         if e.dtype == "F32":
             return self.read_raw(name)
         out = np.empty(e.shape, dtype=np.float32).reshape(-1)
