@@ -283,8 +283,9 @@ def calibrate(model_dir: str | Path, ids: torch.Tensor, method: str, cfg: GPTQCo
             if on_float is None:
                 raise CalibrationError("AWQ rescales norm gains; pass on_float to receive them.")
             on_float(prefix + name, t)
-        h = _run(layer, h, dims, rope, settings.batch_size)
-        _check_finite(h, f"decoder layer {i} ({prefix.rstrip('.')})")
+        if method != "rtn":  # round-to-nearest needs no activations
+            h = _run(layer, h, dims, rope, settings.batch_size)
+            _check_finite(h, f"decoder layer {i} ({prefix.rstrip('.')})")
         del layer
         if progress is not None:
             progress(i + 1, n_layers)
