@@ -116,10 +116,17 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
 class _Layer:
     """One decoder layer on the device: its params (names relative to the layer) and the forward helpers."""
 
-    def __init__(self, ckpt: SafetensorsCheckpoint, prefix: str, settings: CalibrationSettings) -> None:
+    def __init__(self, ckpt: SafetensorsCheckpoint, prefix: str, settings: CalibrationSettings,
+                 pad_to: int | None = None) -> None:
         self.prefix = prefix
         self.p = {n[len(prefix):]: torch.from_numpy(ckpt.read_f32(n)).to(settings.device, settings.dtype)
                   for n in ckpt.names() if n.startswith(prefix)}
+        if pad_to is not None:  # Qwen's zero padding of the MLP (see qconvert.int4.writer.pad_intermediate)
+            from qconvert.int4.writer import pad_intermediate
+
+            names = ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
+            padded = pad_intermediate(*(self.p[n] for n in names), pad_to)
+            self.p.update(zip(names, padded))
 
     def weight(self, sub: str) -> torch.Tensor:
         return self.p[f"{sub}.weight"]
@@ -242,12 +249,13 @@ def check_model_scheme(config: Mapping[str, Any], spec: ArchSpec, bits: int, gro
 
 def calibrate(model_dir: str | Path, ids: torch.Tensor, method: str, cfg: GPTQConfig | AWQConfig, on_linear: OnLinear,
               on_float: OnFloat | None = None, settings: CalibrationSettings = CalibrationSettings(),
-              progress: Progress | None = None) -> CalibrationReport:
+              progress: Progress | None = None, pad_to: int | None = None) -> CalibrationReport:
     """Quantize every decoder linear of the checkpoint in ``model_dir`` with calibration tokens ``ids`` [n, t].
 
     ``method``: ``gptq`` (``cfg`` a GPTQConfig), ``awq`` (an AWQConfig) or ``rtn`` (a GPTQConfig; no statistics,
     the baseline). Results go to ``on_linear(full module name, q)`` layer by layer; AWQ's rescaled norm gains go to
-    ``on_float(full tensor name, tensor)``. Returns what was used (token count, time).
+    ``on_float(full tensor name, tensor)``. ``pad_to`` zero-pads every MLP's intermediate size first (Qwen's
+    recipe for vLLM tensor parallelism; outputs unchanged). Returns what was used (token count, time).
     """
     if method not in METHODS:
         raise CalibrationError(f"unknown calibration method {method!r}; use one of {', '.join(METHODS)}.")
@@ -266,7 +274,7 @@ def calibrate(model_dir: str | Path, ids: torch.Tensor, method: str, cfg: GPTQCo
     n_layers = int(config["num_hidden_layers"])
     for i in range(n_layers):
         prefix = f"{spec.block_prefix}.{i}."
-        layer = _Layer(ckpt, prefix, settings)
+        layer = _Layer(ckpt, prefix, settings, pad_to)
         floats: dict[str, torch.Tensor] = {}
         if method == "gptq":
             assert isinstance(cfg, GPTQConfig)

@@ -228,6 +228,44 @@ def test_gguf_from_a_gptq_checkpoint_says_use_the_float_one(gptq_out: Path, tmp_
     assert not list(tmp_path.iterdir())
 
 
+def test_pad_intermediate_keeps_the_model_and_pads_with_zeros(demo, tmp_path: Path) -> None:
+    """--pad-intermediate (Qwen's vLLM tensor-parallel recipe): 768 -> 1024 zero rows/columns. gate/up see the same
+    inputs, so their real rows are bit-identical; down_proj's extra inputs are dead columns (zero weights), and its
+    real columns differ only through GPTQ's damping (a fraction of the mean Hessian diagonal, dead columns
+    counting 1 as in the reference GPTQ), which moves codes but not the size of the quantization error."""
+    from safetensors.torch import load_file
+
+    from qconvert.io.safetensors import SafetensorsCheckpoint
+
+    outs = []
+    for pad in (False, True):
+        out = tmp_path / ("pad" if pad else "plain")
+        argv = ["gptq", "--model", str(demo), "--calib-samples", "2", "--calib-seqlen", "64", "--device", "cpu",
+                "--out-dir", str(out), "--quiet", "--no-eval"] + (["--pad-intermediate"] if pad else [])
+        assert main(argv) == 0
+        outs.append(out / f"{demo.name}-gptq-int4")
+    plain, padded = outs
+    assert json.loads((padded / "config.json").read_text())["intermediate_size"] == 1024
+    a, b = load_file(plain / "model.safetensors"), load_file(padded / "model.safetensors")
+    src = SafetensorsCheckpoint(demo)
+    for i in range(4):
+        m = f"model.layers.{i}.mlp"
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            wa = dequantize_gptq({k: a[f"{m}.{proj}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")}, 4)
+            wb = dequantize_gptq({k: b[f"{m}.{proj}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")}, 4)
+            if proj == "down_proj":
+                assert wb.shape == (256, 1024) and not wb[:, 768:].any(), (i, proj)
+                wb = wb[:, :768]
+            else:
+                assert wb.shape == (1024, 256) and not wb[768:].any(), (i, proj)
+                wb = wb[:768]
+            if i == 0 and proj != "down_proj":  # the same float inputs and the same Hessian
+                assert torch.equal(wb, wa), proj
+            w = torch.from_numpy(src.read_f32(f"{m}.{proj}.weight"))
+            err_plain, err_pad = (wa - w).norm().item(), (wb - w).norm().item()
+            assert abs(err_pad - err_plain) < 0.1 * err_plain, (i, proj, err_plain, err_pad)
+
+
 def test_model_card_quality_matches_transformers(demo, gptq_out: Path) -> None:
     """The card's streamed figures (two layers in memory) equal transformers run on the float weights and on the
     checkpoint's dequantized weights, over the same held-out windows."""

@@ -82,22 +82,34 @@ autoawq) or vLLM (`--quantization {'gptq_marlin' if method == 'gptq' else 'awq_m
 def write_int4(model_dir: Path, model_name: str, out: Path, method: str, cfg: GPTQConfig | AWQConfig,
                calib: CalibrationSet | None, settings: CalibrationSettings, *, force: bool = False,
                progress: Callable[[int, int], None] | None = None,
-               stats: CalibrationStats | None = None, evaluate: bool = True) -> CalibrationReport:
+               stats: CalibrationStats | None = None, evaluate: bool = True,
+               pad_intermediate: bool = False) -> CalibrationReport:
     """Calibrate and write the GPTQ/AWQ checkpoint ``out`` (atomic: built in a temporary directory, renamed at the end).
 
     ``method`` is ``gptq`` or ``awq``; warnings about vLLM tensor-parallel shapes are printed to stderr. With
     ``stats`` (GPTQ only) every linear is quantized from the stored float-model Hessians and no forward runs.
     With ``evaluate`` the model card gets the measured quality on held-out text (``qconvert.quality``).
+    ``pad_intermediate`` zero-pads the MLPs to the size vLLM tensor parallelism needs (config.json follows).
     """
-    from qconvert.calibrate import CalibrationReport, calibrate
+    from qconvert.calibrate import CalibrationError, CalibrationReport, calibrate
     from qconvert.int4 import GPTQConfig, QuantizedCheckpointWriter
     from qconvert.int4.formats import awq_quantization_config, gptq_quantization_config
+    from qconvert.int4.writer import padded_intermediate_size
     from qconvert.stats import quantize_from_stats
 
     qcfg = gptq_quantization_config(cfg) if isinstance(cfg, GPTQConfig) else awq_quantization_config(cfg)
+    pad_to, updates = None, None
+    if pad_intermediate:
+        if stats is not None:
+            raise CalibrationError("--pad-intermediate cannot use saved statistics (their shapes are unpadded); "
+                                   "drop --stats.")
+        size = int(json.loads((Path(model_dir) / "config.json").read_text())["intermediate_size"])
+        pad_to = padded_intermediate_size(size, cfg.group_size)
+        updates = {"intermediate_size": pad_to}
+        print(f"padding intermediate_size {size} -> {pad_to} (zeros; outputs unchanged)", file=sys.stderr)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        writer = QuantizedCheckpointWriter(model_dir, out, qcfg, force=force)
+        writer = QuantizedCheckpointWriter(model_dir, out, qcfg, force=force, config_updates=updates)
     for w in caught:
         print(f"qconvert: warning: {w.message}", file=sys.stderr)
     with writer:
@@ -105,7 +117,7 @@ def write_int4(model_dir: Path, model_name: str, out: Path, method: str, cfg: GP
             if calib is None:
                 raise ValueError("write_int4 needs a calibration set or statistics")
             report = calibrate(model_dir, calib.ids, method, cfg, writer.add_linear, writer.add_float, settings,
-                               progress)
+                               progress, pad_to)
         else:
             start = time.perf_counter()
             quantize_from_stats(model_dir, stats, cfg, writer.add_linear, settings, progress)
@@ -175,7 +187,8 @@ def run_int4(args: argparse.Namespace) -> int:
     progress, bars = layer_progress(f"{args.command} layers", args.quiet)
     try:
         report = write_int4(resolved.path, model_name, out, args.command, cfg, calib, settings, force=args.force,
-                            progress=progress, stats=stats, evaluate=not args.no_eval)
+                            progress=progress, stats=stats, evaluate=not args.no_eval,
+                            pad_intermediate=args.pad_intermediate)
     finally:
         for bar in bars:
             bar.close()
@@ -241,6 +254,9 @@ def add_parsers(sub: Any, add_model_args: Any) -> None:
             order.add_argument("--static-groups", action="store_true",
                                help="act-order with group parameters fixed up front (loads like desc_act false)")
             q.add_argument("--damp", type=float, default=0.01, help="Hessian damping, fraction of mean diagonal (0.01)")
+        q.add_argument("--pad-intermediate", action="store_true",
+                       help="zero-pad the MLP intermediate size so vLLM can shard it 2/4/8 ways (Qwen's 72B recipe: "
+                            "29568 -> 29696); the model's outputs do not change")
         add_calibration_args(p, default_calib="builtin", stats_help=(
             "GPTQ from saved statistics (--save-stats): quantize every linear from the float model's Hessians, "
             "no forward pass (faster; not true-sequential)" if method == "gptq" else
