@@ -1,0 +1,117 @@
+"""``qconvert onnx``: export a checkpoint to an onnxruntime / onnxruntime-genai directory (fp32, fp16, int4).
+
+Every refusal (precision/algorithm combination, block size, --from checkpoint scheme, existing output) happens in
+``export_onnx`` before anything is created; the directory is built in a temporary sibling and renamed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+COMMANDS = ("onnx",)
+
+EPILOG = """\
+examples:
+  qconvert onnx --size 0.5b --precision int4                 # -> qwen2.5-0.5b-instruct-onnx-int4/ (RTN, block 128)
+  qconvert onnx --size 0.5b --precision fp16 --out-dir out/
+  qconvert onnx --size 1.5b --precision int4 --algo gptq --calib builtin --device cuda
+  qconvert onnx --precision int4 --from qwen2.5-7b-instruct-awq/    # an existing GPTQ/AWQ checkpoint, no requantization
+
+The graph is built directly with onnx.helper (no tracing): inputs input_ids, attention_mask, position_ids and
+past_key_values.N.key/value; outputs logits and present.N.key/value; GQA, RoPE and RMSNorm from config.json; a tied
+embedding is one initializer. int4 linears are com.microsoft.MatMulNBits with block size = group size (symmetric
+weights omit zero points); the embedding and lm_head stay float32. fp16 stores weights and the KV cache in fp16
+and keeps norms, RoPE and softmax in float32. Weights over 256 MiB are streamed to model.onnx.data (external data).
+The output holds genai_config.json and the tokenizer, so onnxruntime-genai loads it as is.
+"""
+
+
+def add_parsers(sub: Any, add_model_args: Any) -> None:
+    """Register ``onnx`` on the CLI's subparsers."""
+    from qconvert.commands.calibargs import add_calibration_args
+
+    p = sub.add_parser("onnx", help="export to ONNX (fp32, fp16, int4 MatMulNBits) for onnxruntime and onnxruntime-genai",
+                       description="Export a Qwen2.5 checkpoint to an ONNX decoder with a KV cache, plus "
+                                   "genai_config.json and the tokenizer.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    q = p.add_argument_group("precision")
+    q.add_argument("--precision", choices=("fp32", "fp16", "int4"), required=True, help="weight precision")
+    pick = q.add_mutually_exclusive_group()
+    pick.add_argument("--algo", choices=("rtn", "gptq", "awq"),
+                      help="int4 only: rtn (default, no data), gptq or awq (calibrated, see --calib)")
+    pick.add_argument("--from", dest="from_dir", type=Path, metavar="DIR",
+                      help="int4 only: convert this GPTQ/AWQ checkpoint (qconvert gptq/awq output) without requantizing")
+    q.add_argument("--block-size", type=int, choices=(32, 64, 128),
+                   help="int4 block (= group) size; default 128, or the --from checkpoint's group size")
+    add_calibration_args(p, default_calib="builtin", stats_help="not accepted: run `qconvert gptq --stats`, then "
+                         "`qconvert onnx --from` its output")
+    o = p.add_argument_group("output")
+    o.add_argument("--out-dir", type=Path, default=Path("."), help="parent directory of the output (default .)")
+    o.add_argument("--force", action="store_true", help="replace an existing output directory")
+    o.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _block_size(args: argparse.Namespace) -> int:
+    if args.block_size is not None:
+        return int(args.block_size)
+    if args.from_dir is not None:
+        from qconvert.onnx_export.matmulnbits import read_scheme
+
+        return read_scheme(args.from_dir).group_size
+    return 128
+
+
+def run(args: argparse.Namespace) -> int:
+    from qconvert.commands.calibargs import (
+        calibration_from_args,
+        layer_progress,
+        settings_from_args,
+    )
+    from qconvert.commands.gguf import model_ref
+    from qconvert.errors import UsageError
+    from qconvert.onnx_export import export_onnx
+    from qconvert.resolve import resolve_model
+
+    if args.stats is not None or args.save_stats is not None:
+        raise UsageError("qconvert onnx does not take --stats/--save-stats; quantize with `qconvert gptq --stats FILE` "
+                         "and export its output with `qconvert onnx --precision int4 --from DIR`.")
+    if args.precision != "int4" and (args.algo or args.from_dir or args.block_size):
+        given = "--algo" if args.algo else "--from" if args.from_dir else "--block-size"
+        raise UsageError(f"{given} applies to --precision int4 only; drop it for a {args.precision} export.")
+    if args.from_dir is not None and not (args.model or args.size):
+        model_dir, model_name = Path(args.from_dir), Path(args.from_dir).resolve().name
+    else:
+        resolved = resolve_model(model_ref(args))
+        model_dir, model_name = resolved.path, resolved.repo_id or resolved.path.name
+    algo = args.algo or "rtn"
+    calibrated = args.precision == "int4" and args.from_dir is None and algo != "rtn"
+    settings = settings_from_args(args) if calibrated else None
+    block = _block_size(args) if args.precision == "int4" else 128
+    out_name = None
+    if calibrated:  # refuse an existing output before the (slow) calibration data is tokenized
+        from qconvert.io.atomic import check_writable_target
+        from qconvert.onnx_export import output_dir_name
+
+        out_name = args.out_dir / output_dir_name(model_name, args.precision)
+        check_writable_target(out_name, force=args.force)
+    calib = calibration_from_args(args, model_dir, model_name) if calibrated else None
+    progress, bars = layer_progress(f"onnx {args.precision}", args.quiet)
+    start = time.perf_counter()
+    try:
+        out = export_onnx(model_dir, args.out_dir, precision=args.precision, algo=algo, from_dir=args.from_dir,
+                          block_size=block, calib=calib, settings=settings, model_name=model_name, force=args.force,
+                          progress=progress)
+    finally:
+        for bar in bars:
+            bar.close()
+    size = sum(f.stat().st_size for f in out.iterdir() if f.name.startswith("model.onnx"))
+    card = json.loads((out / "genai_config.json").read_text())["model"]["decoder"]["num_hidden_layers"]
+    print(f"wrote {out} ({size / 1e6:.1f} MB of model files, {card} layers, {time.perf_counter() - start:.1f} s)",
+          file=sys.stdout)
+    return 0

@@ -1,0 +1,396 @@
+"""``export_onnx``: a Qwen2 checkpoint -> an onnxruntime / onnxruntime-genai model directory.
+
+    checkpoint (lazy) ──> [int4: rtn | calibrate(gptq|awq) | --from GPTQ/AWQ dir] ──> MatMulNBits initializers
+                     └──> float tensors (embedding, norms, biases, lm_head, fp32/fp16 linears)
+    graph.build_model pulls each initializer as it needs it (InitializerStore: inline or model.onnx.data)
+    + genai_config.json, tokenizer files, config.json, README.md; built in a temporary sibling, renamed at the end
+
+Output directory ``<model>-onnx-<precision>/``::
+
+    model.onnx [+ model.onnx.data]   the decoder (graph.py documents inputs/outputs)
+    genai_config.json                onnxruntime-genai's description of it
+    tokenizer.json, tokenizer_config.json, vocab.json, merges.txt, ... (copied), config.json (without
+    quantization_config), README.md (model card)
+
+Layout of weights: fp32/fp16 store every float tensor in that type; int4 stores the decoder linears as
+MatMulNBits (block size = group size; symmetric weights without zero points) and keeps the embedding, norms,
+biases and lm_head float32 (the CPU-friendly choice; the tied embedding is one initializer for Gather and Gemm).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from qconvert import __version__
+from qconvert.errors import CheckpointError, OutputError, UsageError
+from qconvert.io.atomic import check_writable_target
+from qconvert.io.safetensors import SafetensorsCheckpoint
+from qconvert.onnx_export import graph, matmulnbits
+from qconvert.onnx_export.graph import Dims, FloatLinear, QuantLinear
+from qconvert.onnx_export.writer import INLINE_LIMIT, InitializerStore
+from qconvert.registry import spec_for_config
+
+if TYPE_CHECKING:
+    from qconvert.calibrate import CalibrationSettings
+    from qconvert.calibset import CalibrationSet
+    from qconvert.int4.rtn import QuantizedLinear
+
+PRECISIONS = ("fp32", "fp16", "int4")
+ALGOS = ("rtn", "gptq", "awq")
+MODEL_FILE = "model.onnx"
+GENAI_CONFIG = "genai_config.json"
+COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json")
+# accuracy_level of MatMulNBits: 0 = the kernel's default (fp32 math on fp32 inputs); 4 would quantize the
+# activations to int8 per block (faster on CPU, less exact). qconvert keeps 0 so int4 == dequantized weights.
+ACCURACY_LEVEL = 0
+Progress = Callable[[int, int], None]
+
+
+def output_dir_name(model: str, precision: str) -> str:
+    """``Qwen/Qwen2.5-0.5B-Instruct`` + int4 -> ``qwen2.5-0.5b-instruct-onnx-int4`` (a GPTQ/AWQ suffix is dropped)."""
+    base = model.rstrip("/").split("/")[-1].lower()
+    for suffix in ("-gptq-int4", "-gptq-int8", "-awq"):
+        base = base.removesuffix(suffix)
+    return f"{base}-onnx-{precision}"
+
+
+class Weights:
+    """The graph's ``WeightSource``: float tensors read lazily from the checkpoint, int4 linears given up front."""
+
+    def __init__(self, ckpt: SafetensorsCheckpoint, store: InitializerStore, dims: Dims, weight_type: np.dtype,
+                 quantized: Mapping[str, QuantLinear], floats: Mapping[str, np.ndarray]) -> None:
+        self.ckpt, self.store, self.dims = ckpt, store, dims
+        self.weight_type = np.dtype(weight_type)
+        self.accuracy_level = ACCURACY_LEVEL
+        self.quantized = quantized
+        self.floats = floats  # replacements (AWQ's rescaled norm gains), HF names
+
+    def _read(self, name: str) -> np.ndarray:
+        if name in self.floats:
+            return np.asarray(self.floats[name], np.float32)
+        if name not in self.ckpt.entries:
+            raise CheckpointError(f"{self.ckpt.dir}: tensor {name!r} is missing; the checkpoint is incomplete or not "
+                                  "a Qwen2 model. Re-download or re-save it.")
+        return self.ckpt.read_f32(name)
+
+    def linear(self, module: str) -> FloatLinear | QuantLinear:
+        if module in self.quantized:
+            return self.quantized[module]
+        w = self._read(f"{module}.weight")  # [N, K] -> MatMul's [K, N]
+        return FloatLinear(self.store.add(f"{module}.weight_T", w.T.astype(self.weight_type)))
+
+    def bias(self, module: str) -> str | None:
+        name = f"{module}.bias"
+        if name not in self.ckpt.entries:
+            return None
+        return self.store.add(name, self._read(name))
+
+    def norm(self, name: str) -> str:
+        return self.store.add(name, self._read(name))
+
+    def embedding(self) -> str:
+        emb = self._read("model.embed_tokens.weight")
+        return self.store.add("model.embed_tokens.weight", emb.astype(self.weight_type, copy=False))
+
+    def lm_head(self) -> str:
+        if self.dims.tie_word_embeddings:
+            return "model.embed_tokens.weight"
+        return self.store.add("lm_head.weight", self._read("lm_head.weight").astype(self.weight_type, copy=False))
+
+    def const(self, name: str, value: np.ndarray) -> str:
+        return name if name in self.store.names else self.store.add(name, value)
+
+
+def store_quantized(store: InitializerStore, module: str, q: QuantizedLinear) -> QuantLinear:
+    """Convert one ``QuantizedLinear`` to MatMulNBits and write its initializers now (streaming)."""
+    w = matmulnbits.from_quantized(q, module)
+    zp = None if w.zero_points is None else store.add(f"{module}.zero_points", w.zero_points)
+    return QuantLinear(store.add(f"{module}.qweight_nbits", w.b), store.add(f"{module}.scales", w.scales), zp,
+                       w.n, w.k, w.block_size)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Checked inputs of one export."""
+
+    src: Path  # where config, float tensors and tokenizer come from (from_dir for --from)
+    config: dict[str, Any]
+    dims: Dims
+    linears: dict[str, tuple[int, int]]  # module -> (out, in)
+    scheme: matmulnbits.PrequantizedScheme | None
+
+
+def _check(model_dir: Path, precision: str, algo: str, from_dir: Path | None, block_size: int) -> _Plan:
+    """Every refusal that does not need weights, before anything is created."""
+    from qconvert.int4.writer import qwen2_linear_shapes
+
+    if precision not in PRECISIONS:
+        raise UsageError(f"precision {precision!r} is not supported; use one of {', '.join(PRECISIONS)}.")
+    if algo not in ALGOS:
+        raise UsageError(f"algorithm {algo!r} is not supported; use one of {', '.join(ALGOS)}.")
+    if precision != "int4" and (from_dir is not None or algo != "rtn"):
+        what = "--from" if from_dir is not None else f"--algo {algo}"
+        raise UsageError(f"{what} quantizes to 4 bits and cannot give a {precision} model; use --precision int4, or "
+                         f"drop {what} for a {precision} export.")
+    src = Path(from_dir) if from_dir is not None else Path(model_dir)
+    config_file = src / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{src} has no config.json; is this a Hugging Face model directory?")
+    config = json.loads(config_file.read_text())
+    spec = spec_for_config(config)
+    dims = Dims.from_config(config)
+    shapes = qwen2_linear_shapes(config)
+    linears = {f"{spec.block_prefix}.{i}.{sub}": shapes[sub] for i in range(dims.num_layers)
+               for group in spec.sequential for sub in group}
+    scheme = None
+    if from_dir is not None:
+        scheme = matmulnbits.read_scheme(src)
+        if scheme.group_size != block_size:
+            raise UsageError(f"--from {src} has group size {scheme.group_size}; MatMulNBits' block size must equal it "
+                             f"(no requantization). Pass --block-size {scheme.group_size} (or leave it out).")
+        if scheme.desc_act:
+            ckpt = SafetensorsCheckpoint(src)
+            first = next(iter(linears))
+            g_idx = ckpt.read_raw(f"{first}.g_idx").astype(np.int64) if f"{first}.g_idx" in ckpt.entries else None
+            if g_idx is not None and not np.array_equal(g_idx, np.arange(len(g_idx)) // block_size):
+                raise CheckpointError(f"--from {src} was quantized with act-order (desc_act) and its group indices are "
+                                      "permuted; MatMulNBits groups consecutive columns only, so it cannot map without "
+                                      "requantization. Re-quantize with --static-groups or without --act-order.")
+    if precision == "int4":
+        for sub in (s for group in spec.sequential for s in group):
+            matmulnbits.check_block_size(block_size, shapes[sub][1], f"{spec.block_prefix}.*.{sub} {list(shapes[sub])}")
+    return _Plan(src, config, dims, linears, scheme)
+
+
+def _planned_bytes(plan: _Plan, precision: str, block_size: int) -> int:
+    """Bytes of initializers the export will write (decides inline vs external data)."""
+    ckpt = SafetensorsCheckpoint(plan.src)
+    per = {"fp32": 4, "fp16": 2, "int4": 4}[precision]
+    floats = sum(int(np.prod(e.shape)) for n, e in ckpt.entries.items() if not n.endswith(("qweight", "qzeros", "g_idx", "scales")))
+    if precision != "int4":
+        return floats * per
+    quant = sum(n * k // 2 + 4 * n * k // block_size + n * k // block_size for n, k in plan.linears.values())
+    linear_floats = sum(n * k for n, k in plan.linears.values()) if plan.scheme is None else 0
+    return (floats - linear_floats) * per + quant
+
+
+def export_onnx(model_dir: Path, out_dir: Path, *, precision: str, algo: str = "rtn", from_dir: Path | None = None,
+                block_size: int = 128, calib: CalibrationSet | None = None, settings: CalibrationSettings | None = None,
+                model_name: str | None = None, force: bool = False, progress: Progress | None = None,
+                inline_limit: int = INLINE_LIMIT) -> Path:
+    """Export ``model_dir`` (or the GPTQ/AWQ checkpoint ``from_dir``) to ``out_dir/<model>-onnx-<precision>/``.
+
+    ``precision``: fp32 | fp16 | int4. For int4, ``algo`` rtn needs nothing else; gptq and awq need ``calib``
+    (and run on ``settings.device``); ``from_dir`` converts an existing checkpoint without requantization
+    (``block_size`` must equal its group size). ``model_name`` (default: the source directory's name) names the
+    output. Returns the output directory. Built in a temporary sibling, renamed into place when complete;
+    an existing output is replaced only with ``force``.
+    """
+    plan = _check(model_dir, precision, algo, from_dir, block_size)
+    if precision == "int4" and from_dir is None and algo != "rtn" and calib is None:
+        raise UsageError(f"--algo {algo} needs calibration data; pass a CalibrationSet (CLI: --calib builtin).")
+    name = model_name or plan.src.name
+    final = Path(out_dir) / output_dir_name(name, precision)
+    check_writable_target(final, force=force)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    try:
+        start = time.perf_counter()
+        external = _planned_bytes(plan, precision, block_size) > inline_limit
+        store = InitializerStore(tmp, external=external)
+        weights = _weights(plan, store, precision, algo, block_size, calib, settings, progress)
+        meta = {"qconvert.version": __version__, "qconvert.source": name, "qconvert.precision": precision,
+                "qconvert.algo": _algo_label(precision, algo, plan), "qconvert.block_size": str(block_size)}
+        calibrated = precision == "int4" and from_dir is None and algo != "rtn"
+        model = graph.build_model(plan.dims, weights, None if calibrated else progress, meta)
+        store.save(model, tmp / MODEL_FILE)
+        _write_side_files(tmp, plan, name, precision, algo, block_size, external, time.perf_counter() - start,
+                          store.nbytes, calib, settings)
+        _move_into_place(tmp, final, force)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return final
+
+
+def _algo_label(precision: str, algo: str, plan: _Plan) -> str:
+    if precision != "int4":
+        return "none"
+    return f"{plan.scheme.method} (--from)" if plan.scheme is not None else algo
+
+
+def _weights(plan: _Plan, store: InitializerStore, precision: str, algo: str, block_size: int,
+             calib: CalibrationSet | None, settings: CalibrationSettings | None, progress: Progress | None) -> Weights:
+    """Quantize (or read) the int4 linears into ``store`` first; float tensors are pulled later by the graph."""
+    ckpt = SafetensorsCheckpoint(plan.src)
+    weight_type = np.dtype(np.float16 if precision == "fp16" else np.float32)
+    quantized: dict[str, QuantLinear] = {}
+    floats: dict[str, np.ndarray] = {}
+    if precision == "int4":
+        if plan.scheme is not None:
+            for module in plan.linears:
+                quantized[module] = store_quantized(store, module, matmulnbits.read_prequantized(ckpt, module, plan.scheme))
+        elif algo == "rtn":
+            _rtn(ckpt, store, plan, block_size, quantized)
+        else:
+            _calibrated(plan, store, algo, block_size, calib, settings, progress, quantized, floats)
+    return Weights(ckpt, store, plan.dims, weight_type, quantized, floats)
+
+
+def _rtn(ckpt: SafetensorsCheckpoint, store: InitializerStore, plan: _Plan, block_size: int,
+         quantized: dict[str, QuantLinear]) -> None:
+    """Symmetric round-to-nearest, one weight at a time (no forward pass): zero point 8, so no zero_points."""
+    import torch
+
+    from qconvert.int4 import rtn
+
+    for module in plan.linears:
+        w = torch.from_numpy(ckpt.read_f32(f"{module}.weight"))
+        quantized[module] = store_quantized(store, module, rtn(w, 4, block_size, sym=True))
+
+
+def _calibrated(plan: _Plan, store: InitializerStore, algo: str, block_size: int, calib: CalibrationSet | None,
+                settings: CalibrationSettings | None, progress: Progress | None, quantized: dict[str, QuantLinear],
+                floats: dict[str, np.ndarray]) -> None:
+    """GPTQ (symmetric, no act-order) or AWQ (zero points) through the streaming calibration driver."""
+    from qconvert.calibrate import CalibrationSettings, calibrate
+    from qconvert.int4 import AWQConfig, GPTQConfig
+
+    assert calib is not None
+    cfg = GPTQConfig(bits=4, group_size=block_size) if algo == "gptq" else AWQConfig(group_size=block_size)
+
+    def on_linear(module: str, q: QuantizedLinear) -> None:
+        quantized[module] = store_quantized(store, module, q)
+
+    def on_float(name: str, t: Any) -> None:
+        floats[name] = t.detach().float().cpu().numpy()
+
+    calibrate(plan.src, calib.ids, algo, cfg, on_linear, on_float, settings or CalibrationSettings(), progress)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Side files
+
+
+def genai_config(config: Mapping[str, Any], generation: Mapping[str, Any], dims: Dims, precision: str,
+                 device: str = "cpu") -> dict[str, Any]:
+    """onnxruntime-genai's ``genai_config.json`` for the graph's decoder contract (graph.py).
+
+    The KV cache grows by concatenation (present = past + new), so ``past_present_share_buffer`` is false.
+    """
+    eos = generation.get("eos_token_id", config.get("eos_token_id"))
+    eos_list = eos if isinstance(eos, list) else [eos]
+    pad = generation.get("pad_token_id", config.get("pad_token_id")) or eos_list[0]
+    providers = [{"cuda": {}}] if device.startswith("cuda") else []
+    return {
+        "model": {
+            "bos_token_id": config.get("bos_token_id", generation.get("bos_token_id")),
+            "context_length": int(config.get("max_position_embeddings", 32768)),
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": providers},
+                "filename": MODEL_FILE,
+                "head_size": dims.head_dim,
+                "hidden_size": dims.hidden_size,
+                "inputs": {"input_ids": graph.INPUT_IDS, "attention_mask": graph.ATTENTION_MASK,
+                           "position_ids": graph.POSITION_IDS, "past_key_names": graph.PAST_KEY,
+                           "past_value_names": graph.PAST_VALUE},
+                "outputs": {"logits": graph.LOGITS, "present_key_names": graph.PRESENT_KEY,
+                            "present_value_names": graph.PRESENT_VALUE},
+                "num_attention_heads": dims.num_heads,
+                "num_hidden_layers": dims.num_layers,
+                "num_key_value_heads": dims.num_kv_heads,
+            },
+            "eos_token_id": eos_list if len(eos_list) > 1 else eos_list[0],
+            "pad_token_id": pad,
+            "type": "qwen2",
+            "vocab_size": dims.vocab_size,
+        },
+        "search": {"diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
+                   "max_length": int(config.get("max_position_embeddings", 32768)), "min_length": 0,
+                   "no_repeat_ngram_size": 0, "num_beams": 1, "num_return_sequences": 1,
+                   "past_present_share_buffer": False, "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1,
+                   "top_p": 1.0},
+    }
+
+
+def _write_side_files(tmp: Path, plan: _Plan, name: str, precision: str, algo: str, block_size: int, external: bool,
+                      seconds: float, nbytes: int, calib: CalibrationSet | None,
+                      settings: CalibrationSettings | None) -> None:
+    gen_file = plan.src / "generation_config.json"
+    generation = json.loads(gen_file.read_text()) if gen_file.is_file() else {}
+    device = settings.device if settings is not None else "cpu"
+    cfg = genai_config(plan.config, generation, plan.dims, precision, device)
+    (tmp / GENAI_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
+    config = {k: v for k, v in plan.config.items() if k != "quantization_config"}
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    for f in COPIED_FILES:
+        if (plan.src / f).is_file():
+            shutil.copy2(plan.src / f, tmp / f)
+    if not (tmp / "tokenizer.json").is_file():
+        raise CheckpointError(f"{plan.src} has no tokenizer.json; onnxruntime-genai needs it next to the model. "
+                              "Copy the tokenizer files of the source model into it.")
+    label = _algo_label(precision, algo, plan)
+    calib_desc = calib.describe() if calib is not None and label in ("gptq", "awq") else None
+    (tmp / "README.md").write_text(model_card(tmp.name, name, precision, label, block_size, external, seconds,
+                                              nbytes, plan.dims, calib_desc))
+
+
+def model_card(out_name: str, source: str, precision: str, algo: str, block_size: int, external: bool, seconds: float,
+               nbytes: int, dims: Dims, calib: str | None) -> str:
+    """README.md of the output directory."""
+    final = out_name.split(".partial-")[0].lstrip(".")
+    if precision == "int4":
+        weights = (f"decoder linears as `com.microsoft.MatMulNBits` (4-bit, block size {block_size}, from {algo}; "
+                   "symmetric weights without zero points), embedding / norms / biases / lm_head float32")
+    else:
+        weights = f"all weights {precision}; norms, RoPE, attention scores and softmax computed in float32"
+    tied = "tied (one initializer for the embedding Gather and the lm_head Gemm)" if dims.tie_word_embeddings else "untied"
+    return f"""# {final}
+
+ONNX export of `{source}` by qconvert {__version__}.
+
+| | |
+|---|---|
+| precision | {precision} |
+| weights | {weights} |
+| layers / heads / kv heads / head dim | {dims.num_layers} / {dims.num_heads} / {dims.num_kv_heads} / {dims.head_dim} |
+| embeddings | {tied} |
+| RoPE theta / RMSNorm eps | {dims.rope_theta:g} / {dims.rms_norm_eps:g} |
+| weights stored | {nbytes / 1e6:.1f} MB {'in model.onnx.data (external data)' if external else 'inside model.onnx'} |
+| calibration | {calib or 'none'} |
+| export time | {seconds:.1f} s |
+
+Inputs `input_ids`, `attention_mask`, `position_ids` (int64) and `past_key_values.N.key/value`
+`[batch, {dims.num_kv_heads}, past, {dims.head_dim}]`; outputs `logits` (float32) and `present.N.key/value`.
+
+Run it with onnxruntime-genai:
+
+```python
+import onnxruntime_genai as og
+model = og.Model("{final}")
+```
+
+or with onnxruntime directly (`qconvert.runtimes.onnxrt.OnnxModel("{final}").greedy(ids, 20)`).
+"""
+
+
+def _move_into_place(tmp: Path, final: Path, force: bool) -> None:
+    old = None
+    if final.exists():
+        if not force:
+            raise OutputError(f"{final} appeared while exporting; pass --force to overwrite it.")
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old) if old.is_dir() else old.unlink()

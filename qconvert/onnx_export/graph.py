@@ -1,0 +1,293 @@
+"""The Qwen2 decoder as an ONNX graph with a KV cache, built node by node with ``onnx.helper``.
+
+No tracing: the graph follows ``qconvert.model.qwen2`` (the torch reference math) block by block, so it does not
+depend on how transformers or torch.onnx spell their caches in a given release. Interface (the onnxruntime-genai
+decoder contract, anchor §6.3–6.4)::
+
+    input_ids                 int64 [batch, seq]
+    attention_mask            int64 [batch, past + seq]     1 = real token, 0 = padding
+    position_ids              int64 [batch, seq]
+    past_key_values.{i}.key   kv    [batch, kv_heads, past, head_dim]   (and .value; past = 0 on the first call)
+    logits                    f32   [batch, seq, vocab]
+    present.{i}.key           kv    [batch, kv_heads, past + seq, head_dim]   (and .value)
+
+Numerics: the residual stream, RMSNorm, RoPE, attention scores and softmax are float32 in every precision
+(Qwen2's activations overflow float16). Linear weights and the KV cache are ``Numerics.weight_type`` (fp32 or
+fp16; fp16 matmuls take fp16 inputs and their outputs return to fp32); int4 linears are ``MatMulNBits`` on
+float32 activations. Attention is explicit: GQA by broadcasting each kv head over its group of query heads
+(``[b, kv, group, t, d] @ [b, kv, 1, d, s]``), a causal + padding additive mask, and NEOX-style rotary embeddings
+computed in the graph from ``position_ids`` and ``rope_theta``. RMSNorm uses the Pow/ReduceMean/Add/Sqrt/Div/Mul
+pattern that onnxruntime fuses into ``SimplifiedLayerNormalization``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from qconvert.errors import CheckpointError
+from qconvert.registry import rope_theta
+
+OPSET = 21
+MS_DOMAIN = "com.microsoft"
+IR_VERSION = 10
+INPUT_IDS, ATTENTION_MASK, POSITION_IDS, LOGITS = "input_ids", "attention_mask", "position_ids", "logits"
+PAST_KEY, PAST_VALUE = "past_key_values.%d.key", "past_key_values.%d.value"
+PRESENT_KEY, PRESENT_VALUE = "present.%d.key", "present.%d.value"
+MASK_MIN = float(np.finfo(np.float32).min)  # additive mask: finite, so fully padded rows give no NaN
+F32 = np.dtype(np.float32)
+F16 = np.dtype(np.float16)
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The config.json numbers the graph needs."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    tie_word_embeddings: bool
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> Dims:
+        if config.get("rope_scaling"):
+            raise CheckpointError("this config has rope_scaling (YaRN); qconvert's ONNX graph implements plain RoPE. "
+                                  "Remove rope_scaling from config.json (fine up to 32K tokens) and export again.")
+        nh = int(config["num_attention_heads"])
+        return cls(int(config["hidden_size"]), int(config["intermediate_size"]), int(config["num_hidden_layers"]), nh,
+                   int(config.get("num_key_value_heads", nh)), int(config.get("head_dim") or config["hidden_size"] // nh),
+                   int(config["vocab_size"]), float(config["rms_norm_eps"]), rope_theta(dict(config)),
+                   bool(config.get("tie_word_embeddings", False)))
+
+
+@dataclass(frozen=True)
+class FloatLinear:
+    """A float linear: weight initializer [K, N] in the weight type."""
+
+    weight: str
+
+
+@dataclass(frozen=True)
+class QuantLinear:
+    """A MatMulNBits linear: initializer names and attributes."""
+
+    b: str
+    scales: str
+    zero_points: str | None
+    n: int
+    k: int
+    block_size: int
+
+
+class WeightSource(Protocol):
+    """Where the graph gets its initializers (``export.Weights``): names of already stored tensors."""
+
+    weight_type: np.dtype
+    accuracy_level: int
+
+    def linear(self, module: str) -> FloatLinear | QuantLinear: ...
+    def bias(self, module: str) -> str | None: ...
+    def norm(self, name: str) -> str: ...
+    def embedding(self) -> str: ...
+    def lm_head(self) -> str: ...
+    def const(self, name: str, value: np.ndarray) -> str: ...
+
+
+class Graph:
+    """A growing node list with unique node and value names."""
+
+    def __init__(self, weights: WeightSource) -> None:
+        self.w = weights
+        self.nodes: list[onnx.NodeProto] = []
+        self.count = 0
+
+    def op(self, op_type: str, inputs: list[str], scope: str, *, outputs: int | list[str] = 1, domain: str = "",
+           **attrs: Any) -> Any:
+        """Append a node; returns its output name (or the list of names when ``outputs`` > 1 or is a list)."""
+        self.count += 1
+        name = f"{scope}/{op_type}_{self.count}"
+        names = outputs if isinstance(outputs, list) else [f"{name}/out{i}" for i in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, inputs, names, name=name, domain=domain, **attrs))
+        return names[0] if outputs == 1 or (isinstance(outputs, list) and len(outputs) == 1) else names
+
+    def cast(self, x: str, dtype: np.dtype, src: np.dtype, scope: str) -> str:
+        """``x`` in ``dtype`` (no node when it already is)."""
+        if np.dtype(dtype) == np.dtype(src):
+            return x
+        return self.op("Cast", [x], scope, to=helper.np_dtype_to_tensor_dtype(np.dtype(dtype)))
+
+    def ints(self, *values: int) -> str:
+        return self.w.const(f"const/i64_{'_'.join(str(v).replace('-', 'm') for v in values)}",
+                            np.array(values, np.int64))
+
+    def scalar(self, value: float, dtype: np.dtype = F32) -> str:
+        tag = str(value).replace("-", "m").replace(".", "p").replace("+", "")
+        return self.w.const(f"const/{np.dtype(dtype).name}_{tag}", np.array(value, dtype))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Blocks
+
+
+def linear(g: Graph, module: str, x: str) -> str:
+    """``x`` f32 [b, t, K] -> f32 [b, t, N] through the float or MatMulNBits weight of ``module`` (+ bias)."""
+    ref = g.w.linear(module)
+    if isinstance(ref, QuantLinear):
+        inputs = [x, ref.b, ref.scales] + ([ref.zero_points] if ref.zero_points else [])
+        y = g.op("MatMulNBits", inputs, module, domain=MS_DOMAIN, K=ref.k, N=ref.n, bits=4,
+                 block_size=ref.block_size, accuracy_level=g.w.accuracy_level)
+    else:
+        wt = g.w.weight_type
+        y = g.cast(g.op("MatMul", [g.cast(x, wt, F32, module), ref.weight], module), F32, wt, module)
+    bias = g.w.bias(module)
+    return y if bias is None else g.op("Add", [y, bias], module)
+
+
+def rms_norm(g: Graph, x: str, weight: str, eps: float, scope: str) -> str:
+    """``weight * x / sqrt(mean(x²) + eps)`` over the last axis, float32."""
+    var = g.op("ReduceMean", [g.op("Pow", [x, g.scalar(2.0)], scope), g.ints(-1)], scope, keepdims=1)
+    rms = g.op("Sqrt", [g.op("Add", [var, g.scalar(eps)], scope)], scope)
+    return g.op("Mul", [g.op("Div", [x, rms], scope), weight], scope)
+
+
+def rotary_tables(g: Graph, dims: Dims) -> tuple[str, str]:
+    """cos, sin f32 [b, t, 1, head_dim] of ``position_ids`` (NEOX layout: both halves share frequencies)."""
+    hd, s = dims.head_dim, "/rotary"
+    inv_freq = (1.0 / (np.float32(dims.rope_theta) ** (np.arange(0, hd, 2, dtype=np.float32) / np.float32(hd))))
+    pos = g.op("Unsqueeze", [g.op("Cast", [POSITION_IDS], s, to=TensorProto.FLOAT), g.ints(-1)], s)  # [b, t, 1]
+    freqs = g.op("Mul", [pos, g.w.const("rotary/inv_freq", inv_freq.astype(np.float32))], s)  # [b, t, hd/2]
+    angles = g.op("Concat", [freqs, freqs], s, axis=-1)
+    return tuple(g.op("Unsqueeze", [g.op(fn, [angles], s), g.ints(2)], s) for fn in ("Cos", "Sin"))  # type: ignore[return-value]
+
+
+def apply_rotary(g: Graph, x: str, rope: tuple[str, str], scope: str) -> str:
+    """``x * cos + rotate_half(x) * sin`` for ``x`` f32 [b, t, heads, head_dim]."""
+    x1, x2 = g.op("Split", [x], scope, outputs=2, axis=-1, num_outputs=2)
+    rotated = g.op("Concat", [g.op("Neg", [x2], scope), x1], scope, axis=-1)
+    return g.op("Add", [g.op("Mul", [x, rope[0]], scope), g.op("Mul", [rotated, rope[1]], scope)], scope)
+
+
+def attention_bias(g: Graph) -> str:
+    """Additive mask f32 [b, 1, 1, t, past + t]: 0 where query i may see key j (causal and not padding), else min."""
+    s = "/mask"
+    seq = g.op("Gather", [g.op("Shape", [INPUT_IDS], s), g.scalar(1, np.dtype(np.int64))], s, axis=0)
+    total = g.op("Gather", [g.op("Shape", [ATTENTION_MASK], s), g.scalar(1, np.dtype(np.int64))], s, axis=0)
+    one = g.scalar(1, np.dtype(np.int64))
+    keys = g.op("Range", [g.scalar(0, np.dtype(np.int64)), total, one], s)  # [S]
+    queries = g.op("Range", [g.op("Sub", [total, seq], s), total, one], s)  # absolute positions [T]
+    causal = g.op("LessOrEqual", [g.op("Unsqueeze", [keys, g.ints(0)], s), g.op("Unsqueeze", [queries, g.ints(1)], s)], s)
+    real = g.op("Unsqueeze", [g.op("Cast", [ATTENTION_MASK], s, to=TensorProto.BOOL), g.ints(1, 2, 3)], s)
+    return g.op("Where", [g.op("And", [causal, real], s), g.scalar(0.0), g.scalar(MASK_MIN)], s)
+
+
+def attention(g: Graph, dims: Dims, layer: int, x: str, rope: tuple[str, str], mask: str) -> str:
+    """Self-attention of normed ``x`` f32 [b, t, hidden] with the layer's KV cache; o_proj included."""
+    p = f"model.layers.{layer}.self_attn"
+    nh, kv, hd, kv_type = dims.num_heads, dims.num_kv_heads, dims.head_dim, g.w.weight_type
+    group = nh // kv
+    q = apply_rotary(g, g.op("Reshape", [linear(g, f"{p}.q_proj", x), g.ints(0, 0, nh, hd)], p), rope, p)
+    k = apply_rotary(g, g.op("Reshape", [linear(g, f"{p}.k_proj", x), g.ints(0, 0, kv, hd)], p), rope, p)
+    v = g.op("Reshape", [linear(g, f"{p}.v_proj", x), g.ints(0, 0, kv, hd)], p)
+    present = []
+    for new, past, out in ((k, PAST_KEY, PRESENT_KEY), (v, PAST_VALUE, PRESENT_VALUE)):
+        new = g.cast(g.op("Transpose", [new], p, perm=[0, 2, 1, 3]), kv_type, F32, p)  # [b, kv, t, hd]
+        cache = g.op("Concat", [past % layer, new], p, outputs=[out % layer], axis=2)  # [b, kv, s, hd]
+        present.append(g.op("Unsqueeze", [g.cast(cache, F32, kv_type, p), g.ints(2)], p))  # [b, kv, 1, s, hd]
+    q = g.op("Transpose", [g.op("Reshape", [q, g.ints(0, 0, kv, group, hd)], p)], p, perm=[0, 2, 3, 1, 4])
+    keys_t = g.op("Transpose", [present[0]], p, perm=[0, 1, 2, 4, 3])  # [b, kv, 1, hd, s]
+    scores = g.op("Mul", [g.op("MatMul", [q, keys_t], p), g.scalar(float(np.float32(hd ** -0.5)))], p)
+    probs = g.op("Softmax", [g.op("Add", [scores, mask], p)], p, axis=-1)  # [b, kv, group, t, s]
+    out = g.op("Transpose", [g.op("MatMul", [probs, present[1]], p)], p, perm=[0, 3, 1, 2, 4])  # [b, t, kv, group, hd]
+    return linear(g, f"{p}.o_proj", g.op("Reshape", [out, g.ints(0, 0, nh * hd)], p))
+
+
+def mlp(g: Graph, layer: int, x: str) -> str:
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+    p = f"model.layers.{layer}.mlp"
+    gate = linear(g, f"{p}.gate_proj", x)
+    act = g.op("Mul", [gate, g.op("Sigmoid", [gate], p)], p)
+    return linear(g, f"{p}.down_proj", g.op("Mul", [act, linear(g, f"{p}.up_proj", x)], p))
+
+
+def decoder_layer(g: Graph, dims: Dims, layer: int, h: str, rope: tuple[str, str], mask: str) -> str:
+    """``h`` f32 [b, t, hidden] -> the next residual stream."""
+    p = f"model.layers.{layer}"
+    eps = dims.rms_norm_eps
+    normed = rms_norm(g, h, g.w.norm(f"{p}.input_layernorm.weight"), eps, f"{p}.input_layernorm")
+    h = g.op("Add", [h, attention(g, dims, layer, normed, rope, mask)], p)
+    normed = rms_norm(g, h, g.w.norm(f"{p}.post_attention_layernorm.weight"), eps, f"{p}.post_attention_layernorm")
+    return g.op("Add", [h, mlp(g, layer, normed)], p)
+
+
+def embed(g: Graph) -> str:
+    """Layer-0 input f32 [b, t, hidden]."""
+    return g.cast(g.op("Gather", [g.w.embedding(), INPUT_IDS], "/embed", axis=0), F32, g.w.weight_type, "/embed")
+
+
+def lm_head(g: Graph, dims: Dims, h: str) -> str:
+    """f32 logits [b, t, vocab]: final norm, then Gemm(x, W, transB) on the [vocab, hidden] weight, which is the
+    embedding itself when tied (one initializer serves Gather and Gemm)."""
+    s, wt = "/lm_head", g.w.weight_type
+    x = rms_norm(g, h, g.w.norm("model.norm.weight"), dims.rms_norm_eps, "model.norm")
+    rows = g.op("Reshape", [g.cast(x, wt, F32, s), g.ints(-1, dims.hidden_size)], s)
+    y = g.cast(g.op("Gemm", [rows, g.w.lm_head()], s, transB=1), F32, wt, s)
+    shape = g.op("Concat", [g.op("Slice", [g.op("Shape", [h], s), g.ints(0), g.ints(2)], s), g.ints(dims.vocab_size)],
+                 s, axis=0)
+    return g.op("Reshape", [y, shape], s, outputs=[LOGITS])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The model
+
+
+def _io(dims: Dims, kv_type: np.dtype) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfoProto]]:
+    kv = helper.np_dtype_to_tensor_dtype(np.dtype(kv_type))
+    i64 = TensorProto.INT64
+    inputs = [helper.make_tensor_value_info(INPUT_IDS, i64, ["batch", "sequence"]),
+              helper.make_tensor_value_info(ATTENTION_MASK, i64, ["batch", "total_sequence"]),
+              helper.make_tensor_value_info(POSITION_IDS, i64, ["batch", "sequence"])]
+    outputs = [helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, ["batch", "sequence", dims.vocab_size])]
+    shape_past = ["batch", dims.num_kv_heads, "past_sequence", dims.head_dim]
+    shape_present = ["batch", dims.num_kv_heads, "total_sequence", dims.head_dim]
+    for i in range(dims.num_layers):
+        for past, present in ((PAST_KEY, PRESENT_KEY), (PAST_VALUE, PRESENT_VALUE)):
+            inputs.append(helper.make_tensor_value_info(past % i, kv, shape_past))
+            outputs.append(helper.make_tensor_value_info(present % i, kv, shape_present))
+    return inputs, outputs
+
+
+def build_model(dims: Dims, weights: WeightSource, progress: Any = None,
+                metadata: Mapping[str, str] | None = None) -> onnx.ModelProto:
+    """The whole decoder graph; initializers are requested from ``weights`` block by block (streaming order).
+
+    ``progress(done, n_layers)`` is called after each decoder layer. Initializers are attached by the caller
+    (``InitializerStore.save``).
+    """
+    g = Graph(weights)
+    h = embed(g)
+    rope = rotary_tables(g, dims)
+    mask = attention_bias(g)
+    for i in range(dims.num_layers):
+        h = decoder_layer(g, dims, i, h, rope, mask)
+        if progress is not None:
+            progress(i + 1, dims.num_layers)
+    lm_head(g, dims, h)
+    inputs, outputs = _io(dims, weights.weight_type)
+    graph = helper.make_graph(g.nodes, "qwen2", inputs, outputs)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
+                              producer_name="qconvert")
+    model.ir_version = IR_VERSION
+    for key, value in (metadata or {}).items():
+        model.metadata_props.add(key=key, value=value)
+    return model
