@@ -1,0 +1,352 @@
+"""Release recipes: a TOML file that names models, formats and their settings, validated against a schema table.
+
+    [release]      name, quantized_by, threads, device, seed, tags
+    [calibration]  source, samples, seq_len, format, batch_size       (shared by GPTQ, AWQ and imatrix GGUFs)
+    [evaluation]   text | text_file, ctx, chunks                       (the held-out text every artifact is scored on)
+    [thresholds]   max_dppl_pct, max_kl, min_top1                      (defaults; a format may override them)
+    [output]       layout = "by-model" | "flat"
+    [[models]]     sizes + variants | hub | path | fixture; name, license
+    [[formats]]    kind = "gguf" | "gptq" | "awq" | "onnx" and that kind's keys (``FORMAT_KEYS``)
+
+tomllib reports no positions, so ``Recipe.where`` finds a key's line in the text itself; every error names
+``file:line``. Checks that need the model's shapes (a K-quant that must fall back under ``pure = true``, a group
+size that does not divide a width) run in ``qconvert.release.plan`` before any work and use the same locator.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import tomllib
+
+from qconvert.errors import QConvertError
+
+
+class RecipeError(QConvertError):
+    """The recipe is malformed or asks for something impossible; the message starts with ``file:line:``."""
+
+
+_STR, _INT, _FLOAT, _BOOL, _STRS, _TABLE = "string", "integer", "number", "boolean", "list of strings", "table"
+
+# section -> key -> type. ``models`` and ``formats`` are arrays of tables ([[models]], [[formats]]).
+SECTIONS: MappingProxyType[str, MappingProxyType[str, str]] = MappingProxyType({
+    "release": MappingProxyType({"name": _STR, "quantized_by": _STR, "threads": _INT, "device": _STR,
+                                 "seed": _INT, "tags": _STRS}),
+    "calibration": MappingProxyType({"source": _STR, "samples": _INT, "seq_len": _INT, "format": _STR,
+                                     "batch_size": _INT}),
+    "evaluation": MappingProxyType({"text": _STR, "text_file": _STR, "ctx": _INT, "chunks": _INT}),
+    "thresholds": MappingProxyType({"max_dppl_pct": _FLOAT, "max_kl": _FLOAT, "min_top1": _FLOAT}),
+    "output": MappingProxyType({"layout": _STR}),
+    "models": MappingProxyType({"sizes": _STRS, "variants": _STRS, "hub": _STR, "path": _STR, "fixture": _STR,
+                                "name": _STR, "license": _STR}),
+    "formats": MappingProxyType({"kind": _STR, "id": _STR, "thresholds": _TABLE}),
+})
+ARRAY_SECTIONS = frozenset({"models", "formats"})
+
+# [[formats]] keys allowed per kind, on top of kind / id / thresholds.
+FORMAT_KEYS: MappingProxyType[str, MappingProxyType[str, str]] = MappingProxyType({
+    "gguf": MappingProxyType({"presets": _STRS, "imatrix": _BOOL, "pure": _BOOL, "output_tensor_type": _STR,
+                              "token_embedding_type": _STR}),
+    "gptq": MappingProxyType({"bits": _INT, "group_size": _INT, "sym": _BOOL, "act_order": _BOOL,
+                              "static_groups": _BOOL, "damp": _FLOAT, "from_stats": _BOOL}),
+    "awq": MappingProxyType({"bits": _INT, "group_size": _INT, "n_grid": _INT, "clip_grid": _INT}),
+    "onnx": MappingProxyType({"precision": _STR, "algo": _STR, "block_size": _INT, "from": _STR}),
+})
+ONNX_PRECISIONS = ("fp32", "fp16", "int4")
+LAYOUTS = ("by-model", "flat")
+
+DEFAULTS: MappingProxyType[str, MappingProxyType[str, Any]] = MappingProxyType({
+    "release": MappingProxyType({"quantized_by": "qconvert", "threads": 4, "device": "auto", "seed": 0, "tags": []}),
+    "calibration": MappingProxyType({"source": "builtin", "samples": 128, "seq_len": 512, "format": "auto",
+                                     "batch_size": 8}),
+    "evaluation": MappingProxyType({"ctx": 512}),
+    "thresholds": MappingProxyType({}),
+    "output": MappingProxyType({"layout": "by-model"}),
+})
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One checkpoint to release. ``ref`` is what ``resolve_model`` takes, or ``fixture:NAME``."""
+
+    ref: str
+    name: str  # hub-style name used for artifact names and model cards, e.g. Qwen/Qwen2.5-7B-Instruct
+    license: str | None
+    index: int  # which [[models]] table it came from
+
+    @property
+    def slug(self) -> str:
+        """``Qwen/Qwen2.5-7B-Instruct`` -> ``qwen2.5-7b-instruct`` (Qwen's lower-case artifact names)."""
+        return self.name.rstrip("/").split("/")[-1].lower()
+
+
+@dataclass(frozen=True, eq=False)
+class FormatEntry:
+    """One [[formats]] table: its kind, its id (unique in the recipe), its settings and threshold overrides."""
+
+    kind: str
+    id: str
+    settings: dict[str, Any]  # plain dicts: recipes travel to Ray workers (a mappingproxy does not pickle)
+    thresholds: dict[str, float]
+    index: int
+
+
+@dataclass
+class Recipe:
+    path: Path
+    text: str
+    release: dict[str, Any]
+    calibration: dict[str, Any]
+    evaluation: dict[str, Any]
+    thresholds: dict[str, float]
+    output: dict[str, Any]
+    models: list[ModelEntry]
+    formats: list[FormatEntry]
+    _lines: list[str] = field(default_factory=list, repr=False)
+
+    def where(self, section: str, index: int | None = None, key: str | None = None) -> str:
+        """``recipes/x.toml:12`` for ``key`` in ``[section]`` (or the ``index``-th ``[[section]]``)."""
+        return f"{self.path}:{_locate(self._lines, section, index, key)}"
+
+    def error(self, section: str, index: int | None, key: str | None, message: str) -> RecipeError:
+        return RecipeError(f"{self.where(section, index, key)}: {message}")
+
+
+# -- locating keys in the text ------------------------------------------------------------------------------------
+
+_HEADER = re.compile(r"^\s*(\[\[?)\s*([A-Za-z0-9_.\-]+)\s*\]\]?")
+
+
+def _locate(lines: list[str], section: str, index: int | None, key: str | None) -> int:
+    """1-based line of ``key`` in ``[section]`` (or the ``index``-th ``[[section]]``); else its header; else 1."""
+    current: tuple[str, int | None] = ("", None)  # keys before the first header are top-level
+    counts: dict[str, int] = {}
+    header_line = 0
+    for no, line in enumerate(lines, 1):
+        m = _HEADER.match(line)
+        if m:
+            name = m.group(2)
+            top = name.split(".")[0]
+            if m.group(1) == "[[":
+                counts[name] = counts.get(name, -1) + 1
+                current = (name, counts[name])
+            else:  # [formats.thresholds] belongs to the last [[formats]]
+                current = (top, counts[top]) if top in counts and name != top else (name, None)
+            if current == (section, index) and not header_line:
+                header_line = no
+            continue
+        if current == (section, index) and key is not None and re.match(rf"^\s*{re.escape(key)}\s*=", line):
+            return no
+    return header_line or 1
+
+
+# -- validation -------------------------------------------------------------------------------------------------
+
+def _type_ok(value: Any, kind: str) -> bool:
+    if kind == _INT:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == _FLOAT:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == _BOOL:
+        return isinstance(value, bool)
+    if kind == _STR:
+        return isinstance(value, str)
+    if kind == _STRS:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    return isinstance(value, dict)
+
+
+def _check_keys(recipe: Recipe, table: dict, allowed: dict[str, str], section: str, index: int | None,
+                label: str) -> None:
+    for key, value in table.items():
+        if key not in allowed:
+            close = difflib.get_close_matches(key, list(allowed), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f"; allowed keys: {', '.join(sorted(allowed))}"
+            raise recipe.error(section, index, key, f"unknown key {key!r} in {label}{hint}")
+        if not _type_ok(value, allowed[key]):
+            raise recipe.error(section, index, key, f"{key} in {label} must be a {allowed[key]}, not {value!r}")
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Parse and validate ``path``; raises ``RecipeError`` (with ``file:line``) on the first problem."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise RecipeError(f"cannot read recipe {path}: {e.strerror}; give the path of a .toml recipe (see recipes/).")
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        m = re.search(r"line (\d+)", str(e))
+        line = m.group(1) if m else len(text.splitlines()) if "end of document" in str(e) else 1
+        raise RecipeError(f"{path}:{line}: not valid TOML: {e}") from None
+    recipe = Recipe(path, text, {}, {}, {}, {}, {}, [], [], text.splitlines())
+    for section, value in data.items():
+        if section not in SECTIONS:
+            close = difflib.get_close_matches(section, list(SECTIONS), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f"; sections: {', '.join(SECTIONS)}"
+            raise recipe.error(section, None, None, f"unknown section [{section}]{hint}")
+        if (section in ARRAY_SECTIONS) != isinstance(value, list):
+            form = f"[[{section}]]" if section in ARRAY_SECTIONS else f"[{section}]"
+            raise recipe.error(section, None, None, f"{section} must be written as {form}")
+    for section in ("release", "calibration", "evaluation", "thresholds", "output"):
+        table = data.get(section, {})
+        _check_keys(recipe, table, dict(SECTIONS[section]), section, None, f"[{section}]")
+        setattr(recipe, section, {**DEFAULTS[section], **table})
+    recipe.release.setdefault("name", path.stem)
+    _check_sections(recipe)
+    recipe.models = [m for i, t in enumerate(data.get("models", [])) for m in _models(recipe, t, i)]
+    recipe.formats = [_format(recipe, t, i) for i, t in enumerate(data.get("formats", []))]
+    if not recipe.models:
+        raise recipe.error("", None, None, "the recipe names no model: add a [[models]] table")
+    if not recipe.formats:
+        raise recipe.error("", None, None, "the recipe names no format: add a [[formats]] table")
+    _check_formats(recipe)
+    return recipe
+
+
+def _check_sections(recipe: Recipe) -> None:
+    ev, cal, rel = recipe.evaluation, recipe.calibration, recipe.release
+    if "text" in ev and "text_file" in ev:
+        raise recipe.error("evaluation", None, "text_file", "give either text or text_file in [evaluation], not both")
+    if cal["format"] not in ("auto", "chat", "raw"):
+        raise recipe.error("calibration", None, "format", f"format {cal['format']!r}: use auto, chat or raw")
+    for section, key, table in (("calibration", "samples", cal), ("calibration", "seq_len", cal),
+                                ("release", "threads", rel), ("evaluation", "ctx", ev)):
+        if table[key] < 1:
+            raise recipe.error(section, None, key, f"{key} must be >= 1, not {table[key]}")
+    if recipe.output["layout"] not in LAYOUTS:
+        raise recipe.error("output", None, "layout", f"layout {recipe.output['layout']!r}: use {' or '.join(LAYOUTS)}")
+
+
+def _models(recipe: Recipe, table: dict, i: int) -> list[ModelEntry]:
+    from qconvert.family import hub_id
+
+    _check_keys(recipe, table, dict(SECTIONS["models"]), "models", i, "[[models]]")
+    sources = [k for k in ("sizes", "hub", "path", "fixture") if k in table]
+    if len(sources) != 1:
+        raise recipe.error("models", i, None, "each [[models]] needs exactly one of sizes (+ variants), hub, path "
+                           f"or fixture; found {', '.join(sources) or 'none'}")
+    lic = table.get("license")
+    if "sizes" in table:
+        if "name" in table:
+            raise recipe.error("models", i, "name", "name applies to a single model, not to sizes x variants")
+        out = []
+        for size in table["sizes"]:
+            for variant in table.get("variants", ["instruct"]):
+                try:
+                    repo = hub_id(size, variant)
+                except QConvertError as e:
+                    raise recipe.error("models", i, "sizes", str(e)) from None
+                out.append(ModelEntry(repo, repo, lic, i))
+        return out
+    if "variants" in table:
+        raise recipe.error("models", i, "variants", "variants goes with sizes; hub, path and fixture name one model")
+    if "hub" in table:
+        return [ModelEntry(table["hub"], table.get("name", table["hub"]), lic, i)]
+    if "path" in table:
+        where = (recipe.path.parent / table["path"]).resolve() if not Path(table["path"]).is_absolute() else \
+            Path(table["path"])
+        return [ModelEntry(str(where), table.get("name", where.name), lic, i)]
+    from qconvert.fixtures import FIXTURES
+
+    if table["fixture"] not in FIXTURES:
+        raise recipe.error("models", i, "fixture", f"no fixture {table['fixture']!r}; choose one of "
+                           f"{', '.join(FIXTURES)}")
+    return [ModelEntry(f"fixture:{table['fixture']}", table.get("name", f"qconvert/{table['fixture']}"), lic, i)]
+
+
+def _format(recipe: Recipe, table: dict, i: int) -> FormatEntry:
+    kind = table.get("kind")
+    if kind not in FORMAT_KEYS:
+        raise recipe.error("formats", i, "kind" if kind else None,
+                           f"[[formats]] needs kind = one of {', '.join(FORMAT_KEYS)}, got {kind!r}")
+    allowed = {**SECTIONS["formats"], **FORMAT_KEYS[kind]}
+    _check_keys(recipe, table, allowed, "formats", i, f"[[formats]] (kind {kind})")
+    thresholds = table.get("thresholds", {})
+    _check_keys(recipe, thresholds, dict(SECTIONS["thresholds"]), "formats", i, "[formats.thresholds]")
+    settings = {k: v for k, v in table.items() if k not in ("kind", "id", "thresholds")}
+    fid = table.get("id") or _default_id(kind, settings)
+    return FormatEntry(kind, fid, settings, dict(thresholds), i)
+
+
+def _default_id(kind: str, s: dict) -> str:
+    if kind == "gptq":
+        return f"gptq-int{s.get('bits', 4)}"
+    if kind == "onnx":
+        return f"onnx-{s.get('precision', 'int4')}"
+    return kind
+
+
+def _check_formats(recipe: Recipe) -> None:
+    """Combinations that can never work, whatever the model (model-dependent checks are in ``plan``)."""
+    from qconvert.gguf.plan import get_preset, parse_type
+    from qconvert.int4 import AWQConfig, GPTQConfig
+
+    ids: dict[str, FormatEntry] = {}
+    for f in recipe.formats:
+        if f.id in ids:
+            raise recipe.error("formats", f.index, "id", f"format id {f.id!r} is used twice (also by [[formats]] "
+                               f"number {ids[f.id].index + 1}); give each an id = \"...\"")
+        ids[f.id] = f
+        s = f.settings
+        try:
+            if f.kind == "gguf":
+                if not s.get("presets"):
+                    raise recipe.error("formats", f.index, "presets", "a gguf format needs presets = [\"Q4_K_M\", ...]")
+                for p in s["presets"]:
+                    get_preset(p)
+                for key in ("output_tensor_type", "token_embedding_type"):
+                    if key in s:
+                        parse_type(s[key])
+            elif f.kind == "gptq":
+                GPTQConfig(**gptq_kwargs(s))
+            elif f.kind == "awq":
+                if s.get("bits", 4) != 4:
+                    raise recipe.error("formats", f.index, "bits", f"AWQ {s['bits']}-bit is not a format: AWQ "
+                                       "checkpoints (GEMM layout) are 4-bit only. Use kind = \"gptq\" with bits = "
+                                       f"{s['bits']} for {s['bits']}-bit weights, or bits = 4")
+                AWQConfig(**awq_kwargs(s))
+            elif f.kind == "onnx":
+                _check_onnx(recipe, f, ids)
+        except RecipeError:
+            raise
+        except QConvertError as e:
+            key = next((k for k in ("presets", "bits", "group_size", "damp", "output_tensor_type",
+                                    "token_embedding_type") if k in s), None)
+            raise recipe.error("formats", f.index, key, str(e)) from None
+
+
+def _check_onnx(recipe: Recipe, f: FormatEntry, ids: dict[str, FormatEntry]) -> None:
+    s = f.settings
+    if s.get("precision", "int4") not in ONNX_PRECISIONS:
+        raise recipe.error("formats", f.index, "precision", f"onnx precision {s['precision']!r}: use "
+                           f"{', '.join(ONNX_PRECISIONS)}")
+    src = s.get("from")
+    if src is not None:
+        if src not in ids or ids[src].kind != "gptq":
+            raise recipe.error("formats", f.index, "from", f"from = {src!r} must name the id of a gptq format listed "
+                               "before this one (the ONNX int4 model reuses its weights, no requantization)")
+        if s.get("precision", "int4") != "int4" or ids[src].settings.get("bits", 4) != 4:
+            raise recipe.error("formats", f.index, "from", "from = a GPTQ format works only for precision = "
+                               "\"int4\" from a 4-bit GPTQ format")
+        group = ids[src].settings.get("group_size", 128)
+        if s.get("block_size", group) != group:
+            raise recipe.error("formats", f.index, "block_size", f"block_size {s['block_size']} differs from the "
+                               f"group size {group} of {src!r}; MatMulNBits reuses the GPTQ groups as blocks. Drop "
+                               "block_size (it follows the GPTQ format)")
+
+
+def gptq_kwargs(s: Any) -> dict[str, Any]:
+    return {"bits": s.get("bits", 4), "group_size": s.get("group_size", 128), "sym": s.get("sym", True),
+            "desc_act": s.get("act_order", False), "static_groups": s.get("static_groups", False),
+            "damp_percent": s.get("damp", 0.01)}
+
+
+def awq_kwargs(s: Any) -> dict[str, Any]:
+    return {"group_size": s.get("group_size", 128), "n_grid": s.get("n_grid", 20), "clip_grid": s.get("clip_grid", 20)}

@@ -1,0 +1,302 @@
+"""``qconvert release``: recipes and their errors, the demo release (local and Ray give the same manifest),
+resuming after a kill, --only, a changed source, a full disk, threshold failures.
+
+The demo release (recipes/demo.toml on the trained demo fixture: GGUF Q8_0 + Q4_K_M with an importance matrix,
+GPTQ-4 from the shared statistics, AWQ, ONNX int4 from the GPTQ weights) is built once per module; the other
+end-to-end tests use GGUF-only recipes, which take seconds.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from qconvert.cli import main
+from qconvert.release import RecipeError, load_recipe, run_release
+from qconvert.release.manifest import SourceChangedError, sha256_file
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "recipes" / "demo.toml"
+
+
+def write_recipe(tmp_path: Path, body: str, name: str = "r.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(body).lstrip())
+    return path
+
+
+GGUF_ONLY = """
+[release]
+threads = 1
+device = "cpu"
+
+[evaluation]
+ctx = 64
+chunks = 4
+
+[[models]]
+{model}
+
+[[formats]]
+kind = "gguf"
+presets = {presets}
+{extra}
+"""
+
+
+def gguf_recipe(tmp_path: Path, presets: str = '["Q8_0", "Q4_K_M", "Q5_K_M"]', extra: str = "",
+                model: str = 'fixture = "demo"\nname = "qconvert/Qwen2.5-Demo-Instruct"', name: str = "g.toml") -> Path:
+    return write_recipe(tmp_path, GGUF_ONLY.format(presets=presets, extra=extra, model=model), name)
+
+
+def artifact_hashes(manifest: dict) -> dict[str, str]:
+    return {f: v["sha256"] for e in manifest["artifacts"].values() for f, v in e["files"].items()}
+
+
+# -- recipes -----------------------------------------------------------------------------------------------------
+
+def test_shipped_recipes_validate_and_expand() -> None:
+    from qconvert.release.plan import expand
+
+    counts = {}
+    for name in ("qwen2.5", "qwen2.5-coder", "demo"):
+        recipe = load_recipe(ROOT / "recipes" / f"{name}.toml")
+        jobs = expand(recipe)
+        counts[name] = len(jobs)
+        assert len({j.id for j in jobs}) == len(jobs)
+    # Qwen2.5: 7 Instruct sizes x (8 GGUF presets + GPTQ-Int4 + GPTQ-Int8 + AWQ + ONNX int4)
+    assert counts["qwen2.5"] == 7 * 12
+    assert counts["qwen2.5-coder"] == 6 * 12
+    assert counts["demo"] == 5
+    names = {j.name for j in expand(load_recipe(ROOT / "recipes" / "qwen2.5.toml"))}
+    assert {"qwen2.5-7b-instruct-gguf-q4_k_m", "qwen2.5-72b-instruct-gptq-int8", "qwen2.5-0.5b-instruct-awq",
+            "qwen2.5-3b-instruct-onnx-int4"} <= names
+
+
+@pytest.mark.parametrize("body, line, needle", [
+    ('[[models]]\nfixture = "demo"\n\n[[formats]]\nkind = "gptq"\nbitz = 4\n', 6,
+     "unknown key 'bitz' in [[formats]] (kind gptq) (did you mean 'bits'?)"),
+    ('[release]\nthreds = 2\n', 2, "unknown key 'threds' in [release] (did you mean 'threads'?)"),
+    ('[releese]\nname = "x"\n', 1, "unknown section [releese] (did you mean 'release'?)"),
+    (('[[models]]\nfixture = "demo"\n\n[[formats]]\nkind = "gguf"\npresets = ["Q4_K_M"]\n\n[[formats]]\n'
+      'kind = "awq"\nbits = 8\n'), 10, "AWQ 8-bit is not a format"),
+    ('[[models]]\nfixture = "demo"\n[[formats]]\nkind = "gptq"\nbits = "4"\n', 5,
+     "bits in [[formats]] (kind gptq) must be a integer"),
+    ('[[models]]\nfixture = "demo"\n[[formats]]\nkind = "gguf"\npresets = ["Q4_K_X"]\n', 5,
+     "unknown quantization preset 'Q4_K_X'"),
+    ('[[models]]\nfixture = "demo"\n[[formats]]\nkind = "onnx"\nfrom = "gptq-int4"\n', 5,
+     "from = 'gptq-int4' must name the id of a gptq format"),
+    ('[[models]]\nsizes = ["72b"]\nvariants = ["coder"]\n[[formats]]\nkind = "awq"\n', 2,
+     "Qwen never published a 72b coder model"),
+    (('[[models]]\nfixture = "demo"\n[[formats]]\nkind = "gguf"\npresets = ["Q8_0"]\n[formats.thresholds]\n'
+      'max_kll = 0.1\n'), 7, "unknown key 'max_kll' in [formats.thresholds] (did you mean 'max_kl'?)"),
+    ('[[models]]\nfixture = "demo"\n[[formats]]\nkind = "gguf"\npresets = ["Q8_0"\n', 5, "not valid TOML"),
+    (('[[models]]\nfixture = "demo"\n[[formats]]\nkind = "gptq"\ngroup_size = 64\n[[formats]]\nkind = "onnx"\n'
+      'from = "gptq-int4"\nblock_size = 128\n'), 9, "block_size 128 differs from the group size 64"),
+])
+def test_recipe_errors_point_at_the_line(tmp_path: Path, body: str, line: int, needle: str) -> None:
+    path = write_recipe(tmp_path, body)
+    with pytest.raises(RecipeError) as e:
+        load_recipe(path)
+    assert str(e.value).startswith(f"{path}:{line}: "), str(e.value)
+    assert needle in str(e.value)
+
+
+def test_pure_k_quant_on_a_fallback_shape_is_refused_before_any_work(tmp_path: Path, capsys) -> None:
+    recipe = gguf_recipe(tmp_path, '["Q4_K_M"]', "pure = true", model='fixture = "tiny-fallback"')
+    out = tmp_path / "rel"
+    assert main(["release", str(recipe), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    line = next(i for i, t in enumerate(recipe.read_text().splitlines(), 1) if t.startswith("pure"))
+    assert f"{recipe}:{line}: pure = true" in err and "rows of 320 are not a multiple of 256" in err
+    assert not (out / "manifest.json").exists()
+
+
+# -- the demo release --------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def demo_release(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("release") / "demo"
+    assert main(["release", str(DEMO), "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def test_demo_release_manifest_cards_and_report(demo_release: Path) -> None:
+    m = json.loads((demo_release / "manifest.json").read_text())
+    arts = m["artifacts"]
+    assert sorted(e["kind"] for e in arts.values()) == ["awq", "gguf", "gguf", "gptq", "onnx"]
+    for aid, e in arts.items():
+        assert e["passed"], (aid, e["failures"])
+        for rel, f in e["files"].items():  # every file of every artifact, hashed and present
+            assert sha256_file(demo_release / rel) == f["sha256"] and (demo_release / rel).stat().st_size == f["size"]
+        assert set(e["metrics"]) >= {"dppl_pct", "kl_mean", "top1", "ppl", "ppl_ref"}
+        assert e["evaluation"]["sha256"] == m["models"]["qwen2.5-demo-instruct"]["evaluation"]["sha256"]
+        card = (demo_release / e["path"] / "README.md").read_text()
+        front = card.split("---")[1]
+        for line in ("base_model: qconvert/Qwen2.5-Demo-Instruct", "quantized_by: qconvert", "license: apache-2.0",
+                     "library_name: ", "tags:"):
+            assert line in front, (aid, line)
+    # one shared calibration: every calibrated artifact names the same token hash; GPTQ and the imatrix used the
+    # statistics pass, AWQ ran its own pass on the same tokens
+    calib = {e["calibration"]["sha256"] for e in arts.values() if e["calibration"]}
+    assert len(calib) == 1
+    kinds = {e["settings"].get("preset", e["kind"]): e["statistics"] for e in arts.values()}
+    assert kinds["Q4_K_M"] == kinds["gptq"] == "shared float pass"
+    assert kinds["awq"].startswith("own AWQ pass") and kinds["onnx"] is None
+    src = m["models"]["qwen2.5-demo-instruct"]
+    assert "model.safetensors" in src["files"] and m["release"]["qconvert_version"]
+    onnx = next(e for e in arts.values() if e["kind"] == "onnx")
+    assert onnx["metrics"]["runtime"] == "onnxruntime"
+    assert "finished" not in json.dumps(m) and "seconds" not in json.dumps(m)  # timings live in timings.json
+    timings = json.loads((demo_release / "timings.json").read_text())
+    assert set(timings["artifacts"]) == set(arts) and timings["runs"][0]["executor"] == "local"
+    report = (demo_release / "report.md").read_text()
+    assert "# Release report" in report and ".png)" in report
+    assert not list(demo_release.rglob(".*.partial*"))
+
+
+def test_ray_executor_writes_the_same_manifest(demo_release: Path, tmp_path: Path) -> None:
+    ray = pytest.importorskip("ray")
+    out = tmp_path / "ray"
+    try:
+        outcome = run_release(DEMO, out, executor="ray", verbose=False,
+                              ray_init={"num_cpus": 2, "include_dashboard": False})
+    finally:
+        ray.shutdown()
+    assert len(outcome.built) == 5 and not outcome.failures
+    assert (out / "manifest.json").read_bytes() == (demo_release / "manifest.json").read_bytes()
+    assert json.loads((out / "timings.json").read_text())["runs"][0]["executor"] == "ray"
+
+
+def test_rerun_is_idempotent_and_only_rebuilds_a_subset(demo_release: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "copy"
+    shutil.copytree(demo_release, out)
+    before = (out / "manifest.json").read_bytes()
+    assert main(["release", str(DEMO), "--out", str(out)]) == 2  # an existing release needs --resume or --only
+    assert "pass --resume" in capsys.readouterr().err
+    outcome = run_release(DEMO, out, resume=True, verbose=False)
+    assert outcome.built == [] and len(outcome.skipped) == 5
+    outcome = run_release(DEMO, out, only="*q8_0*", verbose=False)
+    assert outcome.built == ["qwen2.5-demo-instruct/qwen2.5-demo-instruct-gguf-q8_0"]
+    assert (out / "manifest.json").read_bytes() == before
+
+
+# -- resume, bad input ---------------------------------------------------------------------------------------------
+
+def test_killed_run_resumes_where_it_stopped(tmp_path: Path, monkeypatch) -> None:
+    from qconvert.release import build
+
+    recipe = gguf_recipe(tmp_path)
+    clean = run_release(recipe, tmp_path / "clean", verbose=False)
+    real = build.BUILDERS["gguf"]
+    calls = []
+
+    def dies_on_the_second(ctx, job, out, settings, deps):
+        calls.append(job.id)
+        if len(calls) == 2:
+            real(ctx, job, out, settings, deps)  # the file is written, then the process "dies"
+            raise KeyboardInterrupt
+        return real(ctx, job, out, settings, deps)
+
+    monkeypatch.setitem(build.BUILDERS, "gguf", dies_on_the_second)
+    out = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        run_release(recipe, out, verbose=False)
+    m = json.loads((out / "manifest.json").read_text())
+    assert list(m["artifacts"]) == [calls[0]]
+    assert not list(out.rglob(".*.partial*")) and not (out / calls[1].replace("/", "/", 1)).exists()
+    monkeypatch.setitem(build.BUILDERS, "gguf", real)
+    outcome = run_release(recipe, out, resume=True, verbose=False)
+    assert outcome.skipped == [calls[0]] and len(outcome.built) == 2
+    assert (out / "manifest.json").read_bytes() == (tmp_path / "clean" / "manifest.json").read_bytes()
+    assert artifact_hashes(m).items() <= artifact_hashes(clean.manifest.data).items()
+
+
+def test_changed_source_is_refused(tmp_path: Path, model_dir, capsys) -> None:
+    src = tmp_path / "ckpt"
+    shutil.copytree(model_dir("demo"), src)
+    recipe = gguf_recipe(tmp_path, '["Q8_0"]', model=f'path = "{src}"\nname = "qconvert/Qwen2.5-Demo-Instruct"')
+    out = tmp_path / "rel"
+    run_release(recipe, out, verbose=False)
+    before = (out / "manifest.json").read_bytes()
+    cfg = src / "generation_config.json"
+    cfg.write_text(cfg.read_text() + "\n")
+    with pytest.raises(SourceChangedError, match="generation_config.json"):
+        run_release(recipe, out, resume=True, verbose=False)
+    assert main(["release", str(recipe), "--out", str(out), "--only", "*q8_0*"]) == 2
+    assert "changed since" in capsys.readouterr().err
+    assert (out / "manifest.json").read_bytes() == before
+
+
+def test_full_disk_fails_cleanly_and_keeps_the_manifest(tmp_path: Path, monkeypatch, capsys) -> None:
+    from qconvert.release import build
+
+    real = build.BUILDERS["gguf"]
+
+    def full_on_q4(ctx, job, out, settings, deps):
+        if job.preset == "Q4_K_M":
+            out.mkdir()
+            (out / "half.gguf").write_bytes(b"GGUF")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(ctx, job, out, settings, deps)
+
+    monkeypatch.setitem(build.BUILDERS, "gguf", full_on_q4)
+    recipe = gguf_recipe(tmp_path, '["Q8_0", "Q4_K_M"]')
+    out = tmp_path / "rel"
+    assert main(["release", str(recipe), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "no space left on the device while building" in err and "--resume" in err
+    m = json.loads((out / "manifest.json").read_text())
+    assert list(m["artifacts"]) == ["qwen2.5-demo-instruct/qwen2.5-demo-instruct-gguf-q8_0"]
+    assert not list(out.rglob("*q4_k_m*")) and not list(out.rglob(".*.partial*"))
+
+
+def test_threshold_failure_exits_nonzero(tmp_path: Path, capsys) -> None:
+    recipe = gguf_recipe(tmp_path, '["Q4_K_M"]', "[formats.thresholds]\nmax_kl = 0.0")
+    out = tmp_path / "rel"
+    assert main(["release", str(recipe), "--out", str(out), "--quiet"]) == 1
+    assert "FAIL qwen2.5-demo-instruct/qwen2.5-demo-instruct-gguf-q4_k_m: mean KL" in capsys.readouterr().err
+    entry = json.loads((out / "manifest.json").read_text())["artifacts"]
+    assert [e["passed"] for e in entry.values()] == [False]
+
+
+def test_a_second_run_in_the_same_directory_is_refused(tmp_path: Path) -> None:
+    import fcntl
+
+    from qconvert.errors import OutputError
+
+    out = tmp_path / "rel"
+    (out / ".qconvert-release").mkdir(parents=True)
+    with open(out / ".qconvert-release" / "lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(OutputError, match="another qconvert release is running"):
+            run_release(gguf_recipe(tmp_path, '["Q8_0"]'), out, verbose=False)
+
+
+
+def test_manifest_write_on_a_full_disk_keeps_the_previous_manifest(tmp_path: Path, monkeypatch) -> None:
+    from qconvert.errors import OutputError
+    from qconvert.release.manifest import Manifest
+
+    m = Manifest(tmp_path)
+    m.data["artifacts"]["a/b"] = {"passed": True}
+    m.save()
+    before = (tmp_path / "manifest.json").read_bytes()
+    real_write = Path.write_text
+
+    def full(self: Path, *args, **kwargs):
+        if ".partial" in self.name:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    m.data["artifacts"]["a/c"] = {"passed": False}
+    with pytest.raises(OutputError, match="no space left"):
+        m.save()
+    assert (tmp_path / "manifest.json").read_bytes() == before
+    assert not list(tmp_path.glob(".*partial*"))
