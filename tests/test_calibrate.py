@@ -228,6 +228,7 @@ def test_gguf_from_a_gptq_checkpoint_says_use_the_float_one(gptq_out: Path, tmp_
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_pad_intermediate_keeps_the_model_and_pads_with_zeros(demo, tmp_path: Path) -> None:
     """--pad-intermediate (Qwen's vLLM tensor-parallel recipe): 768 -> 1024 zero rows/columns. gate/up see the same
     inputs, so their real rows are bit-identical; down_proj's extra inputs are dead columns (zero weights), and its
