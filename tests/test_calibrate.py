@@ -142,7 +142,7 @@ def test_jsonl_source(demo, tmp_path: Path) -> None:
     assert cal.n_documents == 50 and cal.ids.shape == (2, 32)
 
 
-@pytest.mark.parametrize("source, needle", [("wikitext2", "datasets"), ("hf:allenai/c4", "local .txt"),
+@pytest.mark.parametrize("source, needle", [("wikitext2", "local .txt"), ("hf:allenai/c4", "local .txt"),
                                             ("missing.txt", "does not exist")])
 def test_unusable_sources_say_why(demo, source: str, needle: str) -> None:
     with pytest.raises(CalibrationDataError, match=needle):
