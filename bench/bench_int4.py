@@ -98,6 +98,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/qconvert-bench-int4"))
+    ap.add_argument("--eval-only", action="store_true", help="evaluate outputs already in --workdir (no timing)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if not (args.model / "config.json").exists():
@@ -116,6 +117,9 @@ def main() -> None:
     ids = torch.tensor(Tokenizer.from_file(str(args.model / "tokenizer.json")).encode(eval_text()).ids[:args.tokens])
     runs = []
     for method in args.methods:
+        if args.eval_only:
+            runs.append({"method": method, "seconds": float("nan"), "peak_rss_gb": float("nan")})
+            continue
         r = subprocess.run([sys.executable, __file__, str(args.model), "--child", method, "--samples",
                             str(args.samples), "--seqlen", str(args.seqlen), "--workdir", str(args.workdir)],
                            capture_output=True, text=True, check=True)
