@@ -12,39 +12,15 @@ Attention is causal over the whole sequence with NEOX-style RoPE (rotate halves)
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from qconvert.registry import rope_theta
+from qconvert.model.dims import Qwen2Dims
 
 # A hook sees (sub-layer name relative to the layer, its input [batch, seq, in]) before the linear runs.
 LinearHook = Callable[[str, torch.Tensor], None]
-
-
-@dataclass(frozen=True)
-class Qwen2Dims:
-    """The config.json numbers the forward needs."""
-
-    hidden_size: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    rope_theta: float
-    tie_word_embeddings: bool
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> Qwen2Dims:
-        if config.get("rope_scaling"):
-            raise NotImplementedError("qconvert's Qwen2 forward implements plain RoPE; this config has rope_scaling "
-                                      "(YaRN). Remove rope_scaling from config.json for calibration at short lengths.")
-        nh = int(config["num_attention_heads"])
-        return cls(int(config["hidden_size"]), nh, int(config.get("num_key_value_heads", nh)),
-                   int(config.get("head_dim") or config["hidden_size"] // nh), float(config["rms_norm_eps"]),
-                   rope_theta(dict(config)), bool(config.get("tie_word_embeddings", False)))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

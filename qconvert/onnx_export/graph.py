@@ -30,8 +30,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from qconvert.errors import CheckpointError
-from qconvert.registry import rope_theta
+from qconvert.model.dims import Qwen2Dims
 
 OPSET = 21
 MS_DOMAIN = "com.microsoft"
@@ -44,31 +43,7 @@ F32 = np.dtype(np.float32)
 F16 = np.dtype(np.float16)
 
 
-@dataclass(frozen=True)
-class Dims:
-    """The config.json numbers the graph needs."""
-
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
-    rms_norm_eps: float
-    rope_theta: float
-    tie_word_embeddings: bool
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any]) -> Dims:
-        if config.get("rope_scaling"):
-            raise CheckpointError("this config has rope_scaling (YaRN); qconvert's ONNX graph implements plain RoPE. "
-                                  "Remove rope_scaling from config.json (fine up to 32K tokens) and export again.")
-        nh = int(config["num_attention_heads"])
-        return cls(int(config["hidden_size"]), int(config["intermediate_size"]), int(config["num_hidden_layers"]), nh,
-                   int(config.get("num_key_value_heads", nh)), int(config.get("head_dim") or config["hidden_size"] // nh),
-                   int(config["vocab_size"]), float(config["rms_norm_eps"]), rope_theta(dict(config)),
-                   bool(config.get("tie_word_embeddings", False)))
+Dims = Qwen2Dims  # the config numbers the graph needs (shared with qconvert's torch forward)
 
 
 @dataclass(frozen=True)
