@@ -24,7 +24,7 @@ DEFAULT_MODEL = Path.home() / ".cache/qconvert-real/hf/qwen2.5-coder-0.5b-tied"
 METHODS = ("rtn", "gptq", "gptq-stats", "awq", "gptq-int8")
 
 
-def run_one(model: Path, method: str, out: Path, samples: int, seqlen: int) -> dict:
+def run_one(model: Path, method: str, out: Path, samples: int, seqlen: int, search_samples: int) -> dict:
     """Child process: quantize, return time and peak RSS (the linears are kept for the parent's evaluation)."""
     import torch
 
@@ -43,7 +43,8 @@ def run_one(model: Path, method: str, out: Path, samples: int, seqlen: int) -> d
         calibrate(model, calib.ids, "rtn", GPTQConfig(), linears.__setitem__, settings=settings)
         torch.save({k: v.dequantize().float() for k, v in linears.items()}, out / "rtn.pt")
     else:
-        cfg = AWQConfig() if method == "awq" else GPTQConfig(bits=8 if method == "gptq-int8" else 4)
+        cfg = AWQConfig(search_samples=search_samples) if method == "awq" else \
+            GPTQConfig(bits=8 if method == "gptq-int8" else 4)
         stats = collect_stats(model, calib.ids, settings) if method == "gptq-stats" else None
         write_int4(model, model.name, out / method, "awq" if method == "awq" else "gptq", cfg, calib, settings,
                    force=True, stats=stats)
@@ -96,6 +97,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--awq-search-samples", type=int, default=0, help="AWQ scale-search samples (0: all)")
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/qconvert-bench-int4"))
     ap.add_argument("--eval-only", action="store_true", help="evaluate outputs already in --workdir (no timing)")
@@ -105,7 +107,8 @@ def main() -> None:
         raise SystemExit(f"{args.model} not found: run ../shared/tools/real-model.sh first")
     args.workdir.mkdir(parents=True, exist_ok=True)
     if args.child:
-        print(json.dumps(run_one(args.model, args.child, args.workdir, args.samples, args.seqlen)))
+        print(json.dumps(run_one(args.model, args.child, args.workdir, args.samples, args.seqlen,
+                                 args.awq_search_samples)))
         return
     import torch
     from tokenizers import Tokenizer
@@ -121,7 +124,8 @@ def main() -> None:
             runs.append({"method": method, "seconds": float("nan"), "peak_rss_gb": float("nan")})
             continue
         r = subprocess.run([sys.executable, __file__, str(args.model), "--child", method, "--samples",
-                            str(args.samples), "--seqlen", str(args.seqlen), "--workdir", str(args.workdir)],
+                            str(args.samples), "--seqlen", str(args.seqlen), "--workdir", str(args.workdir),
+                            "--awq-search-samples", str(args.awq_search_samples)],
                            capture_output=True, text=True, check=True)
         runs.append(json.loads(r.stdout.strip().splitlines()[-1]))
         print(f"  {method}: {runs[-1]['seconds']:.0f} s", file=sys.stderr)
@@ -135,7 +139,8 @@ def main() -> None:
     del wf
     ppl_f, _ = evaluate(args.model, args.workdir, "float", ids, config, None)
     print(f"model {args.model.name}; calibration: built-in set, {args.samples} x {args.seqlen} tokens; "
-          f"evaluation: {len(ids)} held-out tokens, windows of 512; CPU threads 2")
+          f"AWQ search samples {args.awq_search_samples or args.samples}; evaluation: {len(ids)} held-out tokens, "
+          "windows of 512; CPU threads 2")
     print(f"{'method':<12} {'time s':>8} {'peak RSS GB':>12} {'PPL':>9} {'dPPL %':>8} {'KL':>9}")
     print(f"{'float':<12} {'':>8} {'':>12} {ppl_f:>9.3f} {'':>8} {'':>9}")
     for r in runs:

@@ -146,22 +146,61 @@ def _run(layer: _Layer, h: torch.Tensor, dims: qwen2.Qwen2Dims, rope: tuple[torc
                           for i in range(0, h.shape[0], batch)])
 
 
+class _GroupDone(Exception):
+    """Raised by a hook once every linear of the group has seen its input: the rest of the forward is not needed."""
+
+
+class _GroupHessians:
+    """Forward hook for one true-sequential group: the Hessian of each distinct input (q/k/v, gate/up share one)."""
+
+    def __init__(self, group: Sequence[str]) -> None:
+        self.group = frozenset(group)
+        self.acc: dict[str, tuple[torch.Tensor | None, int]] = {}
+        self.shares: dict[str, str] = {}  # linear -> the linear fed the same tensor, whose Hessian it uses
+        self.seen: dict[str, torch.Tensor] = {}
+
+    def __call__(self, name: str, x: torch.Tensor) -> None:
+        if name not in self.group:
+            return
+        owner = next((n for n, y in self.seen.items() if y is x), None)
+        self.seen[name] = x
+        if owner is not None:
+            self.shares[name] = self.shares.get(owner, owner)
+        else:
+            self.acc[name] = add_to_hessian(*self.acc.get(name, (None, 0)), x)
+        if len(self.seen) == len(self.group):
+            raise _GroupDone
+
+    def collect(self, layer: _Layer, h: torch.Tensor, dims: qwen2.Qwen2Dims,
+                rope: tuple[torch.Tensor, torch.Tensor], batch: int) -> None:
+        """Run the layer on every minibatch of ``h``, each forward stopping once the group's inputs are seen."""
+        for i in range(0, h.shape[0], batch):
+            self.seen = {}
+            try:
+                with torch.no_grad():
+                    qwen2.decoder_layer(layer.p, h[i:i + batch], dims, rope, self)
+            except _GroupDone:
+                pass
+
+    def hessian(self, name: str) -> torch.Tensor:
+        H = self.acc.get(self.shares.get(name, name), (None, 0))[0]
+        assert H is not None, f"{name} was never called by the forward"
+        return H
+
+
 def _gptq_layer(layer: _Layer, h: torch.Tensor, dims: qwen2.Qwen2Dims, rope: tuple[torch.Tensor, torch.Tensor],
                 spec: ArchSpec, cfg: GPTQConfig, settings: CalibrationSettings) -> dict[str, QuantizedLinear]:
-    """True-sequential GPTQ of one layer: each group's Hessians see the already quantized earlier groups."""
+    """True-sequential GPTQ of one layer: each group's Hessians see the already quantized earlier groups.
+
+    Each group's forward stops as soon as the group's inputs are captured (q/k/v need only the input norm, o_proj
+    the attention), and linears fed the same tensor (q/k/v, gate/up) share one Hessian.
+    """
     out: dict[str, QuantizedLinear] = {}
     for group in spec.sequential:
-        stats: dict[str, tuple[torch.Tensor | None, int]] = {n: (None, 0) for n in group}
-
-        def hook(name: str, x: torch.Tensor, stats: dict = stats) -> None:
-            if name in stats:
-                stats[name] = add_to_hessian(*stats[name], x)
-
-        _run(layer, h, dims, rope, settings.batch_size, hook)
+        stats = _GroupHessians(group)
+        stats.collect(layer, h, dims, rope, settings.batch_size)
         for name in group:
-            H = stats[name][0]
-            assert H is not None, f"{name} was never called by the forward"
-            q = gptq(layer.weight(name).float(), H, cfg)
+            q = gptq(layer.weight(name).float(), stats.hessian(name), cfg)
             layer.p[f"{name}.weight"] = q.dequantize().to(settings.dtype)
             out[name] = q
     return out
@@ -209,9 +248,11 @@ def _awq_layer(layer: _Layer, h: torch.Tensor, dims: qwen2.Qwen2Dims, rope: tupl
     shapes = {n: tuple(layer.weight(n).shape) for n in linears}
     sites = active_mappings(mappings, shapes)
     scales = []
+    k = cfg.search_samples or h.shape[0]  # the grid's forwards run on the first k samples (random windows)
     for m in sites:  # searched on the unscaled layer, like AutoAWQ's auto_scale
-        fwd = _inspect_forward(layer, m.inspect, m.layers, inputs[m.layers[0]], dims, rope, settings.batch_size)
-        scales.append(search_scales(inputs[m.layers[0]], [layer.weight(n).float() for n in m.layers], fwd, cfg).scales)
+        x = inputs[m.layers[0]]
+        fwd = _inspect_forward(layer, m.inspect, m.layers, x[:k], dims, rope, settings.batch_size)
+        scales.append(search_scales(x, [layer.weight(n).float() for n in m.layers], fwd, cfg).scales)
     changed: set[str] = set()
     for m, s in zip(sites, scales):
         prev = f"{m.prev}.weight"

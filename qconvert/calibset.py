@@ -1,9 +1,11 @@
 """Calibration data: the built-in multilingual set, local .txt/.jsonl files, ChatML rendering, sampling.
 
-Offline by default. The built-in set is generated here, deterministically, from small templates — English and
-Chinese prose, Python code, arithmetic and word problems — so it is distinct from the fixtures' corpus and needs
-no download. For Instruct models each document is rendered as a ChatML conversation (a user request, the
-document as the assistant's answer), because that is the text the deployed model sees; base models get raw text.
+Offline by default. The built-in set (``qconvert/data/calib/``: 198 documents, 420 KB, ~118k Qwen2.5 tokens)
+is natural text written for this project: English and Chinese prose in many registers, 19 other languages, code
+in a dozen languages with explanations, and worked math (English and Chinese), as (request, answer) documents.
+It is distinct from the evaluation text and the fixtures' corpus and needs no download. For Instruct models each
+document is rendered as a ChatML conversation (a user request, the document as the assistant's answer), because
+that is the text the deployed model sees; base models get raw text.
 
 Sampling (as GPTQ's c4 loader): all documents are joined (end-of-text separated), tokenized once, and
 ``n_samples`` windows of ``seq_len`` tokens are drawn with a seeded generator. Same inputs + seed -> same tokens.
@@ -11,10 +13,12 @@ Sampling (as GPTQ's c4 loader): all documents are joined (end-of-text separated)
 
 from __future__ import annotations
 
+import functools
 import json
-import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -23,8 +27,10 @@ from qconvert.errors import QConvertError
 
 BUILTIN = "builtin"
 SYSTEM_PROMPT = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."  # Qwen2.5's default
-BUILTIN_SEED = "qconvert-calibset-v1"
-BUILTIN_DOCS_PER_KIND = 60
+BUILTIN_VERSION = "qconvert-calib-v2"
+# qconvert/data/calib/: original documents written for this project (none copied from elsewhere), disjoint from
+# the evaluation text (qconvert.fixtures.corpus.eval_text) and from the demo model's training text.
+BUILTIN_FILES = ("en.txt", "zh.txt", "multi.txt", "code.txt", "math.txt")
 
 
 class CalibrationDataError(QConvertError):
@@ -55,69 +61,24 @@ class CalibrationSet:
 
 # -- the built-in set -----------------------------------------------------------------------------------------
 
-_EN_WHO = ("The engineer", "A young teacher", "My grandmother", "The committee", "A curious student", "The pilot",
-           "Our neighbour", "The old fisherman", "A travelling musician", "The doctor on duty")
-_EN_DID = ("repaired the bridge", "wrote a long letter", "planted apple trees", "measured the river",
-           "explained the plan", "painted the station", "counted the votes", "cooked dinner for everyone",
-           "read the report twice", "crossed the mountains")
-_EN_WHEN = ("before sunrise", "after the storm", "in early spring", "during the long winter", "last Tuesday",
-            "at the end of the war", "every evening", "while the town slept")
-_EN_WHY = ("because nobody else would", "so that the children could learn", "to keep a promise",
-           "since the rain had finally stopped", "although it was difficult", "for reasons no one understood")
-_ZH_WHO = ("工程师", "年轻的老师", "我的奶奶", "委员会", "一个好奇的学生", "飞行员", "邻居", "老渔夫", "医生")
-_ZH_DID = ("修好了那座桥", "写了一封长信", "种下了苹果树", "测量了河水的深度", "解释了新的计划", "粉刷了车站",
-           "为大家做了晚饭", "把报告读了两遍", "翻过了大山")
-_ZH_WHEN = ("天还没亮的时候", "暴风雨过后", "早春时节", "漫长的冬天里", "上周二", "每天晚上", "在小镇沉睡时")
-_ZH_WHY = ("因为没有别人愿意做", "为了让孩子们能够学习", "为了信守诺言", "虽然这件事很难", "没有人知道原因")
-_CODE_NAMES = ("values", "items", "scores", "prices", "lengths", "weights", "counts")
-_CODE_FUNCS = ("clip", "normalize", "moving_average", "count_above", "running_max", "dedupe")
+def _authored(name: str) -> list[tuple[str, str]]:
+    """(request, answer) pairs of one file of the built-in set: each document opens with a ``### request`` line."""
+    text = resources.files("qconvert").joinpath("data", "calib", name).read_text(encoding="utf-8")
+    docs = []
+    for block in re.split(r"(?m)^### ", text)[1:]:
+        request, _, body = block.partition("\n")
+        docs.append((request.strip(), body.strip()))
+    return docs
 
 
-def _en(rng: random.Random) -> tuple[str, str]:
-    sents = [f"{rng.choice(_EN_WHO)} {rng.choice(_EN_DID)} {rng.choice(_EN_WHEN)}, {rng.choice(_EN_WHY)}."
-             for _ in range(rng.randint(3, 6))]
-    return "Write a short paragraph about what happened.", " ".join(sents)
-
-
-def _zh(rng: random.Random) -> tuple[str, str]:
-    sents = [f"{rng.choice(_ZH_WHEN)}，{rng.choice(_ZH_WHO)}{rng.choice(_ZH_DID)}，{rng.choice(_ZH_WHY)}。"
-             for _ in range(rng.randint(3, 6))]
-    return "请写一段短文，讲述发生了什么。", "".join(sents)
-
-
-def _code(rng: random.Random) -> tuple[str, str]:
-    name, func, k = rng.choice(_CODE_NAMES), rng.choice(_CODE_FUNCS), rng.randint(2, 9)
-    data = [rng.randint(-20, 99) for _ in range(rng.randint(4, 8))]
-    body = {
-        "clip": f"    return [min(max(x, 0), {k * 10}) for x in {name}]",
-        "normalize": f"    total = sum({name}) or 1\n    return [x / total for x in {name}]",
-        "moving_average": f"    w = {k}\n    return [sum({name}[i:i + w]) / w for i in range(len({name}) - w + 1)]",
-        "count_above": f"    return sum(1 for x in {name} if x > {k})",
-        "running_max": f"    out, best = [], float('-inf')\n    for x in {name}:\n        best = max(best, x)\n"
-                       f"        out.append(best)\n    return out",
-        "dedupe": f"    seen = set()\n    return [x for x in {name} if not (x in seen or seen.add(x))]",
-    }[func]
-    code = (f"```python\ndef {func}({name}: list[int]) -> list:\n    \"\"\"{func.replace('_', ' ')} of {name}.\"\"\"\n"
-            f"{body}\n\n\nprint({func}({data}))\n```")
-    return f"Write a Python function `{func}` and show how to call it.", code
-
-
-def _math(rng: random.Random) -> tuple[str, str]:
-    a, b, c = rng.randint(2, 99), rng.randint(2, 99), rng.randint(2, 12)
-    if rng.random() < 0.5:
-        q = f"Compute ({a} + {b}) × {c}."
-        ans = f"First add: {a} + {b} = {a + b}. Then multiply: {a + b} × {c} = {(a + b) * c}. The answer is {(a + b) * c}."
-    else:
-        q = f"小明有{a}个苹果，又买了{b}个，平均分给{c}个朋友，每人分到几个，还剩几个？"
-        ans = f"一共有 {a} + {b} = {a + b} 个苹果。{a + b} ÷ {c} = {(a + b) // c} 余 {(a + b) % c}。" \
-              f"每人分到 {(a + b) // c} 个，还剩 {(a + b) % c} 个。"
-    return q, ans
+@functools.lru_cache(maxsize=1)
+def _builtin() -> tuple[tuple[str, str], ...]:
+    return tuple(doc for name in BUILTIN_FILES for doc in _authored(name))
 
 
 def builtin_documents() -> list[tuple[str, str]]:
-    """The built-in calibration set as (request, answer) pairs: prose (en, zh), code, math; deterministic."""
-    rng = random.Random(BUILTIN_SEED)
-    return [make(rng) for _ in range(BUILTIN_DOCS_PER_KIND) for make in (_en, _zh, _code, _math)]
+    """The built-in calibration set as (request, answer) pairs, in a fixed order (see ``BUILTIN_FILES``)."""
+    return list(_builtin())
 
 
 # -- sources --------------------------------------------------------------------------------------------------

@@ -13,6 +13,11 @@ Unlike the GPTQ/AWQ drivers this pass never quantizes, so one pass serves every 
 --stats`` (imatrix), ``qconvert gptq --stats`` (quantizes from the stored Hessians with no further forward)
 and a release that builds several formats. Saved as one safetensors file (``save`` / ``load``), one entry per
 input site, with the calibration set's description and token hash in its metadata.
+
+Memory: with ``collect_stats(..., path=FILE)`` each layer's Hessians are streamed into FILE as soon as the layer
+is done, and ``load`` reads a Hessian only when GPTQ asks for it, so host memory stays about one layer's
+statistics (a 72B model's Hessians are ~340 GB; ``hessians=False`` skips them when only the importance matrix
+and the AWQ means are wanted).
 """
 
 from __future__ import annotations
@@ -26,7 +31,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 from qconvert.calibrate import (
     CalibrationError,
@@ -39,21 +43,46 @@ from qconvert.errors import CheckpointError
 from qconvert.gguf.imatrix import write_imatrix
 from qconvert.int4 import add_to_hessian
 from qconvert.io.atomic import atomic_output
-from qconvert.io.safetensors import SafetensorsCheckpoint
+from qconvert.io.safetensors import SafetensorsCheckpoint, SafetensorsStreamWriter
 from qconvert.model import qwen2
 from qconvert.registry import spec_for_config
 
 FORMAT = "qconvert-calibration-stats/1"
 
 
-@dataclass
 class SiteStats:
-    """Statistics of one input site (the input x that one or more linears read)."""
+    """Statistics of one input site (the input x that one or more linears read).
 
-    hessian: torch.Tensor  # f32 [in, in], 2/N Σ x xᵀ
-    sum_sq: torch.Tensor  # f64 [in], Σ x²
-    mean_abs: torch.Tensor  # f32 [in], Σ |x| / N
-    n_tokens: int
+    ``hessian`` (f32 [in, in], 2/N Σ x xᵀ) is held in memory or read on demand from a statistics file.
+    """
+
+    def __init__(self, sum_sq: torch.Tensor, mean_abs: torch.Tensor, n_tokens: int,
+                 hessian: torch.Tensor | None = None, file: tuple[Path, str] | None = None) -> None:
+        self.sum_sq = sum_sq  # f64 [in], Σ x²
+        self.mean_abs = mean_abs  # f32 [in], Σ |x| / N
+        self.n_tokens = n_tokens
+        self._hessian = hessian
+        self._file = file  # (statistics file, tensor name) of a Hessian not held in memory
+
+    @property
+    def in_features(self) -> int:
+        return int(self.sum_sq.shape[0])
+
+    @property
+    def has_hessian(self) -> bool:
+        return self._hessian is not None or self._file is not None
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        if self._hessian is not None:
+            return self._hessian
+        if self._file is None:
+            raise CalibrationError("these statistics were collected without GPTQ Hessians (importance matrix and "
+                                   "AWQ means only); recollect them with --save-stats to quantize GPTQ from them.")
+        from safetensors import safe_open
+
+        with safe_open(str(self._file[0]), "pt") as f:
+            return f.get_tensor(self._file[1])
 
 
 @dataclass
@@ -96,20 +125,26 @@ class CalibrationStats:
                       chunk_size=int(self.meta.get("seq_len", any_site.n_tokens)), force=force)
 
     def save(self, path: Path, *, force: bool = False) -> None:
-        """One safetensors file (atomic), readable with ``CalibrationStats.load``."""
-        tensors = {}
-        for key, s in self.sites.items():
-            tensors[f"{key}.hessian"] = s.hessian.contiguous().cpu()
-            tensors[f"{key}.sum_sq"] = s.sum_sq.contiguous().cpu()
-            tensors[f"{key}.mean_abs"] = s.mean_abs.contiguous().cpu()
-        meta = {"format": FORMAT, "linears": json.dumps(self.linears), "source": self.source,
+        """One safetensors file (atomic, streamed one site at a time), readable with ``CalibrationStats.load``."""
+        if not all(site.has_hessian for site in self.sites.values()):
+            raise CalibrationError("these statistics have no GPTQ Hessians to save; collect them with hessians=True.")
+        with atomic_output(Path(path), force=force) as tmp:
+            writer = _StatsWriter(tmp, {k: s.in_features for k, s in self.sites.items()}, self._metadata())
+            try:
+                for key, site in self.sites.items():
+                    writer.write_site(key, site.hessian, site.sum_sq, site.mean_abs)
+                writer.finish(self._metadata())
+            finally:
+                writer.close()
+
+    def _metadata(self) -> dict[str, str]:
+        return {"format": FORMAT, "linears": json.dumps(self.linears), "source": self.source,
                 "tokens_sha256": self.tokens_sha256, "seconds": f"{self.seconds:.3f}",
                 "n_tokens": json.dumps({k: s.n_tokens for k, s in self.sites.items()}), "meta": json.dumps(self.meta)}
-        with atomic_output(Path(path), force=force) as tmp:
-            save_file(tensors, str(tmp), metadata=meta)
 
     @classmethod
     def load(cls, path: Path) -> CalibrationStats:
+        """Read a statistics file: the small per-column vectors now, each Hessian when it is first used."""
         from safetensors import safe_open
 
         path = Path(path)
@@ -118,15 +153,18 @@ class CalibrationStats:
         try:
             with safe_open(str(path), "pt") as f:
                 meta = f.metadata() or {}
-            tensors = load_file(str(path))
+                names = set(f.keys())
+                if meta.get("format") != FORMAT:
+                    raise CheckpointError(f"{path} is not a qconvert statistics file (format {meta.get('format')!r}, "
+                                          f"expected {FORMAT!r}); recreate it with --save-stats.")
+                counts = json.loads(meta["n_tokens"])
+                sites = {k: SiteStats(f.get_tensor(f"{k}.sum_sq"), f.get_tensor(f"{k}.mean_abs"), int(n),
+                                      file=(path, f"{k}.hessian") if f"{k}.hessian" in names else None)
+                         for k, n in counts.items()}
+        except CheckpointError:
+            raise
         except Exception as e:  # safetensors raises several types for a bad header
             raise CheckpointError(f"{path} is not a qconvert statistics file ({e}); recreate it with --save-stats.") from e
-        if meta.get("format") != FORMAT:
-            raise CheckpointError(f"{path} is not a qconvert statistics file (format {meta.get('format')!r}, "
-                                  f"expected {FORMAT!r}); recreate it with --save-stats.")
-        counts = json.loads(meta["n_tokens"])
-        sites = {k: SiteStats(tensors[f"{k}.hessian"], tensors[f"{k}.sum_sq"], tensors[f"{k}.mean_abs"], int(n))
-                 for k, n in counts.items()}
         return cls(sites, json.loads(meta["linears"]), meta.get("source", ""), meta.get("tokens_sha256", ""),
                    float(meta.get("seconds", 0)), json.loads(meta.get("meta", "{}")))
 
@@ -140,9 +178,9 @@ class CalibrationStats:
         for i in range(int(config["num_hidden_layers"])):
             for sub in (s for g in spec.sequential for s in g):
                 module = f"{spec.block_prefix}.{i}.{sub}"
-                h = self.site(module).hessian
-                if h.shape[0] != shapes[sub][1]:
-                    raise CalibrationError(f"the statistics for {module} have {h.shape[0]} input columns but the "
+                width = self.site(module).in_features
+                if width != shapes[sub][1]:
+                    raise CalibrationError(f"the statistics for {module} have {width} input columns but the "
                                            f"model's has {shapes[sub][1]}: they come from another model. Recollect "
                                            "them for this checkpoint (--save-stats).")
 
@@ -152,53 +190,117 @@ def tokens_sha256(ids: torch.Tensor) -> str:
     return hashlib.sha256(ids.to(torch.int64).contiguous().numpy().astype("<i8").tobytes()).hexdigest()
 
 
+class _StatsWriter:
+    """Streams site statistics (hessian, sum_sq, mean_abs per site, in site order) into one safetensors file."""
+
+    def __init__(self, path: Path, widths: dict[str, int], draft_meta: dict[str, str]) -> None:
+        decl: dict[str, tuple[str, tuple[int, ...]]] = {}
+        for key, n in widths.items():
+            decl.update({f"{key}.hessian": ("F32", (n, n)), f"{key}.sum_sq": ("F64", (n,)), f"{key}.mean_abs": ("F32", (n,))})
+        self._w = SafetensorsStreamWriter(path, decl, reserve=len(json.dumps(draft_meta)) + 1024)
+
+    def write_site(self, key: str, hessian: torch.Tensor, sum_sq: torch.Tensor, mean_abs: torch.Tensor) -> None:
+        self._w.write(f"{key}.hessian", hessian.float().cpu().numpy())
+        self._w.write(f"{key}.sum_sq", sum_sq.double().cpu().numpy())
+        self._w.write(f"{key}.mean_abs", mean_abs.float().cpu().numpy())
+
+    def finish(self, meta: dict[str, str]) -> None:
+        self._w.finish(meta)
+
+    def close(self) -> None:
+        self._w.close()
+
+
 def collect_stats(model_dir: str | Path, ids: torch.Tensor, settings: CalibrationSettings = CalibrationSettings(),
-                  progress: Callable[[int, int], None] | None = None, source: str = "") -> CalibrationStats:
-    """One float pass over calibration tokens ``ids`` [n, t]: every linear's input statistics, layer by layer."""
+                  progress: Callable[[int, int], None] | None = None, source: str = "", *,
+                  path: Path | None = None, force: bool = False, hessians: bool = True) -> CalibrationStats:
+    """One float pass over calibration tokens ``ids`` [n, t]: every linear's input statistics, layer by layer.
+
+    ``path``: stream the statistics into this file (atomic) as each layer finishes; the returned Hessians are
+    then read back from it on demand, so memory stays about one layer. ``hessians=False``: skip GPTQ's Hessians
+    (the importance matrix and AWQ means need only the per-column sums); incompatible with ``path``.
+    """
+    if path is not None and not hessians:
+        raise CalibrationError("a statistics file holds GPTQ Hessians: collect them (hessians=True) to save one.")
+    if path is None:
+        return _collect(Path(model_dir), ids, settings, progress, source, hessians, None)
+    path = Path(path)
+    with atomic_output(path, force=force) as tmp:
+        stats = _collect(Path(model_dir), ids, settings, progress, source, hessians, tmp)
+    for key, site in stats.sites.items():
+        site._file = (path, f"{key}.hessian")
+    return stats
+
+
+def _collect(model_dir: Path, ids: torch.Tensor, settings: CalibrationSettings,
+             progress: Callable[[int, int], None] | None, source: str, hessians: bool, out: Path | None
+             ) -> CalibrationStats:
     start = time.perf_counter()
-    model_dir = Path(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
     spec = spec_for_config(config)
     ckpt = SafetensorsCheckpoint(model_dir)
     dims = qwen2.Qwen2Dims.from_config(config)
     dev, dt = settings.device, settings.dtype
+    site_of = {sub: group[0] for group in spec.sequential for sub in group}
+    n_layers = int(config["num_hidden_layers"])
+    meta = {"n_samples": str(ids.shape[0]), "seq_len": str(ids.shape[1]), "device": dev,
+            "dtype": str(dt).removeprefix("torch.")}
+    prefixes = [f"{spec.block_prefix}.{i}." for i in range(n_layers)]
+    linears = {p + sub: p + key for p in prefixes for sub, key in site_of.items()}
+    writer = None
+    if out is not None:
+        from qconvert.int4.writer import qwen2_linear_shapes
+
+        shapes = qwen2_linear_shapes(config)
+        widths = {p + g[0]: shapes[g[0]][1] for p in prefixes for g in spec.sequential}
+        draft = CalibrationStats({k: SiteStats(torch.zeros(0), torch.zeros(0), ids.numel()) for k in widths},
+                                 linears, source, tokens_sha256(ids), 1e9, meta)._metadata()
+        writer = _StatsWriter(out, widths, draft)
     emb = torch.from_numpy(ckpt.read_f32("model.embed_tokens.weight")).to(dev, dt)
     h = qwen2.embed(emb, ids.to(dev))
     del emb
     rope = qwen2.rope_tables(dims, ids.shape[1], dev, dt)
-    site_of = {sub: group[0] for group in spec.sequential for sub in group}
     sites: dict[str, SiteStats] = {}
-    linears: dict[str, str] = {}
-    n_layers = int(config["num_hidden_layers"])
-    for i in range(n_layers):
-        prefix = f"{spec.block_prefix}.{i}."
-        layer = _Layer(ckpt, prefix, settings)
-        acc: dict[str, list] = {}
+    try:
+        for i, prefix in enumerate(prefixes):
+            layer = _Layer(ckpt, prefix, settings)
+            acc: dict[str, list] = {}
 
-        def hook(name: str, x: torch.Tensor, acc: dict = acc) -> None:
-            if site_of.get(name) != name:
-                return  # the other linears of a site read the same x
-            x = x.reshape(-1, x.shape[-1]).float()
-            if name not in acc:
-                acc[name] = [None, 0, torch.zeros(x.shape[1], dtype=torch.float64, device=x.device),
-                             torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)]
-            a = acc[name]
-            a[0], a[1] = add_to_hessian(a[0], a[1], x)
-            a[2] += (x.double() ** 2).sum(0)
-            a[3] += x.abs().double().sum(0)
+            def hook(name: str, x: torch.Tensor, acc: dict = acc) -> None:
+                if site_of.get(name) != name:
+                    return  # the other linears of a site read the same x
+                x = x.reshape(-1, x.shape[-1]).float()
+                if name not in acc:
+                    acc[name] = [None, 0, torch.zeros(x.shape[1], dtype=torch.float64, device=x.device),
+                                 torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)]
+                a = acc[name]
+                if hessians:
+                    a[0], a[1] = add_to_hessian(a[0], a[1], x)
+                else:
+                    a[1] += x.shape[0]
+                a[2] += (x.double() ** 2).sum(0)
+                a[3] += x.abs().double().sum(0)
 
-        h = _run(layer, h, dims, rope, settings.batch_size, hook)
-        _check_finite(h, f"decoder layer {i} ({prefix.rstrip('.')})")
-        for sub, key in site_of.items():
-            linears[prefix + sub] = prefix + key
-        for key, (H, n, sq, ab) in acc.items():
-            sites[prefix + key] = SiteStats(H.cpu(), sq.cpu(), (ab / n).float().cpu(), n)
-        del layer
-        if progress is not None:
-            progress(i + 1, n_layers)
-    meta = {"n_samples": str(ids.shape[0]), "seq_len": str(ids.shape[1]), "device": dev,
-            "dtype": str(dt).removeprefix("torch.")}
-    return CalibrationStats(sites, linears, source, tokens_sha256(ids), time.perf_counter() - start, meta)
+            h = _run(layer, h, dims, rope, settings.batch_size, hook)
+            _check_finite(h, f"decoder layer {i} ({prefix.rstrip('.')})")
+            for g in spec.sequential:
+                H, n, sq, ab = acc[g[0]]
+                site = SiteStats(sq.cpu(), (ab / n).float().cpu(), n)
+                if writer is not None:
+                    writer.write_site(prefix + g[0], H, site.sum_sq, site.mean_abs)
+                elif H is not None:
+                    site._hessian = H.cpu()
+                sites[prefix + g[0]] = site
+            del layer, acc
+            if progress is not None:
+                progress(i + 1, n_layers)
+        stats = CalibrationStats(sites, linears, source, tokens_sha256(ids), time.perf_counter() - start, meta)
+        if writer is not None:
+            writer.finish(stats._metadata())
+    finally:
+        if writer is not None:
+            writer.close()
+    return stats
 
 
 def quantize_from_stats(model_dir: str | Path, stats: CalibrationStats, cfg: object,

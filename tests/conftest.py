@@ -32,3 +32,17 @@ def float_gguf(model_dir, tmp_path_factory) -> Callable[[str, str], Path]:
         return made[name, preset]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def calib_txt(tmp_path_factory) -> Path:
+    """The demo model's own training distribution as a local .txt calibration file.
+
+    The built-in calibration set is natural multilingual text, far from what the tiny demo was trained on; tests
+    whose contract is "calibration helps" calibrate the demo on its own distribution, as a user would.
+    """
+    from qconvert.fixtures.corpus import training_text
+
+    path = tmp_path_factory.mktemp("calib") / "train.txt"
+    path.write_text(training_text(), encoding="utf-8")
+    return path

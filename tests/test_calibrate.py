@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -58,16 +59,6 @@ def eval_ids(demo) -> torch.Tensor:
     from qconvert.fixtures.train import encode
 
     return encode(eval_text(), FIXTURES["demo"])[:2048]
-
-
-@pytest.fixture(scope="module")
-def calib_txt(tmp_path_factory) -> Path:
-    """The demo's own training distribution as a local .txt calibration file."""
-    from qconvert.fixtures.corpus import training_text
-
-    path = tmp_path_factory.mktemp("calib") / "train.txt"
-    path.write_text(training_text(), encoding="utf-8")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -117,11 +108,23 @@ def test_bf16_forward_stays_close(demo, demo_config, eval_ids) -> None:
 
 # -- calibration data -------------------------------------------------------------------------------------------
 
-def test_builtin_set_is_deterministic_and_multilingual() -> None:
+SCRIPTS = {"Han": ("\u4e00", "\u9fff"), "Cyrillic": ("\u0400", "\u04ff"), "Arabic": ("\u0600", "\u06ff"),
+           "Devanagari": ("\u0900", "\u097f"), "Thai": ("\u0e00", "\u0e7f"), "Hangul": ("\uac00", "\ud7a3"),
+           "Hiragana": ("\u3040", "\u309f"), "Hebrew": ("\u0590", "\u05ff"), "Greek": ("\u0370", "\u03ff")}
+
+
+def test_builtin_set_is_natural_multilingual_text_with_code_and_math() -> None:
     docs = builtin_documents()
     assert docs == builtin_documents()
+    assert len(docs) >= 150 and all(req and body and "\n### " not in body for req, body in docs)
     text = "".join(a for _, a in docs)
-    assert "def " in text and "×" in text and "。" in text and "the " in text.lower()
+    for script, (lo, hi) in SCRIPTS.items():
+        assert sum(lo <= c <= hi for c in text) > 200, f"too little {script} text"
+    for marker in ("```python", "```rust", "```go", "```sql", "```cpp", "\\frac", "\\int", "é", "ñ", "ü", "ệ"):
+        assert marker in text, marker
+    # natural text, not templates: few repeated sentences
+    sentences = [x.strip() for x in re.split(r"[.。!?！？]\s*", text) if len(x.strip()) > 40]
+    assert len(set(sentences)) > 0.98 * len(sentences)
 
 
 def test_sampling_is_seeded_and_chat_rendering_is_chatml(demo) -> None:
@@ -186,6 +189,40 @@ def kl_to_float(demo: Path, config: dict, weights: dict[str, torch.Tensor], ids:
         ref = qwen2.forward(quantized_weights(demo, {}), ids, config).log_softmax(-1)
         got = qwen2.forward(weights, ids, config).log_softmax(-1)
     return float((ref.exp() * (ref - got)).sum(-1).mean())
+
+
+def test_true_sequential_hessians_match_transformers_hooks(demo, eval_ids) -> None:
+    """Layer 0 of the driver's GPTQ == ``gptq(W, H)`` with H from forward hooks on transformers' own model.
+
+    Group by group (q/k/v -> o -> gate/up -> down) the HF model's earlier linears are replaced by the driver's
+    dequantized results, so each group's Hessian sees the quantized earlier groups, as true-sequential GPTQ must;
+    this also checks the driver's early-stopping forwards and the Hessian shared by linears with one input.
+    """
+    transformers = pytest.importorskip("transformers")
+    from qconvert.int4 import add_to_hessian, gptq
+    from qconvert.registry import spec_for_config
+
+    ids = eval_ids[:1024].reshape(4, 256)
+    got: dict = {}
+    calibrate(demo, ids, "gptq", GPTQConfig(), got.__setitem__)
+    model = transformers.AutoModelForCausalLM.from_pretrained(demo, dtype=torch.float32).eval()
+    layer = model.model.layers[0]
+    for group in spec_for_config(json.loads((demo / "config.json").read_text())).sequential:
+        inputs: dict = {}
+        hooks = [layer.get_submodule(n).register_forward_pre_hook(
+            lambda m, a, n=n: inputs.setdefault(n, []).append(a[0].detach().clone())) for n in group]
+        with torch.no_grad():
+            model(ids)
+        for hk in hooks:
+            hk.remove()
+        for n in group:
+            H = add_to_hessian(None, 0, torch.cat(inputs[n]))[0]
+            want = gptq(layer.get_submodule(n).weight.detach().float(), H, GPTQConfig())
+            mine = got[f"model.layers.0.{n}"]
+            assert (mine.codes != want.codes).float().mean() < 1e-3, n
+            assert torch.allclose(mine.dequantize(), want.dequantize(), atol=1e-5 + 1e-3 * want.scales.max()), n
+            with torch.no_grad():
+                layer.get_submodule(n).weight.copy_(mine.dequantize())
 
 
 def test_gptq_beats_rtn_on_held_out_text(demo, demo_config, eval_ids, gptq_out, calib_txt) -> None:
@@ -310,6 +347,23 @@ def test_awq_cli_writes_a_gemm_checkpoint(demo, tmp_path: Path) -> None:
     source = quantized_weights(demo, {})["model.layers.0.input_layernorm.weight"].half()
     assert not torch.equal(tensors["model.layers.0.input_layernorm.weight"], source)  # AWQ folded 1/s into it
     assert "ChatML-rendered" in (out / "README.md").read_text()
+
+
+def test_awq_search_samples_limits_only_the_grid_forwards(demo, eval_ids) -> None:
+    """``search_samples = n`` (all samples) is the default run exactly; fewer samples change the chosen scales."""
+    from qconvert.int4 import AWQConfig
+
+    ids = eval_ids[:256].reshape(4, 64)
+    runs = {}
+    for k in (0, 4, 1):
+        got: dict = {}
+        calibrate(demo, ids, "awq", AWQConfig(n_grid=5, clip_grid=5, search_samples=k), got.__setitem__,
+                  lambda name, t: None)
+        runs[k] = {name: q.dequantize() for name, q in got.items()}
+    assert all(torch.equal(w, runs[4][name]) for name, w in runs[0].items())
+    assert not all(torch.equal(w, runs[1][name]) for name, w in runs[0].items())
+    with pytest.raises(Exception, match="search_samples"):
+        AWQConfig(search_samples=-1)
 
 
 def _fails_cleanly(capsys, tmp_path: Path, argv: list[str], needle: str) -> None:

@@ -91,16 +91,62 @@ def test_save_load_round_trip_and_bad_files(stats, tmp_path: Path) -> None:
         CalibrationStats.load(tmp_path / "missing.safetensors")
 
 
+def test_streamed_collection_holds_no_hessian_and_equals_the_in_memory_pass(demo, calib_ids, stats,
+                                                                           tmp_path: Path) -> None:
+    """``collect_stats(path=...)`` writes each layer as it finishes and keeps no Hessian in memory; same numbers."""
+    from safetensors import safe_open
+
+    f = tmp_path / "streamed.safetensors"
+    streamed = collect_stats(demo, calib_ids, source="builtin test", path=f)
+    assert all(site._hessian is None for site in streamed.sites.values())  # read back on demand only
+    with safe_open(str(f), "pt") as st:  # the safetensors library itself reads our streamed header
+        assert len(list(st.keys())) == 3 * len(stats.sites)
+    back = CalibrationStats.load(f)
+    for k, s in stats.sites.items():
+        assert torch.equal(streamed.sites[k].hessian, s.hessian) and torch.equal(back.sites[k].hessian, s.hessian)
+        assert torch.equal(back.sites[k].sum_sq, s.sum_sq) and torch.equal(back.sites[k].mean_abs, s.mean_abs)
+    assert back.linears == stats.linears and back.tokens_sha256 == stats.tokens_sha256
+    with pytest.raises(Exception, match="exists"):
+        collect_stats(demo, calib_ids, path=f)  # never overwritten without force
+
+
+def test_imatrix_only_pass_skips_hessians(demo, calib_ids, stats) -> None:
+    light = collect_stats(demo, calib_ids, hessians=False)
+    for name, m in stats.imatrix().items():
+        assert np.array_equal(light.imatrix()[name], m)
+    with pytest.raises(CalibrationError, match="without GPTQ Hessians"):
+        light.hessian(next(iter(light.linears)))
+
+
+def test_stream_writer_checks_order_and_shapes(tmp_path: Path) -> None:
+    from qconvert.io.safetensors import SafetensorsStreamWriter
+
+    w = SafetensorsStreamWriter(tmp_path / "x.safetensors", {"a": ("F32", (2, 3)), "b": ("F64", (4,))})
+    with pytest.raises(ValueError, match="out of order"):
+        w.write("b", np.zeros(4))
+    with pytest.raises(ValueError, match="declared"):
+        w.write("a", np.zeros((3, 2), np.float32))
+    w.write("a", np.arange(6, dtype=np.float32).reshape(2, 3))
+    with pytest.raises(ValueError, match="never written"):
+        w.finish({})
+    w.write("b", np.ones(4))
+    w.finish({"k": "v"})
+    from safetensors.numpy import load_file
+
+    got = load_file(str(tmp_path / "x.safetensors"))
+    assert np.array_equal(got["a"], np.arange(6, dtype=np.float32).reshape(2, 3)) and np.array_equal(got["b"], np.ones(4))
+
+
 def test_statistics_from_another_model_are_refused(stats, model_dir) -> None:
     with pytest.raises(CalibrationError, match="another model"):
         stats.check_model(model_dir("tiny-fallback"))
 
 
 @pytest.fixture(scope="module")
-def calibrated_gguf(demo, tmp_path_factory) -> tuple[Path, Path, Path]:
-    """``qconvert gguf --type Q2_K --calib builtin --save-imatrix`` once for the module."""
+def calibrated_gguf(demo, calib_txt, tmp_path_factory) -> tuple[Path, Path, Path]:
+    """``qconvert gguf --type Q2_K --calib <demo training text> --save-imatrix --save-stats`` once for the module."""
     out = tmp_path_factory.mktemp("gguf-calib")
-    rc = main(["gguf", "--model", str(demo), "--type", "Q2_K", "--calib", "builtin", "--calib-samples", str(SAMPLES),
+    rc = main(["gguf", "--model", str(demo), "--type", "Q2_K", "--calib", str(calib_txt), "--calib-samples", str(SAMPLES),
                "--calib-seqlen", str(SEQLEN), "--device", "cpu", "--save-imatrix", str(out / "imatrix.gguf"),
                "--save-stats", str(out / "stats.safetensors"), "--out-dir", str(out), "--quiet"])
     assert rc == 0

@@ -67,18 +67,22 @@ def layer_progress(label: str, quiet: bool) -> tuple[Any, list]:
 
 def collect_and_save(args: argparse.Namespace, model_dir: Path, calib: CalibrationSet,
                      settings: CalibrationSettings) -> CalibrationStats:
-    """One float pass over ``calib``; saved to ``--save-stats`` when given."""
+    """One float pass over ``calib``, streamed into ``--save-stats`` when given (memory: about one layer).
+
+    Without ``--save-stats`` no GPTQ Hessians are collected: the importance matrix needs only Σx² per column.
+    """
     from qconvert.stats import collect_stats
 
     progress, bars = layer_progress("statistics", args.quiet)
+    save = args.save_stats
     try:
-        stats = collect_stats(model_dir, calib.ids, settings, progress, source=calib.describe())
+        stats = collect_stats(model_dir, calib.ids, settings, progress, source=calib.describe(), path=save,
+                              force=args.force, hessians=save is not None)
     finally:
         for bar in bars:
             bar.close()
-    if args.save_stats is not None:
-        stats.save(args.save_stats, force=args.force)
-        print(f"saved calibration statistics to {args.save_stats}", file=sys.stderr)
+    if save is not None:
+        print(f"saved calibration statistics to {save}", file=sys.stderr)
     return stats
 
 

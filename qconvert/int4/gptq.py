@@ -89,12 +89,10 @@ def add_to_hessian(H: torch.Tensor | None, n_seen: int, x: torch.Tensor) -> tupl
     the magnitudes of H independent of the number of calibration tokens.
     """
     x = x.reshape(-1, x.shape[-1]).float()
-    m = x.shape[0]
+    n = n_seen + x.shape[0]
     if H is None:
-        H = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
-    n = n_seen + m
-    H = H * (n_seen / n) + (x.T @ x) * (2.0 / n)
-    return H, n
+        return (x.T @ x) * (2.0 / n), n
+    return torch.addmm(H, x.T, x, beta=n_seen / n, alpha=2.0 / n), n
 
 
 def gptq(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig = GPTQConfig()) -> QuantizedLinear:

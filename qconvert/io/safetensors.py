@@ -193,3 +193,59 @@ class SafetensorsCheckpoint:
             else:
                 dst[:] = part
         return out.reshape(e.shape)
+
+
+WRITE_DTYPES = MappingProxyType({**DTYPES, "F64": (np.dtype("<f8"), 8)})
+
+
+class SafetensorsStreamWriter:
+    """Write one safetensors file tensor by tensor, never holding more than the tensor being written.
+
+    Every tensor's dtype and shape are declared up front (so the header's offsets are known); tensors must then
+    be written in declaration order. The metadata is set at ``finish``: ``reserve`` bytes of the header are kept
+    for it (the JSON is padded with spaces, which safetensors readers accept). Write into a temporary path and
+    rename (``qconvert.io.atomic.atomic_output``) so a failed run leaves nothing behind.
+    """
+
+    def __init__(self, path: Path, tensors: dict[str, tuple[str, tuple[int, ...]]], reserve: int = 4096) -> None:
+        self._order = list(tensors)
+        self._entries: dict[str, dict] = {}
+        offset = 0
+        for name, (dtype, shape) in tensors.items():
+            if dtype not in WRITE_DTYPES:
+                raise ValueError(f"unsupported dtype {dtype} for {name}")
+            n = int(np.prod(shape, dtype=np.int64)) * WRITE_DTYPES[dtype][1]
+            self._entries[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+            offset += n
+        self._header_len = len(json.dumps(self._entries).encode()) + reserve
+        self._header_len += -self._header_len % 8
+        self._next = 0
+        self._f = open(path, "wb")  # noqa: SIM115 (closed by finish/close; the caller owns the lifetime)
+        self._f.seek(8 + self._header_len)
+
+    def write(self, name: str, array: np.ndarray) -> None:
+        """Write the next declared tensor (``array`` must match its dtype and shape)."""
+        if self._next >= len(self._order) or self._order[self._next] != name:
+            expected = self._order[self._next] if self._next < len(self._order) else "nothing"
+            raise ValueError(f"tensor {name} written out of order (expected {expected})")
+        e = self._entries[name]
+        want = WRITE_DTYPES[e["dtype"]][0]
+        if array.dtype != want or list(array.shape) != e["shape"]:
+            raise ValueError(f"{name}: got {array.dtype}{list(array.shape)}, declared {e['dtype']}{e['shape']}")
+        self._f.write(np.ascontiguousarray(array).tobytes())
+        self._next += 1
+
+    def finish(self, metadata: dict[str, str]) -> None:
+        """Write the header (with ``metadata``) and close; every declared tensor must have been written."""
+        if self._next != len(self._order):
+            raise ValueError(f"{len(self._order) - self._next} declared tensors were never written")
+        raw = json.dumps({"__metadata__": metadata, **self._entries}).encode()
+        if len(raw) > self._header_len:
+            raise ValueError(f"metadata too large for the reserved header ({len(raw)} > {self._header_len} bytes)")
+        self._f.seek(0)
+        self._f.write(struct.pack("<Q", self._header_len) + raw + b" " * (self._header_len - len(raw)))
+        self._f.close()
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.close()

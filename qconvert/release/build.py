@@ -86,8 +86,8 @@ def prepare_model(recipe: Recipe, source: Source, calib: CalibrationSet | None, 
             from qconvert.stats import collect_stats
 
             start = time.perf_counter()
-            stats = collect_stats(source.path, calib.ids, settings, source=calib.describe())
-            stats.save(stats_path, force=True)
+            stats = collect_stats(source.path, calib.ids, settings, source=calib.describe(), path=stats_path,
+                                  force=True)  # streamed layer by layer; Hessians read back when GPTQ needs them
             seconds["statistics"] = time.perf_counter() - start
             _STATS[str(stats_path)] = stats
     start = time.perf_counter()

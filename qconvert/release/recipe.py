@@ -54,7 +54,8 @@ FORMAT_KEYS: MappingProxyType[str, MappingProxyType[str, str]] = MappingProxyTyp
                               "token_embedding_type": _STR}),
     "gptq": MappingProxyType({"bits": _INT, "group_size": _INT, "sym": _BOOL, "act_order": _BOOL,
                               "static_groups": _BOOL, "damp": _FLOAT, "from_stats": _BOOL}),
-    "awq": MappingProxyType({"bits": _INT, "group_size": _INT, "n_grid": _INT, "clip_grid": _INT}),
+    "awq": MappingProxyType({"bits": _INT, "group_size": _INT, "n_grid": _INT, "clip_grid": _INT,
+                             "search_samples": _INT}),
     "onnx": MappingProxyType({"precision": _STR, "algo": _STR, "block_size": _INT, "from": _STR}),
 })
 ONNX_PRECISIONS = ("fp32", "fp16", "int4")
@@ -349,4 +350,5 @@ def gptq_kwargs(s: Any) -> dict[str, Any]:
 
 
 def awq_kwargs(s: Any) -> dict[str, Any]:
-    return {"group_size": s.get("group_size", 128), "n_grid": s.get("n_grid", 20), "clip_grid": s.get("clip_grid", 20)}
+    return {"group_size": s.get("group_size", 128), "n_grid": s.get("n_grid", 20), "clip_grid": s.get("clip_grid", 20),
+            "search_samples": s.get("search_samples", 0)}
