@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPTQ/AWQ oracle tier: a second venv (.venv-oracle) with GPTQModel 7.6.0 + optimum, whose numpy pin (2.2.6)
-# cannot share the main venv, then the int4 and calibration tests, whose GPTQModel/transformers loading tests
+# cannot share the main venv, then the int4, calibration and verify-through-GPTQModel tests, whose GPTQModel tests
 # skip in the main run. Installing takes about 4 minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,4 +17,5 @@ if ! { [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; }; then
   "$V/bin/python" -c "import torch, gptqmodel; assert not torch.version.cuda, 'expected the CPU torch build'"
   echo "$want" > "$stamp"
 fi
-exec "$V/bin/python" -m pytest -q tests/test_int4.py tests/test_calibrate.py "$@"
+exec "$V/bin/python" -m pytest -q tests/test_int4.py tests/test_calibrate.py \
+  tests/test_verify.py::test_gptqmodel_path_is_skipped_or_agrees "$@"
