@@ -320,10 +320,12 @@ def quantize_from_stats(model_dir: str | Path, stats: CalibrationStats, cfg: obj
     ckpt = SafetensorsCheckpoint(model_dir)
     n_layers = int(config["num_hidden_layers"])
     for i in range(n_layers):
-        for sub in (s for g in spec.sequential for s in g):
-            module = f"{spec.block_prefix}.{i}.{sub}"
-            w = torch.from_numpy(ckpt.read_f32(module + ".weight")).to(settings.device)
-            on_linear(module, gptq(w, stats.hessian(module).to(settings.device), cfg))
+        for group in spec.sequential:  # the linears of a group read one input: one Hessian, read once
+            H = stats.hessian(f"{spec.block_prefix}.{i}.{group[0]}").to(settings.device)
+            for sub in group:
+                module = f"{spec.block_prefix}.{i}.{sub}"
+                w = torch.from_numpy(ckpt.read_f32(module + ".weight")).to(settings.device)
+                on_linear(module, gptq(w, H, cfg))
         if progress is not None:
             progress(i + 1, n_layers)
 

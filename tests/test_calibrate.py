@@ -362,7 +362,9 @@ def test_awq_search_samples_limits_only_the_grid_forwards(demo, eval_ids) -> Non
         runs[k] = {name: q.dequantize() for name, q in got.items()}
     assert all(torch.equal(w, runs[4][name]) for name, w in runs[0].items())
     assert not all(torch.equal(w, runs[1][name]) for name, w in runs[0].items())
-    with pytest.raises(Exception, match="search_samples"):
+    from qconvert.errors import QuantTypeError
+
+    with pytest.raises(QuantTypeError, match="search_samples"):
         AWQConfig(search_samples=-1)
 
 

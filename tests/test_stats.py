@@ -106,7 +106,9 @@ def test_streamed_collection_holds_no_hessian_and_equals_the_in_memory_pass(demo
         assert torch.equal(streamed.sites[k].hessian, s.hessian) and torch.equal(back.sites[k].hessian, s.hessian)
         assert torch.equal(back.sites[k].sum_sq, s.sum_sq) and torch.equal(back.sites[k].mean_abs, s.mean_abs)
     assert back.linears == stats.linears and back.tokens_sha256 == stats.tokens_sha256
-    with pytest.raises(Exception, match="exists"):
+    from qconvert.errors import OutputError
+
+    with pytest.raises(OutputError, match="exists"):
         collect_stats(demo, calib_ids, path=f)  # never overwritten without force
 
 
