@@ -210,7 +210,7 @@ def test_true_sequential_hessians_match_transformers_hooks(demo, eval_ids) -> No
     for group in spec_for_config(json.loads((demo / "config.json").read_text())).sequential:
         inputs: dict = {}
         hooks = [layer.get_submodule(n).register_forward_pre_hook(
-            lambda m, a, n=n: inputs.setdefault(n, []).append(a[0].detach().clone())) for n in group]
+            lambda m, a, n=n, seen=inputs: seen.setdefault(n, []).append(a[0].detach().clone())) for n in group]
         with torch.no_grad():
             model(ids)
         for hk in hooks:
