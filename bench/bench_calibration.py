@@ -4,7 +4,7 @@
                                       [--methods gptq awq stats] [--awq-search-samples 4]
 
 Each (shape, method) runs in its own subprocess on a synthetic checkpoint with the real layer shapes and random
-weights (``bench/bench_gguf.py``'s builder; quality is meaningless here, only time and memory count), through the
+weights (``FixtureSpec.shaped_like``; quality is meaningless here, only time and memory count), through the
 same driver the CLI uses: ``gptq`` = true-sequential GPTQ 4-bit g128, ``awq`` = AWQ 4-bit g128, ``stats`` = the
 shared statistics pass (Hessians + importance matrix, streamed to a file). It prints seconds per layer (the
 embedding lookup excluded), the projection to the whole model (x its layer count), and peak RSS.
@@ -20,21 +20,13 @@ import sys
 import time
 from pathlib import Path
 
-SHAPES = {  # name -> (hidden, intermediate, heads, kv heads, layers of the real model)
-    "0.5b": (896, 4864, 14, 2, 24),
-    "1.5b": (1536, 8960, 12, 2, 28),
-    "3b": (2048, 11008, 16, 2, 36),
-    "7b": (3584, 18944, 28, 4, 28),
-}
+from qconvert.family import SEED_TABLE, SIZES
 
 
 def build(workdir: Path, shape: str, layers: int) -> Path:
     from qconvert.fixtures.models import FixtureSpec, build_fixture
 
-    hidden, inter, heads, kv, _ = SHAPES[shape]
-    spec = FixtureSpec(name=f"bench-{shape}-{layers}l", hidden_size=hidden, intermediate_size=inter,
-                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
-                       vocab_size=151936, tie_word_embeddings=True)
+    spec = FixtureSpec.shaped_like(shape, layers)
     out = workdir / spec.name
     if not (out / "config.json").exists():
         print(f"building {out} ...", file=sys.stderr, flush=True)
@@ -74,7 +66,7 @@ def child(model: Path, method: str, samples: int, seqlen: int, search_samples: i
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", nargs="+", default=["0.5b", "1.5b"], choices=sorted(SHAPES))
+    ap.add_argument("--shapes", nargs="+", default=["0.5b", "1.5b"], choices=SIZES)
     ap.add_argument("--layers", type=int, default=2, help="decoder layers in the synthetic checkpoint (>= 2)")
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
@@ -101,7 +93,7 @@ def main() -> None:
                 print(f"{shape:<6} {method:<6} failed: {r.stderr.strip().splitlines()[-1:]}")
                 continue
             res = json.loads(r.stdout.strip().splitlines()[-1])
-            total = res["per_layer_s"] * SHAPES[shape][4]
+            total = res["per_layer_s"] * SEED_TABLE[shape].num_hidden_layers
             print(f"{shape:<6} {method:<6} {res['per_layer_s']:>8.1f} {total / 60:>9.1f} min {res['peak_rss_gb']:>12.2f}",
                   flush=True)
 

@@ -56,9 +56,7 @@ def timed(args: list[str]) -> tuple[float, float]:
 def build_input(workdir: Path, layers: int) -> Path:
     from qconvert.fixtures.models import FixtureSpec, build_fixture
 
-    spec = FixtureSpec(name=f"bench-1.5b-{layers}l", hidden_size=1536, intermediate_size=8960,
-                       num_hidden_layers=layers, num_attention_heads=12, num_key_value_heads=2,
-                       vocab_size=151936, tie_word_embeddings=True)
+    spec = FixtureSpec.shaped_like("1.5b", layers)
     out = workdir / spec.name
     if not (out / "config.json").exists():
         print(f"building {out} ...", flush=True)

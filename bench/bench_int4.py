@@ -21,7 +21,9 @@ import time
 from pathlib import Path
 
 DEFAULT_MODEL = Path.home() / ".cache/qconvert-real/hf/qwen2.5-coder-0.5b-tied"
-METHODS = ("rtn", "gptq", "gptq-stats", "awq", "gptq-int8")
+METHODS = ("rtn", "rtn-asym", "gptq", "gptq-stats", "awq", "gptq-int8")
+# not run by default: outputs of bench/bench_gptqmodel.py (GPTQModel's own GPTQ and AWQ), evaluated with --eval-only
+EXTERNAL = ("gptqmodel-gptq", "gptqmodel-awq")
 
 
 def run_one(model: Path, method: str, out: Path, samples: int, seqlen: int, search_samples: int) -> dict:
@@ -38,10 +40,10 @@ def run_one(model: Path, method: str, out: Path, samples: int, seqlen: int, sear
     calib = load_calibration("builtin", model, chat=False, n_samples=samples, seq_len=seqlen, seed=0)
     settings = CalibrationSettings("cpu", torch.float32, 8)
     start = time.perf_counter()
-    if method == "rtn":
+    if method in ("rtn", "rtn-asym"):  # rtn-asym: zero points, i.e. AWQ's quantizer without its scales and clips
         linears: dict = {}
-        calibrate(model, calib.ids, "rtn", GPTQConfig(), linears.__setitem__, settings=settings)
-        torch.save({k: v.dequantize().float() for k, v in linears.items()}, out / "rtn.pt")
+        calibrate(model, calib.ids, "rtn", GPTQConfig(sym=method == "rtn"), linears.__setitem__, settings=settings)
+        torch.save({k: v.dequantize().float() for k, v in linears.items()}, out / f"{method}.pt")
     else:
         cfg = AWQConfig(search_samples=search_samples) if method == "awq" else \
             GPTQConfig(bits=8 if method == "gptq-int8" else 4)
@@ -57,25 +59,20 @@ def evaluate(model: Path, out: Path, method: str, ids, config: dict, ref_logp) -
     import torch
 
     from qconvert.calibrate import quantized_weights
-    from qconvert.int4 import dequantize_awq, dequantize_gptq
+    from qconvert.int4 import dequantized_tensors
     from qconvert.model import qwen2
 
     if method == "float":
         w = quantized_weights(model, {})
-    elif method == "rtn":
+    elif method in ("rtn", "rtn-asym"):
         w = quantized_weights(model, {})
-        w.update({f"{m}.weight": t for m, t in torch.load(out / "rtn.pt").items()})
+        w.update({f"{m}.weight": t for m, t in torch.load(out / f"{method}.pt").items()})
     else:
-        from safetensors.torch import load_file
+        from qconvert.io.safetensors import SafetensorsCheckpoint
 
         d = out / method
         qcfg = json.loads((d / "config.json").read_text())["quantization_config"]
-        raw = {k: v for f in sorted(d.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
-        w = {k: v.float() for k, v in raw.items() if not k.endswith(("qweight", "qzeros", "scales", "g_idx"))}
-        for m in sorted({k.rsplit(".", 1)[0] for k in raw if k.endswith(".qweight")}):
-            t = {k: raw[f"{m}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx") if f"{m}.{k}" in raw}
-            w[f"{m}.weight"] = (dequantize_awq(t, qcfg["group_size"]) if qcfg["quant_method"] == "awq"
-                                else dequantize_gptq(t, qcfg["bits"])).float()
+        w = dequantized_tensors(SafetensorsCheckpoint(d), "", qcfg)
         if "lm_head.weight" not in w and config.get("tie_word_embeddings"):
             w["lm_head.weight"] = w["model.embed_tokens.weight"]
     nll, n, kl = 0.0, 0, 0.0
@@ -98,7 +95,7 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--awq-search-samples", type=int, default=0, help="AWQ scale-search samples (0: all)")
-    ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS + EXTERNAL)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/qconvert-bench-int4"))
     ap.add_argument("--eval-only", action="store_true", help="evaluate outputs already in --workdir (no timing)")
     ap.add_argument("--child", help=argparse.SUPPRESS)

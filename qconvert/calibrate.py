@@ -113,7 +113,7 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
     return COMPUTE_DTYPES[name]
 
 
-class _Layer:
+class DeviceLayer:
     """One decoder layer on the device: its params (names relative to the layer) and the forward helpers."""
 
     def __init__(self, ckpt: SafetensorsCheckpoint, prefix: str, settings: CalibrationSettings,
@@ -132,13 +132,13 @@ class _Layer:
         return self.p[f"{sub}.weight"]
 
 
-def _check_finite(h: torch.Tensor, where: str) -> None:
+def check_finite(h: torch.Tensor, where: str) -> None:
     if not torch.isfinite(h).all():
         raise CalibrationError(f"non-finite activations (NaN/Inf) in the output of {where}. The checkpoint may be "
                                "corrupt, or the forward overflowed: use --dtype float32 (never float16 for Qwen2).")
 
 
-def _run(layer: _Layer, h: torch.Tensor, dims: qwen2.Qwen2Dims, rope: tuple[torch.Tensor, torch.Tensor],
+def run_layer(layer: DeviceLayer, h: torch.Tensor, dims: qwen2.Qwen2Dims, rope: tuple[torch.Tensor, torch.Tensor],
          batch: int, hook: qwen2.LinearHook | None = None) -> torch.Tensor:
     """The layer's output on all samples ``h`` [n, t, hidden], in minibatches of ``batch`` samples."""
     with torch.no_grad():
@@ -147,66 +147,53 @@ def _run(layer: _Layer, h: torch.Tensor, dims: qwen2.Qwen2Dims, rope: tuple[torc
 
 
 class _GroupDone(Exception):
-    """Raised by a hook once every linear of the group has seen its input: the rest of the forward is not needed."""
+    """Raised by a hook once the group's input is captured: the rest of the layer's forward is not needed."""
 
 
-class _GroupHessians:
-    """Forward hook for one true-sequential group: the Hessian of each distinct input (q/k/v, gate/up share one)."""
+class _SiteHessian:
+    """Forward hook for one true-sequential group: the Hessian of the group's one input site (``spec.input_sites``)."""
 
-    def __init__(self, group: Sequence[str]) -> None:
-        self.group = frozenset(group)
-        self.acc: dict[str, tuple[torch.Tensor | None, int]] = {}
-        self.shares: dict[str, str] = {}  # linear -> the linear fed the same tensor, whose Hessian it uses
-        self.seen: dict[str, torch.Tensor] = {}
+    def __init__(self, site: str) -> None:
+        self.site = site
+        self.H: torch.Tensor | None = None
+        self.n = 0
 
     def __call__(self, name: str, x: torch.Tensor) -> None:
-        if name not in self.group:
-            return
-        owner = next((n for n, y in self.seen.items() if y is x), None)
-        self.seen[name] = x
-        if owner is not None:
-            self.shares[name] = self.shares.get(owner, owner)
-        else:
-            self.acc[name] = add_to_hessian(*self.acc.get(name, (None, 0)), x)
-        if len(self.seen) == len(self.group):
+        if name == self.site:
+            self.H, self.n = add_to_hessian(self.H, self.n, x)
             raise _GroupDone
 
-    def collect(self, layer: _Layer, h: torch.Tensor, dims: qwen2.Qwen2Dims,
-                rope: tuple[torch.Tensor, torch.Tensor], batch: int) -> None:
-        """Run the layer on every minibatch of ``h``, each forward stopping once the group's inputs are seen."""
+    def collect(self, layer: DeviceLayer, h: torch.Tensor, dims: qwen2.Qwen2Dims,
+                rope: tuple[torch.Tensor, torch.Tensor], batch: int) -> torch.Tensor:
+        """Run the layer on every minibatch of ``h``, each forward stopping once the site's input is seen."""
         for i in range(0, h.shape[0], batch):
-            self.seen = {}
             try:
                 with torch.no_grad():
                     qwen2.decoder_layer(layer.p, h[i:i + batch], dims, rope, self)
             except _GroupDone:
                 pass
-
-    def hessian(self, name: str) -> torch.Tensor:
-        H = self.acc.get(self.shares.get(name, name), (None, 0))[0]
-        assert H is not None, f"{name} was never called by the forward"
-        return H
+        assert self.H is not None, f"{self.site} was never called by the forward"
+        return self.H
 
 
-def _gptq_layer(layer: _Layer, h: torch.Tensor, dims: qwen2.Qwen2Dims, rope: tuple[torch.Tensor, torch.Tensor],
+def _gptq_layer(layer: DeviceLayer, h: torch.Tensor, dims: qwen2.Qwen2Dims, rope: tuple[torch.Tensor, torch.Tensor],
                 spec: ArchSpec, cfg: GPTQConfig, settings: CalibrationSettings) -> dict[str, QuantizedLinear]:
     """True-sequential GPTQ of one layer: each group's Hessians see the already quantized earlier groups.
 
-    Each group's forward stops as soon as the group's inputs are captured (q/k/v need only the input norm, o_proj
-    the attention), and linears fed the same tensor (q/k/v, gate/up) share one Hessian.
+    Each group's forward stops as soon as the group's input is captured (q/k/v need only the input norm, o_proj
+    the attention), and the linears of a group (q/k/v, gate/up) read one input, so they share one Hessian.
     """
     out: dict[str, QuantizedLinear] = {}
     for group in spec.sequential:
-        stats = _GroupHessians(group)
-        stats.collect(layer, h, dims, rope, settings.batch_size)
+        H = _SiteHessian(spec.input_sites[group[0]]).collect(layer, h, dims, rope, settings.batch_size)
         for name in group:
-            q = gptq(layer.weight(name).float(), stats.hessian(name), cfg)
+            q = gptq(layer.weight(name).float(), H, cfg)
             layer.p[f"{name}.weight"] = q.dequantize().to(settings.dtype)
             out[name] = q
     return out
 
 
-def _rtn_layer(layer: _Layer, spec: ArchSpec, cfg: GPTQConfig, settings: CalibrationSettings
+def _rtn_layer(layer: DeviceLayer, spec: ArchSpec, cfg: GPTQConfig, settings: CalibrationSettings
                ) -> dict[str, QuantizedLinear]:
     out = {}
     for name in (s for group in spec.sequential for s in group):
@@ -216,7 +203,7 @@ def _rtn_layer(layer: _Layer, spec: ArchSpec, cfg: GPTQConfig, settings: Calibra
     return out
 
 
-def _inspect_forward(layer: _Layer, inspect: str, names: Sequence[str], x: torch.Tensor, dims: qwen2.Qwen2Dims,
+def _inspect_forward(layer: DeviceLayer, inspect: str, names: Sequence[str], x: torch.Tensor, dims: qwen2.Qwen2Dims,
                      rope: tuple[torch.Tensor, torch.Tensor], batch: int) -> Callable[[list[torch.Tensor]], torch.Tensor]:
     """``forward(ws)`` for ``search_scales``: output of module ``inspect`` on its cached input ``x`` [n, t, in]."""
     def run(p: Mapping[str, torch.Tensor], xb: torch.Tensor) -> torch.Tensor:
@@ -233,7 +220,7 @@ def _inspect_forward(layer: _Layer, inspect: str, names: Sequence[str], x: torch
     return forward
 
 
-def _awq_layer(layer: _Layer, h: torch.Tensor, dims: qwen2.Qwen2Dims, rope: tuple[torch.Tensor, torch.Tensor],
+def _awq_layer(layer: DeviceLayer, h: torch.Tensor, dims: qwen2.Qwen2Dims, rope: tuple[torch.Tensor, torch.Tensor],
                spec: ArchSpec, cfg: AWQConfig, settings: CalibrationSettings
                ) -> tuple[dict[str, QuantizedLinear], dict[str, torch.Tensor]]:
     """AWQ of one layer (AutoAWQ's order): search every scale on the float layer, apply all, clip, quantize.
@@ -242,7 +229,7 @@ def _awq_layer(layer: _Layer, h: torch.Tensor, dims: qwen2.Qwen2Dims, rope: tupl
     """
     mappings, no_clip = AWQ_TABLES[spec.hf_arch]
     cached: dict[str, list[torch.Tensor]] = {}
-    _run(layer, h, dims, rope, settings.batch_size, lambda n, x: cached.setdefault(n, []).append(x))
+    run_layer(layer, h, dims, rope, settings.batch_size, lambda n, x: cached.setdefault(n, []).append(x))
     inputs = {n: torch.cat(xs) for n, xs in cached.items()}
     linears = [s for group in spec.sequential for s in group]
     shapes = {n: tuple(layer.weight(n).shape) for n in linears}
@@ -315,7 +302,7 @@ def calibrate(model_dir: str | Path, ids: torch.Tensor, method: str, cfg: GPTQCo
     n_layers = int(config["num_hidden_layers"])
     for i in range(n_layers):
         prefix = f"{spec.block_prefix}.{i}."
-        layer = _Layer(ckpt, prefix, settings, pad_to)
+        layer = DeviceLayer(ckpt, prefix, settings, pad_to)
         floats: dict[str, torch.Tensor] = {}
         if method == "gptq":
             assert isinstance(cfg, GPTQConfig)
@@ -333,8 +320,8 @@ def calibrate(model_dir: str | Path, ids: torch.Tensor, method: str, cfg: GPTQCo
                 raise CalibrationError("AWQ rescales norm gains; pass on_float to receive them.")
             on_float(prefix + name, t)
         if method != "rtn":  # round-to-nearest needs no activations
-            h = _run(layer, h, dims, rope, settings.batch_size)
-            _check_finite(h, f"decoder layer {i} ({prefix.rstrip('.')})")
+            h = run_layer(layer, h, dims, rope, settings.batch_size)
+            check_finite(h, f"decoder layer {i} ({prefix.rstrip('.')})")
         del layer
         if progress is not None:
             progress(i + 1, n_layers)

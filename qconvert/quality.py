@@ -21,8 +21,6 @@ from qconvert.io.safetensors import SafetensorsCheckpoint
 from qconvert.model import qwen2
 from qconvert.registry import spec_for_config
 
-PACKED = ("qweight", "qzeros", "scales", "g_idx")
-
 
 @dataclass(frozen=True)
 class Quality:
@@ -42,29 +40,10 @@ class Quality:
                 "held-out tokens")
 
 
-def _dequantized(ckpt: SafetensorsCheckpoint, names: set[str], module: str, qcfg: dict) -> torch.Tensor:
-    from qconvert.int4 import dequantize_awq, dequantize_gptq
-
-    t = {k: torch.from_numpy(ckpt.read_raw(f"{module}.{k}")) for k in PACKED if f"{module}.{k}" in names}
-    if qcfg["quant_method"] == "awq":
-        return dequantize_awq(t, int(qcfg["group_size"]))
-    return dequantize_gptq(t, int(qcfg["bits"]))
-
-
 def _layer(ckpt: SafetensorsCheckpoint, prefix: str, qcfg: dict | None, s: CalibrationSettings) -> dict:
-    names = set(ckpt.names())
-    p = {}
-    for n in names:
-        if not n.startswith(prefix):
-            continue
-        rel = n[len(prefix):]
-        if rel.endswith(".qweight"):
-            assert qcfg is not None
-            module = n[: -len(".qweight")]
-            p[rel[: -len("qweight")] + "weight"] = _dequantized(ckpt, names, module, qcfg).to(s.device, s.dtype)
-        elif not rel.endswith(PACKED[1:]):
-            p[rel] = torch.from_numpy(ckpt.read_f32(n)).to(s.device, s.dtype)
-    return p
+    from qconvert.int4 import dequantized_tensors
+
+    return {k: v.to(s.device, s.dtype) for k, v in dequantized_tensors(ckpt, prefix, qcfg, s.device).items()}
 
 
 def compare_checkpoints(float_dir: Path, quant_dir: Path, ids: torch.Tensor,

@@ -19,7 +19,8 @@ class ArchSpec:
 
     ``gguf_arch`` is the GGUF ``general.architecture``; ``hparam_keys`` maps GGUF hparam key suffixes to
     config.json keys (written as u32 unless listed in ``float_hparams``); ``block_prefix`` and ``sequential``
-    describe the decoder blocks for calibration (sub-layer groups in true-sequential order).
+    describe the decoder blocks for calibration: sub-layer groups in true-sequential order, where the linears of
+    one group read the same input tensor (one input site: one Hessian, one importance vector).
     """
 
     hf_arch: str
@@ -34,6 +35,12 @@ class ArchSpec:
     @property
     def name_map(self) -> NameMap:
         return NameMap(self.tensor_names)
+
+    @property
+    def input_sites(self) -> MappingProxyType[str, str]:
+        """Each calibrated linear (name relative to the block) -> the first linear of its group, which names the
+        input site it shares with the rest of the group (q/k/v -> q_proj, gate/up -> gate_proj)."""
+        return MappingProxyType({sub: group[0] for group in self.sequential for sub in group})
 
 
 QWEN2 = ArchSpec(

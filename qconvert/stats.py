@@ -35,9 +35,9 @@ import torch
 from qconvert.calibrate import (
     CalibrationError,
     CalibrationSettings,
-    _check_finite,
-    _Layer,
-    _run,
+    DeviceLayer,
+    check_finite,
+    run_layer,
 )
 from qconvert.errors import CheckpointError
 from qconvert.gguf.imatrix import write_imatrix
@@ -241,7 +241,7 @@ def _collect(model_dir: Path, ids: torch.Tensor, settings: CalibrationSettings,
     ckpt = SafetensorsCheckpoint(model_dir)
     dims = qwen2.Qwen2Dims.from_config(config)
     dev, dt = settings.device, settings.dtype
-    site_of = {sub: group[0] for group in spec.sequential for sub in group}
+    site_of = spec.input_sites
     n_layers = int(config["num_hidden_layers"])
     meta = {"n_samples": str(ids.shape[0]), "seq_len": str(ids.shape[1]), "device": dev,
             "dtype": str(dt).removeprefix("torch.")}
@@ -263,7 +263,7 @@ def _collect(model_dir: Path, ids: torch.Tensor, settings: CalibrationSettings,
     sites: dict[str, SiteStats] = {}
     try:
         for i, prefix in enumerate(prefixes):
-            layer = _Layer(ckpt, prefix, settings)
+            layer = DeviceLayer(ckpt, prefix, settings)
             acc: dict[str, list] = {}
 
             def hook(name: str, x: torch.Tensor, acc: dict = acc) -> None:
@@ -281,8 +281,8 @@ def _collect(model_dir: Path, ids: torch.Tensor, settings: CalibrationSettings,
                 a[2] += (x.double() ** 2).sum(0)
                 a[3] += x.abs().double().sum(0)
 
-            h = _run(layer, h, dims, rope, settings.batch_size, hook)
-            _check_finite(h, f"decoder layer {i} ({prefix.rstrip('.')})")
+            h = run_layer(layer, h, dims, rope, settings.batch_size, hook)
+            check_finite(h, f"decoder layer {i} ({prefix.rstrip('.')})")
             for g in spec.sequential:
                 H, n, sq, ab = acc[g[0]]
                 site = SiteStats(sq.cpu(), (ab / n).float().cpu(), n)

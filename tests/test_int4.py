@@ -403,6 +403,29 @@ def test_awq_beats_rtn_on_demo_layers(demo_model, demo_io) -> None:
         assert layer_output_error(layer, held[li], linears, norms) < layer_output_error(layer, held[li], rtn_all)
 
 
+def test_awq_scale_search_keeps_weights_that_already_sit_on_the_grid() -> None:
+    """A checkpoint exported from AWQ (or dequantized from a 4-bit file) has weights on a zero-point 4-bit g128
+    grid already. No duo-scaling α gives s = 1, so AutoAWQ's search must move them off the grid; ours also tries
+    s = 1, which reproduces them, and must pick it. Same search without it (keep_identity=False): strictly worse."""
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (64, 2, 128), generator=g)
+    codes[..., 0], codes[..., 1] = 0, 15  # every group spans the whole grid, so re-quantizing it is exact
+    step = torch.rand(64, 2, 1, generator=g).mul(0.05).add(0.01).half().float()
+    zero = torch.randint(1, 15, (64, 2, 1), generator=g).float()
+    w = (step * (codes - zero)).reshape(64, 256)
+    x = torch.randn(512, 256, generator=g) * (1 + 20 * (torch.rand(256, generator=g) < 0.05))  # outlier channels
+
+    def forward(ws):
+        return x @ ws[0].T
+
+    found = search_scales(x, [w], forward, AWQConfig())
+    autoawq = search_scales(x, [w], forward, AWQConfig(keep_identity=False))
+    assert found.alpha is None and torch.equal(found.scales, torch.ones(256))
+    assert found.identity_loss == 0.0 < min(autoawq.losses)
+    assert found.losses == autoawq.losses and autoawq.identity_loss is None
+    assert autoawq.alpha is not None and not torch.equal(autoawq.scales, torch.ones(256))
+
+
 def test_awq_mappings_skip_v_to_o_under_gqa_and_scales_keep_the_function() -> None:
     gqa = {"self_attn.v_proj": (128, 256), "self_attn.o_proj": (256, 256)}
     assert "self_attn.v_proj" not in {m.prev for m in active_mappings(QWEN2_SCALE_MAPPINGS, gqa)}

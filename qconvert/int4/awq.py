@@ -8,10 +8,10 @@ quantized weight becomes ``Q(W·s)/s``, whose error on the important channels is
 Search and apply are separate steps, so the scales are an artifact a driver can save and reuse:
 
 * ``search_scales(x, weights, forward, cfg)`` tries ``s = x_mean^α / w_mean^(1-α)`` (AutoAWQ's duo scaling) for
-  α on a grid of ``n_grid = 20`` points, replaces each layer weight by ``Q(W·s)/s`` and calls
-  ``forward(weights) -> output`` (the caller's closure over the cached block inputs that runs the mapping's
-  inspect module, e.g. ``self_attn`` for q/k/v); it keeps the α with the lowest output MSE against
-  ``forward(original weights)``.
+  α on a grid of ``n_grid = 20`` points, and ``s = 1`` (no scaling), replaces each layer weight by ``Q(W·s)/s``
+  and calls ``forward(weights) -> output`` (the caller's closure over the cached block inputs that runs the
+  mapping's inspect module, e.g. ``self_attn`` for q/k/v); it keeps the candidate with the lowest output MSE
+  against ``forward(original weights)``.
 * ``apply_scales(prev_weight, prev_bias, layer_weights, s)`` returns the rescaled tensors (an RMSNorm gain or
   the output rows of a previous linear are divided by s; the layers' columns multiplied).
 * ``search_clip(x, W, cfg)`` then looks, per (output row, group), for the clipping threshold
@@ -27,8 +27,12 @@ them, divides the cached inputs of the scaled layers by ``s``; searches and appl
 overflows fp16 (AutoAWQ #498/#500/#577); everything here is float32.
 
 Sources: llm-awq ``auto_scale.py``/``auto_clip.py`` @ d6e797a, AutoAWQ 0.2.9 ``quantizer.py``/``qwen2.py``
-(``reference/gptq-awq-onnx-anchor.md`` §4.2). One deliberate difference: the quantization grid always contains
-0 (``rtn``'s asym convention); AutoAWQ's uses ``[min, max]`` and clamps the zero point.
+(``reference/gptq-awq-onnx-anchor.md`` §4.2). Two deliberate differences: the quantization grid always contains
+0 (``rtn``'s asym convention; AutoAWQ's uses ``[min, max]`` and clamps the zero point); and ``s = 1`` is a
+candidate (``keep_identity``). Duo scaling has no α that gives ``s = 1`` (α = 0 is ``1 / w_mean``), so AutoAWQ
+must rescale even where that hurts: on a checkpoint whose weights already sit on a group-wise 4-bit grid (one
+exported from AWQ, or dequantized from a 4-bit file) every α moves them off it. With ``s = 1`` in the search,
+a mapping's output error is never above plain zero-point RTN's.
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ class AWQConfig:
     clip_batch: int = 64  # output rows per clip-search step: memory ~ batch × tokens × (in / group_size) floats
     search_samples: int = 0  # calibration samples the scale search runs on (0: all); the means use all.
                              # 8 x 512 tokens keeps a CPU run of 0.5B-1.5B in minutes per layer group
+    keep_identity: bool = True  # also try s = 1 (no scaling); False = AutoAWQ's search exactly
 
     def __post_init__(self) -> None:
         if self.bits != 4 or not self.zero_point or self.group_size == -1:
@@ -109,11 +114,13 @@ def active_mappings(mappings: Sequence[ScaleMapping], weight_shapes: Mapping[str
 
 @dataclass(frozen=True)
 class ScaleSearch:
-    """Result of ``search_scales``: the scales f32 [in], the chosen α, and the loss of every α tried."""
+    """Result of ``search_scales``: the scales f32 [in], the chosen α (None: ``s = 1`` won), the loss of every α
+    tried (grid order) and of ``s = 1`` (None when ``keep_identity`` is off)."""
 
     scales: torch.Tensor
-    alpha: float
+    alpha: float | None
     losses: tuple[float, ...]
+    identity_loss: float | None = None
 
 
 def channel_mean_abs(x: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
@@ -149,17 +156,20 @@ def search_scales(x: torch.Tensor, weights: Sequence[torch.Tensor], forward: For
     """Grid-search AWQ scales for the layers ``weights`` (each f32 [out_i, in]) that all read input ``x [..., in]``.
 
     ``forward(ws)`` must return the inspect module's output on the cached block inputs with the layers' weights
-    replaced by ``ws`` (same order as ``weights``); it is called ``n_grid + 1`` times.
+    replaced by ``ws`` (same order as ``weights``); it is called ``n_grid + 2`` times (``n_grid + 1`` without
+    ``keep_identity``). Ties go to the earlier candidate: ``s = 1`` wins only when strictly better.
     """
     for w in weights:
         check_scheme(cfg.bits, cfg.group_size, w.shape[1], f"AWQ weight {tuple(w.shape)}")
     x_mean = channel_mean_abs(x)
     w_mean = weight_mean_rel(weights, cfg.group_size)
+    candidates = [candidate_scales(x_mean, w_mean, i / cfg.n_grid, cfg.duo_scaling) for i in range(cfg.n_grid)]
+    if cfg.keep_identity:
+        candidates.append(torch.ones_like(x_mean))
     with torch.no_grad():
         reference = forward(list(weights)).float()
         losses: list[float] = []
-        for i in range(cfg.n_grid):
-            s = candidate_scales(x_mean, w_mean, i / cfg.n_grid, cfg.duo_scaling)
+        for s in candidates:
             out = forward([scaled_fake_quant(w, s, cfg).to(w.dtype) for w in weights]).float()
             losses.append(float((reference - out).pow(2).mean()))
     finite = [(loss, i) for i, loss in enumerate(losses) if math.isfinite(loss)]
@@ -167,8 +177,9 @@ def search_scales(x: torch.Tensor, weights: Sequence[torch.Tensor], forward: For
         raise QuantTypeError("AWQ scale search: every candidate gave a NaN/inf loss; the block inputs overflowed. "
                              "Run the calibration forward in bfloat16 or float32.")
     best = min(finite)[1]
-    return ScaleSearch(candidate_scales(x_mean, w_mean, best / cfg.n_grid, cfg.duo_scaling), best / cfg.n_grid,
-                       tuple(losses))
+    identity_loss = losses.pop() if cfg.keep_identity else None
+    return ScaleSearch(candidates[best], best / cfg.n_grid if best < cfg.n_grid else None, tuple(losses),
+                       identity_loss)
 
 
 def apply_scales(prev_weight: torch.Tensor, prev_bias: torch.Tensor | None, layer_weights: Sequence[torch.Tensor],

@@ -177,6 +177,37 @@ def dequantize_awq(t: Mapping[str, torch.Tensor], group_size: int) -> torch.Tens
 # quantization_config dicts (written to config.json and quantize_config.json)
 
 
+PACKED_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
+
+
+def dequantized_tensors(ckpt: Any, prefix: str, quantization_config: Mapping[str, Any] | None,
+                        device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Every tensor of a GPTQ/AWQ checkpoint whose name starts with ``prefix`` (e.g. one decoder layer's
+    ``model.layers.3.``; ``""`` for all), names relative to it, as float32 on ``device``: each packed linear
+    dequantized from its qweight/qzeros/scales/g_idx into ``<module>.weight`` (the weights the loaders multiply
+    with), every other tensor widened. ``ckpt`` is a ``qconvert.io.safetensors.SafetensorsCheckpoint``.
+    """
+    q = quantization_config
+    out: dict[str, torch.Tensor] = {}
+    for name in ckpt.names():
+        if not name.startswith(prefix) or name.endswith(PACKED_SUFFIXES[1:]):
+            continue
+        rel = name[len(prefix):]
+        if rel.endswith(".qweight"):
+            module = name[: -len(".qweight")]
+            if q is None:
+                raise QuantTypeError(f"{module} is packed (qweight) but config.json has no quantization_config: "
+                                     "the checkpoint is incomplete; re-export it.")
+            t = {k: torch.from_numpy(ckpt.read_raw(f"{module}.{k}")).to(device)
+                 for k in PACKED_SUFFIXES if f"{module}.{k}" in ckpt.entries}
+            w = dequantize_awq(t, int(q["group_size"])) if q["quant_method"] == "awq" else \
+                dequantize_gptq(t, int(q["bits"]))
+            out[rel[: -len("qweight")] + "weight"] = w.float()
+        else:
+            out[rel] = torch.from_numpy(ckpt.read_f32(name)).to(device)
+    return out
+
+
 def gptq_quantization_config(cfg: GPTQConfig) -> dict[str, Any]:
     """The GPTQ v1 ``quantization_config`` (anchor §2.2). Never ``is_marlin_format``: GPTQModel rejects it."""
     return {

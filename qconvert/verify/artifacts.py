@@ -309,25 +309,10 @@ class DequantRunner(Runner):
         return torch.from_numpy(self.ckpt.read_f32(name)).to(self.device)
 
     def _layer(self, prefix: str) -> dict[str, Any]:
-        import torch
+        from qconvert.int4 import dequantized_tensors
 
-        from qconvert.int4 import dequantize_awq, dequantize_gptq
-
-        q = self.art.config["quantization_config"]  # type: ignore[index]
-        names = [n for n in self.ckpt.names() if n.startswith(prefix)]
-        p = {}
-        for n in names:
-            rel = n[len(prefix):]
-            if rel.endswith(".qweight"):
-                module = n[: -len(".qweight")]
-                t = {k: torch.from_numpy(self.ckpt.read_raw(f"{module}.{k}")).to(self.device)
-                     for k in ("qweight", "qzeros", "scales", "g_idx") if f"{module}.{k}" in self.ckpt.entries}
-                w = dequantize_awq(t, int(q["group_size"])) if q["quant_method"] == "awq" else \
-                    dequantize_gptq(t, int(q["bits"]))
-                p[rel[: -len("qweight")] + "weight"] = w.float()
-            elif not rel.endswith((".qzeros", ".scales", ".g_idx")):
-                p[rel] = self._tensor(n)
-        return p
+        return dequantized_tensors(self.ckpt, prefix, self.art.config["quantization_config"],  # type: ignore[index]
+                                   self.device)
 
     def scored(self, windows: np.ndarray, first: int, progress: bool) -> Iterator[Any]:
         import torch
