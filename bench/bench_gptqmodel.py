@@ -33,6 +33,9 @@ def dump(model: Path, ids_file: Path, samples: int, seqlen: int) -> None:
 
 
 def quantize(model: Path, ids_file: Path, method: str, out: Path) -> dict:
+    import os
+
+    os.chdir(out.parent)  # GPTQModel writes its logs/ into the working directory
     import gptqmodel
     import torch
     from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
@@ -61,6 +64,7 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/qconvert-bench-int4"))
     args = ap.parse_args()
+    args.model, args.workdir = args.model.resolve(), args.workdir.resolve()
     if not (args.model / "config.json").is_file():
         raise SystemExit(f"{args.model} is not a checkpoint directory: build it with ../shared/tools/real-model.sh")
     args.workdir.mkdir(parents=True, exist_ok=True)

@@ -95,7 +95,9 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--awq-search-samples", type=int, default=0, help="AWQ scale-search samples (0: all)")
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS + EXTERNAL)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS),
+                    help=f"run: any of {', '.join(METHODS)}; --eval-only: also {', '.join(EXTERNAL)} or any output "
+                         "directory name in --workdir")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/qconvert-bench-int4"))
     ap.add_argument("--eval-only", action="store_true", help="evaluate outputs already in --workdir (no timing)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -103,6 +105,10 @@ def main() -> None:
     if not (args.model / "config.json").exists():
         raise SystemExit(f"{args.model} not found: run ../shared/tools/real-model.sh first")
     args.workdir.mkdir(parents=True, exist_ok=True)
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown and not args.eval_only:
+        ap.error(f"cannot run {unknown}: runnable methods are {', '.join(METHODS)} ({', '.join(EXTERNAL)} come from "
+                 "bench/bench_gptqmodel.py; evaluate them with --eval-only)")
     if args.child:
         print(json.dumps(run_one(args.model, args.child, args.workdir, args.samples, args.seqlen,
                                  args.awq_search_samples)))
