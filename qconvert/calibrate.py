@@ -185,7 +185,7 @@ def _gptq_layer(layer: DeviceLayer, h: torch.Tensor, dims: qwen2.Qwen2Dims, rope
     """
     out: dict[str, QuantizedLinear] = {}
     for group in spec.sequential:
-        H = _SiteHessian(spec.input_sites[group[0]]).collect(layer, h, dims, rope, settings.batch_size)
+        H = _SiteHessian(group[0]).collect(layer, h, dims, rope, settings.batch_size)  # group[0] names the site
         for name in group:
             q = gptq(layer.weight(name).float(), H, cfg)
             layer.p[f"{name}.weight"] = q.dequantize().to(settings.dtype)

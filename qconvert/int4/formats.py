@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -37,6 +37,9 @@ from qconvert.errors import QuantTypeError
 from qconvert.int4.awq import AWQConfig
 from qconvert.int4.gptq import GPTQConfig
 from qconvert.int4.rtn import SCALE_DTYPE, QuantizedLinear, default_g_idx, n_groups
+
+if TYPE_CHECKING:
+    from qconvert.io.safetensors import SafetensorsCheckpoint
 
 WORD_BITS = 32  # pack_dtype int32
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of a word holds column 8c + AWQ_ORDER[i]
@@ -180,12 +183,13 @@ def dequantize_awq(t: Mapping[str, torch.Tensor], group_size: int) -> torch.Tens
 PACKED_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 
 
-def dequantized_tensors(ckpt: Any, prefix: str, quantization_config: Mapping[str, Any] | None,
+def dequantized_tensors(ckpt: SafetensorsCheckpoint, prefix: str, quantization_config: Mapping[str, Any] | None,
                         device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Every tensor of a GPTQ/AWQ checkpoint whose name starts with ``prefix`` (e.g. one decoder layer's
     ``model.layers.3.``; ``""`` for all), names relative to it, as float32 on ``device``: each packed linear
     dequantized from its qweight/qzeros/scales/g_idx into ``<module>.weight`` (the weights the loaders multiply
-    with), every other tensor widened. ``ckpt`` is a ``qconvert.io.safetensors.SafetensorsCheckpoint``.
+    with), every other tensor widened. ``quantization_config`` is the checkpoint's config.json entry (None for
+    a float checkpoint).
     """
     q = quantization_config
     out: dict[str, torch.Tensor] = {}
