@@ -47,7 +47,8 @@ def quantize(model: Path, ids_file: Path, method: str, out: Path) -> dict:
     cfg = (QuantizeConfig(bits=4, group_size=128, sym=True, desc_act=False) if method == "gptq" else
            QuantizeConfig(bits=4, group_size=128, sym=False, quant_method="awq", format="gemm"))
     start = time.perf_counter()
-    m = GPTQModel.load(str(model), cfg, device="cpu", dtype=torch.float32)
+    # bf16: GPTQModel's CPU default; its torch GPTQ/AWQ packers refuse float32 (they support fp16/bf16 only)
+    m = GPTQModel.load(str(model), cfg, device="cpu", dtype=torch.bfloat16)
     m.quantize(data, batch_size=8, backend=BACKEND.TORCH)  # AUTO picks CUDA-only AWQ kernels
     m.save(str(out))
     return {"method": f"gptqmodel-{method}", "seconds": time.perf_counter() - start,

@@ -1,10 +1,11 @@
 """Quality of a GPTQ/AWQ checkpoint against its float source, streamed one layer at a time (for model cards).
 
-Both models run side by side through qconvert's Qwen2 forward (equal to transformers' within 1e-4): the float
-layer i from the source, the quantized layer i dequantized from the packed tensors (``dequantize_gptq`` /
-``dequantize_awq``: exactly the weights the loaders multiply with). Peak memory is two layers plus the
-activations, so the figure is cheap next to calibration at any model size. Every position of each window is
-scored. The verification stage (``qconvert verify``) measures the same in the artifact's own runtime.
+Both models run through qconvert's Qwen2 forward (equal to transformers' within 1e-4), streamed one decoder
+layer at a time by ``streamed_hidden`` (the quantized layers dequantized from the packed tensors: exactly the
+weights the loaders multiply with). Peak memory is one layer plus the hidden states of both models, so the
+figure is cheap next to calibration at any model size. Every position of each window is scored. The
+verification stage (``qconvert verify``) measures the same in the artifact's own runtime, and its dequant runner
+uses ``streamed_hidden`` too.
 """
 
 from __future__ import annotations
@@ -40,10 +41,41 @@ class Quality:
                 "held-out tokens")
 
 
-def _layer(ckpt: SafetensorsCheckpoint, prefix: str, qcfg: dict | None, s: CalibrationSettings) -> dict:
+def streamed_hidden(ckpt: SafetensorsCheckpoint, config: dict, quantization_config: dict | None, ids: torch.Tensor,
+                    settings: CalibrationSettings = CalibrationSettings(), progress: str | None = None) -> torch.Tensor:
+    """The last decoder layer's output [n, t, hidden] for windows ``ids`` [n, t], one layer's weights in memory.
+
+    ``quantization_config`` None reads float weights; a GPTQ/AWQ dict dequantizes the packed linears
+    (``dequantize_gptq`` / ``dequantize_awq``: exactly the weights the loaders multiply with). Windows run
+    ``settings.batch_size`` at a time; ``progress`` names a tqdm bar on stderr (None: no bar).
+    """
+    import sys
+
+    from tqdm import tqdm
+
     from qconvert.int4 import dequantized_tensors
 
-    return {k: v.to(s.device, s.dtype) for k, v in dequantized_tensors(ckpt, prefix, qcfg, s.device).items()}
+    dims = qwen2.Qwen2Dims.from_config(config)
+    prefix = spec_for_config(config).block_prefix
+    dev, dt, b = settings.device, settings.dtype, settings.batch_size
+    ids = ids.to(dev)
+    h = qwen2.embed(torch.from_numpy(ckpt.read_f32("model.embed_tokens.weight")).to(dev, dt), ids)
+    rope = qwen2.rope_tables(dims, ids.shape[1], dev, dt)
+    layers = range(int(config["num_hidden_layers"]))
+    with torch.no_grad():
+        for i in tqdm(layers, desc=progress, unit="layer", disable=progress is None, file=sys.stderr):
+            p = {k: v.to(dev, dt) for k, v in dequantized_tensors(ckpt, f"{prefix}.{i}.", quantization_config,
+                                                                     dev).items()}
+            h = torch.cat([qwen2.decoder_layer(p, h[k:k + b], dims, rope) for k in range(0, h.shape[0], b)])
+    return h
+
+
+def head_weights(ckpt: SafetensorsCheckpoint, config: dict, settings: CalibrationSettings = CalibrationSettings()
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(final norm gain, lm_head)`` for ``qwen2.head``; tied models read the embedding matrix."""
+    head = "model.embed_tokens.weight" if config.get("tie_word_embeddings") else "lm_head.weight"
+    return tuple(torch.from_numpy(ckpt.read_f32(n)).to(settings.device, settings.dtype)  # type: ignore[return-value]
+                 for n in ("model.norm.weight", head))
 
 
 def compare_checkpoints(float_dir: Path, quant_dir: Path, ids: torch.Tensor,
@@ -51,30 +83,16 @@ def compare_checkpoints(float_dir: Path, quant_dir: Path, ids: torch.Tensor,
     """PPL of both, KL and top-1 agreement on windows ``ids`` [n, t] (next-token prediction at every position)."""
     config = json.loads((Path(float_dir) / "config.json").read_text())
     qcfg = json.loads((Path(quant_dir) / "config.json").read_text()).get("quantization_config")
-    spec = spec_for_config(config)
-    dims = qwen2.Qwen2Dims.from_config(config)
-    fck, qck = SafetensorsCheckpoint(Path(float_dir)), SafetensorsCheckpoint(Path(quant_dir))
-    dev, dt = settings.device, settings.dtype
-    ids = ids.to(dev)
-
-    def read(ck: SafetensorsCheckpoint, name: str) -> torch.Tensor:
-        return torch.from_numpy(ck.read_f32(name)).to(dev, dt)
-
-    hs = [qwen2.embed(read(ck, "model.embed_tokens.weight"), ids) for ck in (fck, qck)]
-    rope = qwen2.rope_tables(dims, ids.shape[1], dev, dt)
+    eps = qwen2.Qwen2Dims.from_config(config).rms_norm_eps
+    ids = ids.to(settings.device)
+    runs = [(SafetensorsCheckpoint(Path(float_dir)), None), (SafetensorsCheckpoint(Path(quant_dir)), qcfg)]
+    hs = [streamed_hidden(ck, config, q, ids, settings) for ck, q in runs]
+    heads = [head_weights(ck, config, settings) for ck, _ in runs]
+    nll = [0.0, 0.0]
+    kl, agree, n = 0.0, 0, 0
     with torch.no_grad():
-        for i in range(int(config["num_hidden_layers"])):
-            prefix = f"{spec.block_prefix}.{i}."
-            for j, (ck, q) in enumerate(((fck, None), (qck, qcfg))):
-                p = _layer(ck, prefix, q, settings)
-                hs[j] = torch.cat([qwen2.decoder_layer(p, hs[j][k:k + settings.batch_size], dims, rope)
-                                   for k in range(0, hs[j].shape[0], settings.batch_size)])
-        head = "model.embed_tokens.weight" if config.get("tie_word_embeddings") else "lm_head.weight"
-        nll = [0.0, 0.0]
-        kl, agree, n = 0.0, 0, 0
-        heads = [(read(ck, "model.norm.weight"), read(ck, head)) for ck in (fck, qck)]
         for k in range(ids.shape[0]):
-            logp = [torch.log_softmax(qwen2.head(nw, lm, hs[j][k:k + 1], dims.rms_norm_eps)[0].double(), -1)
+            logp = [torch.log_softmax(qwen2.head(nw, lm, hs[j][k:k + 1], eps)[0].double(), -1)
                     for j, (nw, lm) in enumerate(heads)]
             target = ids[k, 1:, None]
             for j in range(2):

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import re
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
-from qconvert.constants import GGMLType, FileType
+from qconvert.constants import FileType, GGMLType
 
 # "[  12/ 290] blk.0.attn_q.weight   - [  896,   896,     1,     1], type =    f16, size = ... (q5_1)"
 _TENSOR_LINE = re.compile(

@@ -161,7 +161,7 @@ def test_hub_dataset_names_load_through_datasets(demo, monkeypatch) -> None:
     calls = []
 
     class FakeDataset:
-        column_names = ["text"]
+        column_names = ("text",)
 
         def __getitem__(self, col):
             return ["", "  ", "The engineer repaired the bridge. " * 40, "工程师修好了那座桥。" * 40]

@@ -182,7 +182,7 @@ def test_token_types_as_llama_cpp_reads_them(model_dir, float_gguf):
     added = {t["content"]: t["id"] for t in tok["added_tokens"]}
     n_vocab = json.loads((model_dir("demo") / "config.json").read_text())["vocab_size"]
     with llamacpp.LlamaCppModel(float_gguf("demo", "BF16"), vocab_only=True) as m:
-        attr = lambda i: m.lib.llama_vocab_get_attr(m.vocab, i)  # noqa: E731
+        attr = lambda i: m.lib.llama_vocab_get_attr(m.vocab, i)
         assert m.n_vocab == n_vocab
         for name in ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|fim_prefix|>", "<|file_sep|>"):
             assert attr(added[name]) & ATTR_CONTROL, name
@@ -243,8 +243,9 @@ def test_overrides_match_llama_quantize(tmp_path, model_dir, float_gguf, preset,
 
 def _random_imatrix(model_path, seed=0):
     """Per-column mean x² for every quantizable matrix (chi²-like, a wide range, some zero columns)."""
-    from qconvert.family import tensor_shapes
     import json
+
+    from qconvert.family import tensor_shapes
 
     rng = np.random.default_rng(seed)
     config = json.loads((model_path / "config.json").read_text())

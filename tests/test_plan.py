@@ -60,10 +60,10 @@ ANCHOR_FALLBACKS = {
 ANCHOR_MORE_BITS = {
     24: {0, 1, 2, 5, 8, 11, 14, 17, 20, 21, 22, 23},
     28: {0, 1, 2, 5, 8, 11, 14, 17, 20, 23, 24, 25, 26, 27},
-    36: set(range(0, 4)) | set(range(6, 31, 3)) | set(range(31, 36)),
-    48: set(range(0, 6)) | set(range(8, 42, 3)) | set(range(42, 48)),
-    64: set(range(0, 8)) | set(range(10, 56, 3)) | set(range(56, 64)),
-    80: set(range(0, 10)) | set(range(12, 70, 3)) | set(range(70, 80)),
+    36: set(range(4)) | set(range(6, 31, 3)) | set(range(31, 36)),
+    48: set(range(6)) | set(range(8, 42, 3)) | set(range(42, 48)),
+    64: set(range(8)) | set(range(10, 56, 3)) | set(range(56, 64)),
+    80: set(range(10)) | set(range(12, 70, 3)) | set(range(70, 80)),
 }
 ANCHOR_MORE_BITS_COUNT = {24: 12, 28: 14, 36: 18, 48: 24, 64: 32, 80: 40}
 
@@ -264,8 +264,8 @@ def test_fallback_for_rows_not_multiple_of_256() -> None:
     e = p["blk.0.attn_q.weight"]
     assert (e.type, e.fallback_from) == (T.Q5_1, T.Q5_K)
     assert e.warning_lines() == [
-        "warning: blk.0.attn_q.weight                  - ncols    384 not divisible by 256 "
-        "(required for type    q5_K) -> falling back to    q5_1"]
+        ("warning: blk.0.attn_q.weight                  - ncols    384 not divisible by 256 "
+         "(required for type    q5_K) -> falling back to    q5_1")]
     assert p["blk.3.ffn_down.weight"].type == T.Q8_0  # Q6_K (use_more_bits: last eighth) on 640-wide rows
     assert p["blk.0.ffn_down.weight"].type == T.Q5_1
     assert p["output.weight"].type == T.Q8_0 and p["output.weight"].fallback_from is None  # output rule
@@ -276,8 +276,8 @@ def test_fallback_to_f16_when_not_multiple_of_32() -> None:
     e = p["blk.0.ffn_down.weight"]
     assert (e.type, e.fallback_from) == (T.F16, T.Q8_0)
     assert e.warning_lines() == [
-        "warning: blk.0.ffn_down.weight                - ncols    200 not divisible by  32 "
-        "(required for type    q8_0) (WARNING: must use F16 due to unusual shape) -> falling back to     f16"]
+        ("warning: blk.0.ffn_down.weight                - ncols    200 not divisible by  32 "
+         "(required for type    q8_0) (WARNING: must use F16 due to unusual shape) -> falling back to     f16")]
 
 
 def test_overrides_by_hand() -> None:

@@ -54,11 +54,10 @@ def test_real_q4_k_m_equals_llama_quantize(tmp_path, real_f16):
 
 
 def test_real_tokenizer_matches_hf(real_f16):
+    from test_gguf_llamacpp import MIXED_SAMPLE
     from tokenizers import Tokenizer
 
     from qconvert.fixtures.corpus import eval_text
-
-    from test_gguf_llamacpp import MIXED_SAMPLE
 
     hf = Tokenizer.from_file(str(REAL / "tokenizer.json"))
     with llamacpp.LlamaCppModel(real_f16, vocab_only=True) as m:

@@ -244,7 +244,7 @@ def test_gptq_cli_with_stats_and_awq_refuses_them(demo, calibrated_gguf, tmp_pat
 
 
 def test_gguf_option_conflicts_fail_cleanly(demo, calibrated_gguf, tmp_path, capsys) -> None:
-    _, imatrix_file, stats_file = calibrated_gguf
+    _, imatrix_file, _stats_file = calibrated_gguf
     for argv, needle in (
         (["--imatrix", str(imatrix_file), "--calib", "builtin"], "use one of them"),
         (["--save-stats", str(tmp_path / "s.safetensors")], "needs --calib"),

@@ -30,16 +30,16 @@ def info_gguf(path: Path, list_tensors: bool) -> list[str]:
         f"file:        {path} ({_fmt_bytes(path.stat().st_size)}, GGUF v{g.version})",
         f"model:       {md.get('general.name', '?')} (architecture {arch})",
         f"file type:   {ftype_name}",
-        f"layers:      {md.get(f'{arch}.block_count', '?')}, hidden {md.get(f'{arch}.embedding_length', '?')}, "
-        f"ffn {md.get(f'{arch}.feed_forward_length', '?')}, heads {md.get(f'{arch}.attention.head_count', '?')}"
-        f"/{md.get(f'{arch}.attention.head_count_kv', '?')}, context {md.get(f'{arch}.context_length', '?')}",
-        f"vocabulary:  {len(md.get('tokenizer.ggml.tokens', []))} tokens ({md.get('tokenizer.ggml.model', '?')}, pre "
-        f"{md.get('tokenizer.ggml.pre', '?')}), chat template: {'yes' if 'tokenizer.chat_template' in md else 'no'}",
+        (f"layers:      {md.get(f'{arch}.block_count', '?')}, hidden {md.get(f'{arch}.embedding_length', '?')}, "
+         f"ffn {md.get(f'{arch}.feed_forward_length', '?')}, heads {md.get(f'{arch}.attention.head_count', '?')}"
+         f"/{md.get(f'{arch}.attention.head_count_kv', '?')}, context {md.get(f'{arch}.context_length', '?')}"),
+        (f"vocabulary:  {len(md.get('tokenizer.ggml.tokens', []))} tokens ({md.get('tokenizer.ggml.model', '?')}, pre "
+         f"{md.get('tokenizer.ggml.pre', '?')}), chat template: {'yes' if 'tokenizer.chat_template' in md else 'no'}"),
         f"tensors:     {len(g.tensors)}, {n:,} weights, {_fmt_bytes(data)} of data, {8 * data / max(n, 1):.2f} bits per weight",
         "types:       " + ", ".join(f"{c}x {t}" for t, c in Counter(t.type.name for t in g.tensors.values()).most_common()),
     ]
     if list_tensors:
-        lines += [f"  {t.name:<32} {t.type.name:<5} {str(list(t.shape)):<16} {t.nbytes:>12,}" for t in g.tensors.values()]
+        lines += [f"  {t.name:<32} {t.type.name:<5} {list(t.shape)!s:<16} {t.nbytes:>12,}" for t in g.tensors.values()]
     return lines
 
 
@@ -57,9 +57,10 @@ def info_checkpoint(path: Path, list_tensors: bool) -> list[str]:
     lines = [
         f"checkpoint:  {path} ({len({e.file for e in entries})} safetensors file(s), {_fmt_bytes(size)})",
         f"model:       {spec.hf_arch} -> GGUF architecture {spec.gguf_arch}",
-        f"layers:      {config.get('num_hidden_layers')}, hidden {config.get('hidden_size')}, ffn "
-        f"{config.get('intermediate_size')}, heads {config.get('num_attention_heads')}/{config.get('num_key_value_heads')}, "
-        f"vocab {config.get('vocab_size')}, tied embeddings: {config.get('tie_word_embeddings', False)}",
+        (f"layers:      {config.get('num_hidden_layers')}, hidden {config.get('hidden_size')}, ffn "
+         f"{config.get('intermediate_size')}, heads {config.get('num_attention_heads')}/"
+         f"{config.get('num_key_value_heads')}, vocab {config.get('vocab_size')}, "
+         f"tied embeddings: {config.get('tie_word_embeddings', False)}"),
         f"tensors:     {len(entries)}, {n:,} weights, {8 * size / max(n, 1):.2f} bits per weight",
         "dtypes:      " + ", ".join(f"{c}x {d}" for d, c in Counter(e.dtype for e in entries).most_common()),
     ]

@@ -43,7 +43,7 @@ def _readme_front_matter(model_dir: Path) -> dict[str, Any]:
     readme = model_dir / "README.md"
     if not readme.exists():
         return {}
-    m = re.match(r"---\n(.*?)\n---", readme.read_text(encoding="utf-8", errors="replace"), re.S)
+    m = re.match(r"---\n(.*?)\n---", readme.read_text(encoding="utf-8", errors="replace"), re.DOTALL)
     if not m:
         return {}
     out: dict[str, Any] = {}
@@ -66,7 +66,7 @@ def model_card_metadata(model_name: str, model_dir: Path, n_params: int) -> list
     """
     tail = model_name.rstrip("/").split("/")[-1]
     parts = [p for p in tail.split("-") if p]
-    size_at = next((i for i, p in enumerate(parts) if i > 0 and re.fullmatch(r"\d+(\.\d+)?[KMBT]", p, re.I)), None)
+    size_at = next((i for i, p in enumerate(parts) if i > 0 and re.fullmatch(r"\d+(\.\d+)?[KMBT]", p, re.IGNORECASE)), None)
     kvs = [KV("general.name", V.STRING, " ".join(parts) if parts else tail)]
     if size_at is not None:
         finetune = "-".join(parts[size_at + 1:])

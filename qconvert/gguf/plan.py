@@ -20,9 +20,10 @@ from __future__ import annotations
 import enum
 import re
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from qconvert.constants import GGUF_DEFAULT_ALIGNMENT, FileType, GGMLType
 from qconvert.errors import QuantTypeError
@@ -352,8 +353,8 @@ class Plan:
         rows += [
             "",
             f"preset {self.preset.name}: {len(self.entries)} tensors ({counts})",
-            f"tensor data {total / 2**20:.2f} MiB = {total / 1e9:.3f} GB, "
-            f"{self.n_elements() / 1e9:.3f} B weights, {self.bits_per_weight():.2f} bits per weight",
+            (f"tensor data {total / 2**20:.2f} MiB = {total / 1e9:.3f} GB, "
+             f"{self.n_elements() / 1e9:.3f} B weights, {self.bits_per_weight():.2f} bits per weight"),
         ]
         if self.n_fallback():
             rows.append(f"{self.n_fallback()} of {len(self.entries)} tensor(s) required fallback quantization "

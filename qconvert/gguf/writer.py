@@ -120,7 +120,7 @@ class GGUFWriter:
 
     def write_header(self) -> None:
         self._expect(State.COLLECTING, "write the header")
-        self._file = open(self.path, "wb")
+        self._file = open(self.path, "wb")  # noqa: SIM115 - kept open across write_tensor calls, closed by finish()
         self._file.write(self.header_bytes())
         self._state = State.HEADER_WRITTEN
 

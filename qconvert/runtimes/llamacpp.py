@@ -11,7 +11,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
@@ -119,7 +119,7 @@ class LlamaCppModel:
             self.lib.llama_model_free(self.model)
             self.model = self.ffi.NULL
 
-    def __enter__(self) -> LlamaCppModel:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

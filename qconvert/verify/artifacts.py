@@ -294,50 +294,32 @@ class DequantRunner(Runner):
     def __init__(self, art: Artifact, device: str) -> None:
         super().__init__()
         from qconvert.io.safetensors import SafetensorsCheckpoint
-        from qconvert.model import qwen2
-        from qconvert.registry import spec_for_config
 
         assert art.config is not None
         self.art, self.device = art, device
         self.ckpt = SafetensorsCheckpoint(art.path)
-        self.dims = qwen2.Qwen2Dims.from_config(art.config)
-        self.prefix = spec_for_config(art.config).block_prefix
-
-    def _tensor(self, name: str) -> Any:
-        import torch
-
-        return torch.from_numpy(self.ckpt.read_f32(name)).to(self.device)
-
-    def _layer(self, prefix: str) -> dict[str, Any]:
-        from qconvert.int4 import dequantized_tensors
-
-        return dequantized_tensors(self.ckpt, prefix, self.art.config["quantization_config"],  # type: ignore[index]
-                                   self.device)
 
     def scored(self, windows: np.ndarray, first: int, progress: bool) -> Iterator[Any]:
         import torch
-        from tqdm import tqdm
 
+        from qconvert.calibrate import CalibrationSettings
         from qconvert.model import qwen2
+        from qconvert.quality import head_weights, streamed_hidden
 
         config = self.art.config
         assert config is not None
+        settings = CalibrationSettings(self.device, torch.float32, 1)
         start = time.perf_counter()
-        ids = torch.from_numpy(windows.astype(np.int64)).to(self.device)
-        emb = self._tensor("model.embed_tokens.weight")
-        h = qwen2.embed(emb, ids)
-        rope = qwen2.rope_tables(self.dims, ids.shape[1], self.device, torch.float32)
-        n_layers = int(config["num_hidden_layers"])
+        ids = torch.from_numpy(windows.astype(np.int64))
+        h = streamed_hidden(self.ckpt, config, config["quantization_config"], ids, settings,
+                            self.name if progress else None)
+        norm, head = head_weights(self.ckpt, config, settings)
+        eps = qwen2.Qwen2Dims.from_config(config).rms_norm_eps
+        self.seconds += time.perf_counter() - start
         with torch.no_grad():
-            for i in tqdm(range(n_layers), desc=self.name, unit="layer", disable=not progress, file=sys.stderr):
-                p = self._layer(f"{self.prefix}.{i}.")
-                h = torch.cat([qwen2.decoder_layer(p, h[k:k + 1], self.dims, rope) for k in range(h.shape[0])])
-            head = emb if config.get("tie_word_embeddings") else self._tensor("lm_head.weight")
-            norm = self._tensor("model.norm.weight")
-            self.seconds += time.perf_counter() - start
             for w in range(h.shape[0]):
                 start = time.perf_counter()
-                out = qwen2.head(norm, head, h[w:w + 1, first:-1], self.dims.rms_norm_eps)[0]
+                out = qwen2.head(norm, head, h[w:w + 1, first:-1], eps)[0]
                 self.seconds += time.perf_counter() - start
                 yield out
 
