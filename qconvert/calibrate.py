@@ -228,16 +228,21 @@ def _awq_layer(layer: DeviceLayer, h: torch.Tensor, dims: qwen2.Qwen2Dims, rope:
     Returns the quantized linears and the rescaled float tensors (norm gains), names relative to the layer.
     """
     mappings, no_clip = AWQ_TABLES[spec.hf_arch]
+    site_of = spec.input_sites  # q/k/v read one input, gate/up another: cache each input once
     cached: dict[str, list[torch.Tensor]] = {}
-    run_layer(layer, h, dims, rope, settings.batch_size, lambda n, x: cached.setdefault(n, []).append(x))
-    inputs = {n: torch.cat(xs) for n, xs in cached.items()}
+    run_layer(layer, h, dims, rope, settings.batch_size,
+              lambda n, x: cached.setdefault(n, []).append(x) if site_of[n] == n else None)
+    inputs = {site: torch.cat(xs) for site, xs in cached.items()}  # input site -> [n, t, in]
     linears = [s for group in spec.sequential for s in group]
     shapes = {n: tuple(layer.weight(n).shape) for n in linears}
     sites = active_mappings(mappings, shapes)
     scales = []
     k = cfg.search_samples or h.shape[0]  # the grid's forwards run on the first k samples (random windows)
     for m in sites:  # searched on the unscaled layer, like AutoAWQ's auto_scale
-        x = inputs[m.layers[0]]
+        if len({site_of[n] for n in m.layers}) != 1:
+            raise CalibrationError(f"AWQ mapping {m.prev} -> {m.layers} spans several input sites of "
+                                   f"{spec.hf_arch}'s registry groups; its layers must read one input.")
+        x = inputs[site_of[m.layers[0]]]
         fwd = _inspect_forward(layer, m.inspect, m.layers, x[:k], dims, rope, settings.batch_size)
         scales.append(search_scales(x, [layer.weight(n).float() for n in m.layers], fwd, cfg).scales)
     changed: set[str] = set()
@@ -253,12 +258,13 @@ def _awq_layer(layer: DeviceLayer, h: torch.Tensor, dims: qwen2.Qwen2Dims, rope:
             changed.add(f"{m.prev}.bias")
         for n, w in zip(m.layers, scaled):
             layer.p[f"{n}.weight"] = w.to(settings.dtype)
-            inputs[n] = inputs[n] / s.to(inputs[n].dtype)
+        site = site_of[m.layers[0]]  # a mapping's layers are one group: their shared input is rescaled once
+        inputs[site] = inputs[site] / s.to(inputs[site].dtype)
     out = {}
     for n in linears:
         w = layer.weight(n).float()
         if n not in no_clip:
-            w = apply_clip(w, search_clip(inputs[n], w, cfg))
+            w = apply_clip(w, search_clip(inputs[site_of[n]], w, cfg))
         out[n] = quantize_awq(w, cfg)
         layer.p[f"{n}.weight"] = out[n].dequantize().to(settings.dtype)
     floats = {n: layer.p[n] for n in changed if not any(n == f"{q}.weight" for q in linears)}
