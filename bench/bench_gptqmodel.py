@@ -1,9 +1,12 @@
 """GPTQModel's own GPTQ and AWQ on the same calibration tokens as qconvert's, for the quality table in the README.
 
-    .venv/bin/python bench/bench_gptqmodel.py dump [MODEL_DIR] --samples 32 --seqlen 512   # tokens -> WORKDIR
-    ORACLE/bin/python bench/bench_gptqmodel.py quantize gptq [MODEL_DIR]                    # GPTQModel 7.6, CPU
-    ORACLE/bin/python bench/bench_gptqmodel.py quantize awq [MODEL_DIR]
-    .venv/bin/python bench/bench_int4.py --eval-only --methods rtn gptq awq gptqmodel-gptq gptqmodel-awq
+    .venv/bin/python bench/bench_int4.py --methods rtn gptq awq gptqmodel-gptq gptqmodel-awq --anchor-python ORACLE/bin/python
+
+runs both steps below for the gptqmodel-* rows and prints them beside qconvert's; by hand:
+
+    .venv/bin/python bench/bench_gptqmodel.py dump [--model DIR] --samples 8 --seqlen 512  # tokens -> WORKDIR
+    ORACLE/bin/python bench/bench_gptqmodel.py quantize gptq [--model DIR]                 # GPTQModel 7.6, CPU
+    ORACLE/bin/python bench/bench_gptqmodel.py quantize awq [--model DIR]
 
 ``dump`` writes the windows qconvert's calibration uses (built-in set, seed 0: the same call as bench_int4's
 children); ``quantize`` runs GPTQModel on exactly those windows with qconvert's default scheme for the method
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import time
 from pathlib import Path
 
@@ -50,7 +54,11 @@ def quantize(model: Path, ids_file: Path, method: str, out: Path) -> dict:
     # bf16: GPTQModel's CPU default; its torch GPTQ/AWQ packers refuse float32 (they support fp16/bf16 only)
     m = GPTQModel.load(str(model), cfg, device="cpu", dtype=torch.bfloat16)
     m.quantize(data, batch_size=8, backend=BACKEND.TORCH)  # AUTO picks CUDA-only AWQ kernels
-    m.save(str(out))
+    tmp = out.with_name(out.name + ".partial")  # a failed or interrupted run leaves no half-written output
+    shutil.rmtree(tmp, ignore_errors=True)
+    m.save(str(tmp))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
     return {"method": f"gptqmodel-{method}", "seconds": time.perf_counter() - start,
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
             "tokens": sum(len(w) for w in windows), "gptqmodel": gptqmodel.__version__}
@@ -60,8 +68,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("step", choices=["dump", "quantize"])
     ap.add_argument("method", nargs="?", choices=["gptq", "awq"], help="quantize: which GPTQModel method")
-    ap.add_argument("model", nargs="?", type=Path, default=DEFAULT_MODEL)
-    ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/qconvert-bench-int4"))
     args = ap.parse_args()

@@ -23,8 +23,10 @@ from pathlib import Path
 
 DEFAULT_MODEL = Path.home() / ".cache/qconvert-real/hf/qwen2.5-coder-0.5b-tied"
 METHODS = ("rtn", "rtn-asym", "gptq", "gptq-stats", "awq", "gptq-int8")
-# not run by default: outputs of bench/bench_gptqmodel.py (GPTQModel's own GPTQ and AWQ), evaluated with --eval-only
+# the anchor: GPTQModel's own GPTQ and AWQ on the same calibration windows (bench/bench_gptqmodel.py, run with
+# --anchor-python, a venv that has gptqmodel 7.6; not in the default method list)
 EXTERNAL = ("gptqmodel-gptq", "gptqmodel-awq")
+HERE = Path(__file__).resolve().parent
 
 
 def run_one(model: Path, method: str, out: Path, samples: int, seqlen: int, search_samples: int) -> dict:
@@ -66,8 +68,11 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--awq-search-samples", type=int, default=0, help="AWQ scale-search samples (0: all)")
     ap.add_argument("--methods", nargs="+", default=list(METHODS),
-                    help=f"run: any of {', '.join(METHODS)}; --eval-only: also {', '.join(EXTERNAL)} or any output "
-                         "directory name in --workdir")
+                    help=f"any of {', '.join(METHODS)}, or {', '.join(EXTERNAL)} with --anchor-python; --eval-only: "
+                         "also any output directory name in --workdir")
+    ap.add_argument("--anchor-python", type=Path,
+                    help="python of a venv with gptqmodel 7.6 (e.g. .venv-oracle/bin/python from "
+                         "scripts/test-oracles.sh): runs the gptqmodel-* methods on the same calibration windows")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/qconvert-bench-int4"))
     ap.add_argument("--eval-only", action="store_true", help="evaluate outputs already in --workdir (no timing)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -75,10 +80,12 @@ def main() -> None:
     if not (args.model / "config.json").exists():
         raise SystemExit(f"{args.model} not found: run ../shared/tools/real-model.sh first")
     args.workdir.mkdir(parents=True, exist_ok=True)
-    unknown = [m for m in args.methods if m not in METHODS]
+    unknown = [m for m in args.methods if m not in METHODS + EXTERNAL]
     if unknown and not args.eval_only:
-        ap.error(f"cannot run {unknown}: runnable methods are {', '.join(METHODS)} ({', '.join(EXTERNAL)} come from "
-                 "bench/bench_gptqmodel.py; evaluate them with --eval-only)")
+        ap.error(f"cannot run {unknown}: runnable methods are {', '.join(METHODS + EXTERNAL)}")
+    if any(m in EXTERNAL for m in args.methods) and not args.eval_only and args.anchor_python is None:
+        ap.error(f"{', '.join(EXTERNAL)} run GPTQModel: give --anchor-python (a venv with gptqmodel 7.6, e.g. "
+                 ".venv-oracle/bin/python after scripts/test-oracles.sh)")
     if args.child:
         print(json.dumps(run_one(args.model, args.child, args.workdir, args.samples, args.seqlen,
                                  args.awq_search_samples)))
@@ -95,10 +102,17 @@ def main() -> None:
         if args.eval_only:
             runs.append({"method": method, "seconds": float("nan"), "peak_rss_gb": float("nan")})
             continue
-        r = subprocess.run([sys.executable, __file__, str(args.model), "--child", method, "--samples",
-                            str(args.samples), "--seqlen", str(args.seqlen), "--workdir", str(args.workdir),
-                            "--awq-search-samples", str(args.awq_search_samples)],
-                           capture_output=True, text=True, check=True)
+        if method in EXTERNAL:  # same windows: dump them with this venv, quantize with GPTQModel's
+            common = ["--model", str(args.model), "--samples", str(args.samples), "--seqlen", str(args.seqlen), "--workdir",
+                      str(args.workdir)]
+            subprocess.run([sys.executable, str(HERE / "bench_gptqmodel.py"), "dump", *common], check=True)
+            cmd = [str(args.anchor_python), str(HERE / "bench_gptqmodel.py"), "quantize",
+                   method.removeprefix("gptqmodel-"), *common]
+        else:
+            cmd = [sys.executable, __file__, str(args.model), "--child", method, "--samples", str(args.samples),
+                   "--seqlen", str(args.seqlen), "--workdir", str(args.workdir), "--awq-search-samples",
+                   str(args.awq_search_samples)]
+        r = subprocess.run(cmd, capture_output=True, text=True, check=True)
         runs.append(json.loads(r.stdout.strip().splitlines()[-1]))
         print(f"  {method}: {runs[-1]['seconds']:.0f} s", file=sys.stderr)
     print(f"model {args.model.name}; calibration: built-in set, {args.samples} x {args.seqlen} tokens; "
