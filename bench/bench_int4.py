@@ -93,7 +93,8 @@ def main() -> None:
     import torch
 
     from qconvert.calibrate import CalibrationSettings
-    from qconvert.quality import compare_checkpoints, eval_windows
+    from qconvert.io.safetensors import SafetensorsCheckpoint
+    from qconvert.quality import compare_checkpoints, eval_windows, streamed_hidden
 
     torch.set_num_threads(2)
     windows = eval_windows(args.model, n_windows=args.tokens // 512)
@@ -119,8 +120,11 @@ def main() -> None:
           f"AWQ search samples {args.awq_search_samples or args.samples}; evaluation: {windows.numel()} held-out "
           "tokens, windows of 512; CPU threads 2")
     print(f"{'method':<14} {'time s':>8} {'peak RSS GB':>12} {'PPL':>9} {'dPPL %':>8} {'KL':>9} {'top-1 %':>8}")
+    settings = CalibrationSettings(batch_size=1)
+    config = json.loads((args.model / "config.json").read_text())
+    float_hidden = streamed_hidden(SafetensorsCheckpoint(args.model), config, None, windows, settings)
     for i, r in enumerate(runs):
-        q = compare_checkpoints(args.model, args.workdir / r["method"], windows, CalibrationSettings(batch_size=1))
+        q = compare_checkpoints(args.model, args.workdir / r["method"], windows, settings, float_hidden)
         if i == 0:
             print(f"{'float':<14} {'':>8} {'':>12} {q.ppl_float:>9.3f}")
         print(f"{r['method']:<14} {r['seconds']:>8.1f} {r['peak_rss_gb']:>12.2f} {q.ppl_quant:>9.3f} "

@@ -79,14 +79,20 @@ def head_weights(ckpt: SafetensorsCheckpoint, config: dict, settings: Calibratio
 
 
 def compare_checkpoints(float_dir: Path, quant_dir: Path, ids: torch.Tensor,
-                        settings: CalibrationSettings = CalibrationSettings()) -> Quality:
-    """PPL of both, KL and top-1 agreement on windows ``ids`` [n, t] (next-token prediction at every position)."""
+                        settings: CalibrationSettings = CalibrationSettings(),
+                        float_hidden: torch.Tensor | None = None) -> Quality:
+    """PPL of both, KL and top-1 agreement on windows ``ids`` [n, t] (next-token prediction at every position).
+
+    ``float_hidden``: the float model's ``streamed_hidden`` on the same windows, when scoring several checkpoints
+    of one source (the float pass then runs once).
+    """
     config = json.loads((Path(float_dir) / "config.json").read_text())
     qcfg = json.loads((Path(quant_dir) / "config.json").read_text()).get("quantization_config")
     eps = qwen2.Qwen2Dims.from_config(config).rms_norm_eps
     ids = ids.to(settings.device)
     runs = [(SafetensorsCheckpoint(Path(float_dir)), None), (SafetensorsCheckpoint(Path(quant_dir)), qcfg)]
-    hs = [streamed_hidden(ck, config, q, ids, settings) for ck, q in runs]
+    hs = [float_hidden.to(settings.device, settings.dtype) if float_hidden is not None and q is None else
+          streamed_hidden(ck, config, q, ids, settings) for ck, q in runs]
     heads = [head_weights(ck, config, settings) for ck, _ in runs]
     nll = [0.0, 0.0]
     kl, agree, n = 0.0, 0, 0

@@ -331,6 +331,17 @@ def test_model_card_quality_matches_transformers(demo, gptq_out: Path) -> None:
     assert q.kl_mean == pytest.approx(kl, rel=1e-2, abs=1e-6) and q.top1 == pytest.approx(top1, abs=2e-3)
     assert q.ppl_quant != q.ppl_float
 
+    # scoring several checkpoints of one source reuses the float pass: same figures from the cached hidden states
+    from qconvert.io.safetensors import SafetensorsCheckpoint
+    from qconvert.quality import streamed_hidden
+
+    float_hidden = streamed_hidden(SafetensorsCheckpoint(demo), json.loads((demo / "config.json").read_text()),
+                                   None, ids)
+    assert compare_checkpoints(demo, gptq_out, ids, float_hidden=float_hidden) == q
+    wrong = streamed_hidden(SafetensorsCheckpoint(gptq_out), json.loads((gptq_out / "config.json").read_text()),
+                            json.loads((gptq_out / "config.json").read_text())["quantization_config"], ids)
+    assert compare_checkpoints(demo, gptq_out, ids, float_hidden=wrong).kl_mean < q.kl_mean / 100  # it is used
+
 
 def test_awq_cli_writes_a_gemm_checkpoint(demo, tmp_path: Path) -> None:
     """A tiny AWQ run (256 builtin ChatML tokens, ~15 s): directory name, AWQ config, rescaled norms, model card."""

@@ -404,8 +404,7 @@ def test_awq_beats_rtn_on_demo_layers(demo_model, demo_io) -> None:
 
 
 def test_awq_scale_search_keeps_weights_that_already_sit_on_the_grid() -> None:
-    """A checkpoint exported from AWQ (or dequantized from a 4-bit file) has weights on a zero-point 4-bit g128
-    grid already. No duo-scaling α gives s = 1, so AutoAWQ's search must move them off the grid; ours also tries
+    """A checkpoint dequantized from a GPTQ/AWQ g128 export has weights on a zero-point 4-bit g128 grid already. No duo-scaling α gives s = 1, so AutoAWQ's search must move them off the grid; ours also tries
     s = 1, which reproduces them, and must pick it. Same search without it (keep_identity=False): strictly worse."""
     g = torch.Generator().manual_seed(0)
     codes = torch.randint(0, 16, (64, 2, 128), generator=g)

@@ -30,9 +30,9 @@ Sources: llm-awq ``auto_scale.py``/``auto_clip.py`` @ d6e797a, AutoAWQ 0.2.9 ``q
 (``reference/gptq-awq-onnx-anchor.md`` §4.2). Two deliberate differences: the quantization grid always contains
 0 (``rtn``'s asym convention; AutoAWQ's uses ``[min, max]`` and clamps the zero point); and ``s = 1`` is a
 candidate (``keep_identity``). Duo scaling has no α that gives ``s = 1`` (α = 0 is ``1 / w_mean``), so AutoAWQ
-must rescale even where that hurts: on a checkpoint whose weights already sit on a group-wise 4-bit grid (one
-exported from AWQ, or dequantized from a 4-bit file) every α moves them off it. With ``s = 1`` in the search,
-a mapping's output error is never above plain zero-point RTN's.
+must rescale even where that hurts: on a checkpoint whose weights already sit on this quantizer's grid (one
+dequantized from a GPTQ/AWQ g128 export) every α moves them off it. With ``s = 1`` in the search, a mapping's
+scale-search loss is never above plain zero-point RTN's.
 """
 
 from __future__ import annotations
