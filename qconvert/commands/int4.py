@@ -74,8 +74,8 @@ Quantized with qconvert {__version__} from `{source}`.
 - forward: {forward}
 - time: {report.seconds:.1f} s
 
-Load with transformers (`AutoModelForCausalLM.from_pretrained`; GPTQ needs gptqmodel + optimum, AWQ needs
-autoawq) or vLLM (`--quantization {'gptq_marlin' if method == 'gptq' else 'awq_marlin'}`).
+Load with transformers (`AutoModelForCausalLM.from_pretrained`; GPTQ and AWQ both need gptqmodel + optimum,
+the combination qconvert's oracle tests load them with) or vLLM (`--quantization {'gptq_marlin' if method == 'gptq' else 'awq_marlin'}`).
 """
 
 

@@ -20,7 +20,7 @@ LIBRARY = {"gguf": "gguf", "gptq": "transformers", "awq": "transformers", "onnx"
 USAGE = {
     "gguf": "llama-cli -m {file} -cnv    # or: ollama / LM Studio / llama-cpp-python",
     "gptq": "vllm serve ./{name} --quantization gptq_marlin    # transformers: needs gptqmodel + optimum",
-    "awq": "vllm serve ./{name} --quantization awq_marlin    # transformers: needs autoawq",
+    "awq": "vllm serve ./{name} --quantization awq_marlin    # transformers: needs gptqmodel + optimum",
     "onnx": "python -c \"import onnxruntime_genai as og; og.Model('./{name}')\"",
 }
 
