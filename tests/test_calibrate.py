@@ -343,6 +343,24 @@ def test_model_card_quality_matches_transformers(demo, gptq_out: Path) -> None:
     assert compare_checkpoints(demo, gptq_out, ids, float_hidden=wrong).kl_mean < q.kl_mean / 100  # it is used
 
 
+def test_gptq_cli_group_aware_writes_the_plain_layout(demo, tmp_path: Path) -> None:
+    """--group-aware: natural g_idx and desc_act false (what every loader takes), recorded in meta and the card."""
+    rc = main(["gptq", "--model", str(demo), "--group-aware", "--group-size", "64", "--calib-samples", "4",
+               "--calib-seqlen", "64", "--device", "cpu", "--out-dir", str(tmp_path), "--quiet"])
+    assert rc == 0
+    out = tmp_path / f"{demo.name}-gptq-int4"
+    qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qcfg["desc_act"] is False and qcfg["meta"]["act_group_aware"] is True
+    assert "group-aware reordering" in (out / "README.md").read_text()
+    from safetensors.torch import load_file
+
+    g_idx = load_file(out / "model.safetensors")["model.layers.0.mlp.down_proj.g_idx"]
+    assert torch.equal(g_idx, torch.arange(g_idx.numel(), dtype=torch.int32) // 64)
+    with pytest.raises(SystemExit) as e:  # argparse: the three orders are mutually exclusive
+        main(["gptq", "--model", str(demo), "--group-aware", "--act-order", "--out-dir", str(tmp_path)])
+    assert e.value.code == 2
+
+
 def test_awq_cli_writes_a_gemm_checkpoint(demo, tmp_path: Path) -> None:
     """A tiny AWQ run (256 builtin ChatML tokens, ~15 s): directory name, AWQ config, rescaled norms, model card."""
     rc = main(["awq", "--model", str(demo), "--calib-samples", "4", "--calib-seqlen", "64", "--calib-format", "chat",

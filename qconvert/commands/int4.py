@@ -36,7 +36,7 @@ def _config(args: argparse.Namespace) -> GPTQConfig | AWQConfig:
     if args.command == "awq":
         return AWQConfig(group_size=args.group_size, search_samples=args.search_samples)
     return GPTQConfig(bits=args.bits, group_size=args.group_size, sym=not args.asym, desc_act=args.act_order,
-                      static_groups=args.static_groups, damp_percent=args.damp)
+                      static_groups=args.static_groups, damp_percent=args.damp, group_aware=args.group_aware)
 
 
 def _marlin_warnings(cfg: GPTQConfig | AWQConfig) -> None:
@@ -59,6 +59,8 @@ def model_card(name: str, source: str, method: str, qcfg: dict[str, Any], calib:
     forward = ("none: GPTQ from saved float-model Hessians (one float pass, not true-sequential)" if from_stats else
                f"{report.device}, {report.dtype}; layer-by-layer (quantized outputs propagated), statistics in float32")
     settings = "\n".join(f"| `{k}` | `{json.dumps(v)}` |" for k, v in qcfg.items() if k != "meta")
+    if qcfg.get("meta", {}).get("act_group_aware"):
+        settings += "\n| group-aware reordering (act-order within groups; plain layout) | yes |"
     return f"""# {name} — {method.upper()} {qcfg['bits']}-bit
 
 Quantized with qconvert {__version__} from `{source}`.
@@ -253,6 +255,9 @@ def add_parsers(sub: Any, add_model_args: Any) -> None:
                                help="quantize columns by decreasing Hessian diagonal (desc_act; slower loaders)")
             order.add_argument("--static-groups", action="store_true",
                                help="act-order with group parameters fixed up front (loads like desc_act false)")
+            order.add_argument("--group-aware", action="store_true",
+                               help="act-order inside whole groups (group-aware reordering, GPTQModel's default): "
+                                    "the plain desc_act-false layout every loader takes")
             q.add_argument("--damp", type=float, default=0.01, help="Hessian damping, fraction of mean diagonal (0.01)")
         else:
             q.add_argument("--search-samples", type=int, default=0, metavar="N",

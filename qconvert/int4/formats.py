@@ -214,11 +214,14 @@ def dequantized_tensors(ckpt: SafetensorsCheckpoint, prefix: str, quantization_c
 
 def gptq_quantization_config(cfg: GPTQConfig) -> dict[str, Any]:
     """The GPTQ v1 ``quantization_config`` (anchor §2.2). Never ``is_marlin_format``: GPTQModel rejects it."""
+    meta: dict[str, Any] = {"quantizer": [QUANTIZER_TAG]}
+    if cfg.group_aware:  # informational (GPTQModel's key): the layout is the plain one, loaders need nothing
+        meta["act_group_aware"] = True
     return {
         "quant_method": "gptq", "bits": cfg.bits, "group_size": cfg.group_size, "desc_act": cfg.desc_act,
         "sym": cfg.sym, "true_sequential": cfg.true_sequential, "damp_percent": cfg.damp_percent,
         "static_groups": cfg.static_groups, "lm_head": False, "checkpoint_format": "gptq", "format": "gptq",
-        "pack_dtype": "int32", "meta": {"quantizer": [QUANTIZER_TAG]},
+        "pack_dtype": "int32", "meta": meta,
     }
 
 

@@ -13,6 +13,11 @@ Steps (IST-DASLab gptq @ 2d65066, ``reference/gptq-awq-onnx-anchor.md`` §4.1):
    does not change which columns share a group (``g_idx`` stays ``k // group_size``);
 3. ``desc_act`` (act-order): columns are processed in order of decreasing ``H[k, k]``; without static groups a
    group is a run of ``group_size`` columns *in that order*, so ``g_idx`` is not monotone;
+   ``group_aware`` (group-aware reordering, Gafni et al., arXiv 2505.14638; GPTQModel's ``act_group_aware``):
+   act-order that keeps every group whole: groups in order of decreasing ``max H[k, k]``, the columns inside a
+   group in order of decreasing ``H[k, k]``. A group's columns stay one run, so its parameters still come from
+   its already-updated weights, and the checkpoint is the plain layout (``g_idx = k // group_size``,
+   ``desc_act`` false) that every loader takes;
 4. damping ``H += damp · mean(diag H) · I``; ``Hinv`` = upper Cholesky factor of ``H⁻¹`` (float64). When the
    Cholesky fails, ``damp`` grows by ``damp_auto_increment`` up to ``damp_retries`` times (GPTQModel's remedy),
    then ``HessianError`` says what to change;
@@ -65,6 +70,7 @@ class GPTQConfig:
     block_size: int = 128
     true_sequential: bool = True  # metadata for quantization_config; the driver decides the order
     cholesky_fp64: bool = True
+    group_aware: bool = False  # act-order inside whole groups (layout unchanged: g_idx = k // group_size)
 
     def __post_init__(self) -> None:
         check_scheme(self.bits, self.group_size, max(self.group_size, 1), "GPTQ")
@@ -72,6 +78,9 @@ class GPTQConfig:
             raise QuantTypeError(f"damp_percent {self.damp_percent} must be in (0, 1); 0.01 is the usual value.")
         if self.damp_retries < 0 or self.damp_auto_increment <= 0:
             raise QuantTypeError("damp_retries must be >= 0 and damp_auto_increment > 0 (e.g. 10 and 0.01).")
+        if self.group_aware and (self.desc_act or self.static_groups or self.group_size == -1):
+            raise QuantTypeError("group-aware reordering is act-order within groups: it needs a group size and "
+                                 "cannot be combined with --act-order or --static-groups; pick one of the three.")
         if self.block_size <= 0 or (self.group_size > 0 and self.block_size % self.group_size):
             raise QuantTypeError(f"GPTQ block size {self.block_size} must be a positive multiple of the group size "
                                  f"{self.group_size}; use 128.")
@@ -112,15 +121,30 @@ def gptq(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig = GPTQConfig()) -> Qu
     _drop_dead_columns(W, H)
     fixed = group_params(W, cfg.bits, cfg.group_size, cfg.sym, cfg.min_zero) \
         if cfg.static_groups or cfg.group_size == -1 else None
-    perm = torch.argsort(torch.diagonal(H), descending=True) if cfg.desc_act else torch.arange(k, device=W.device)
+    diag = torch.diagonal(H)
+    perm = (torch.argsort(diag, descending=True) if cfg.desc_act else
+            group_aware_order(diag, cfg.group_size) if cfg.group_aware else torch.arange(k, device=W.device))
     W, H = W[:, perm], H[perm][:, perm]
     Hinv, damp = inverse_hessian_factor(H, cfg)
-    codes, scales, zeros, col_group, loss = _quantize_columns(W, Hinv, cfg, fixed, perm)
+    # the group of each permuted column: fixed groups follow their original columns, and so do group-aware runs;
+    # plain act-order groups are runs of the permuted order
+    col_group = (default_g_idx(k, cfg.group_size, W.device).long()[perm] if fixed is not None or cfg.group_aware
+                 else torch.arange(k, device=W.device) // cfg.group_size)
+    codes, scales, zeros, loss = _quantize_columns(W, Hinv, cfg, fixed, col_group)
     inv = torch.argsort(perm)
     g_idx = col_group[inv].to(torch.int32)  # group of each original column
     info = MappingProxyType({"damp_percent": damp, "loss": loss})
     return QuantizedLinear(codes[:, inv].to(torch.uint8), scales, zeros.to(torch.uint8), g_idx, cfg.bits,
                            cfg.group_size, cfg.sym, info)
+
+
+def group_aware_order(diag: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Group-aware processing order of ``k`` columns with Hessian diagonal ``diag`` [k]: whole groups, most
+    important first (by their largest ``H[k, k]``), each group's columns by decreasing ``H[k, k]`` (int64 [k])."""
+    by_group = diag.reshape(-1, group_size)
+    inner = torch.argsort(by_group, dim=1, descending=True, stable=True)
+    order = torch.argsort(by_group.amax(1), descending=True, stable=True)
+    return (inner[order] + order[:, None] * group_size).reshape(-1)
 
 
 def _drop_dead_columns(W: torch.Tensor, H: torch.Tensor) -> None:
@@ -153,20 +177,20 @@ def inverse_hessian_factor(H: torch.Tensor, cfg: GPTQConfig) -> tuple[torch.Tens
 
 
 def _quantize_columns(W: torch.Tensor, Hinv: torch.Tensor, cfg: GPTQConfig,
-                      fixed: tuple[torch.Tensor, torch.Tensor] | None, perm: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]:
+                      fixed: tuple[torch.Tensor, torch.Tensor] | None, col_group: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
     """The GPTQ sweep over the (permuted) columns of ``W``, in place.
 
-    Returns codes f32 [out, in] (permuted order), scales/zeros f32 [out, groups], the group of each permuted
-    column (int64 [in]) and the loss. ``fixed``: precomputed per-group parameters (static groups or g = -1),
-    indexed by *original* column; otherwise a group's parameters are set at its first (permuted) column.
+    ``col_group`` int64 [in]: the group of each permuted column. Returns codes f32 [out, in] (permuted order),
+    scales/zeros f32 [out, groups] and the loss. ``fixed``: precomputed per-group parameters (static groups or
+    g = -1); otherwise a group's parameters are set at its first (permuted) column, which is every
+    ``group_size``-th column because a group's columns are one run of the permuted order.
     """
     out, k = W.shape
     g, bits = cfg.group_size, cfg.bits
     groups = n_groups(k, g)
     scales = torch.zeros(out, groups, device=W.device) if fixed is None else fixed[0]
     zeros = torch.zeros(out, groups, device=W.device) if fixed is None else fixed[1]
-    col_group = torch.arange(k, device=W.device) // g if fixed is None else default_g_idx(k, g, W.device).long()[perm]
     group_of = col_group.tolist()  # python ints: index without a device round trip per column
     codes = torch.zeros_like(W)
     loss = torch.zeros((), device=W.device)
@@ -177,7 +201,7 @@ def _quantize_columns(W: torch.Tensor, Hinv: torch.Tensor, cfg: GPTQConfig,
         for i in range(i2 - i1):
             if fixed is None and (i1 + i) % g == 0:  # first column of a group: W1[:, i:i+g] is up to date
                 s, z = group_params(W1[:, i:i + g], bits, g, cfg.sym, cfg.min_zero)
-                scales[:, (i1 + i) // g], zeros[:, (i1 + i) // g] = s[:, 0], z[:, 0]
+                scales[:, group_of[i1 + i]], zeros[:, group_of[i1 + i]] = s[:, 0], z[:, 0]
             gi = group_of[i1 + i]
             w, d = W1[:, i], Hinv1[i, i]
             q = quantize_codes(w, scales[:, gi], zeros[:, gi], bits)
@@ -187,4 +211,4 @@ def _quantize_columns(W: torch.Tensor, Hinv: torch.Tensor, cfg: GPTQConfig,
             W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
             Err1[:, i] = err
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    return codes, scales, zeros, col_group, float(loss)
+    return codes, scales, zeros, float(loss)

@@ -52,7 +52,8 @@ FORMAT_KEYS: MappingProxyType[str, MappingProxyType[str, str]] = MappingProxyTyp
     "gguf": MappingProxyType({"presets": _STRS, "imatrix": _BOOL, "pure": _BOOL, "output_tensor_type": _STR,
                               "token_embedding_type": _STR}),
     "gptq": MappingProxyType({"bits": _INT, "group_size": _INT, "sym": _BOOL, "act_order": _BOOL,
-                              "static_groups": _BOOL, "damp": _FLOAT, "from_stats": _BOOL}),
+                              "static_groups": _BOOL, "group_aware": _BOOL, "damp": _FLOAT,
+                              "from_stats": _BOOL}),
     "awq": MappingProxyType({"bits": _INT, "group_size": _INT, "n_grid": _INT, "clip_grid": _INT,
                              "search_samples": _INT}),
     "onnx": MappingProxyType({"precision": _STR, "algo": _STR, "block_size": _INT, "from": _STR}),
@@ -345,7 +346,7 @@ def _check_onnx(recipe: Recipe, f: FormatEntry, ids: dict[str, FormatEntry]) -> 
 def gptq_kwargs(s: Any) -> dict[str, Any]:
     return {"bits": s.get("bits", 4), "group_size": s.get("group_size", 128), "sym": s.get("sym", True),
             "desc_act": s.get("act_order", False), "static_groups": s.get("static_groups", False),
-            "damp_percent": s.get("damp", 0.01)}
+            "damp_percent": s.get("damp", 0.01), "group_aware": s.get("group_aware", False)}
 
 
 def awq_kwargs(s: Any) -> dict[str, Any]:
