@@ -728,7 +728,9 @@ ORACLE_CASES = [  # fixture, method, algorithm config
 ]
 
 
-@pytest.mark.parametrize("fixture,method,cfg", ORACLE_CASES, ids=[f"{f}-{m}" for f, m, _ in ORACLE_CASES])
+@pytest.mark.parametrize("fixture,method,cfg", ORACLE_CASES, ids=[
+    f"{f}-{m}" + ("-act-order" if getattr(c, "desc_act", False) else "-group-aware" if getattr(c, "group_aware", False)
+                  else "") for f, m, c in ORACLE_CASES])
 def test_loaders_reproduce_our_dequantized_model(gptqmodel, model_dir, tmp_path: Path, fixture, method, cfg) -> None:
     """transformers and GPTQModel load the checkpoint; logits match a float model with our dequantized weights.
 
