@@ -177,9 +177,14 @@ def test_ctrl_c_mid_write_leaves_nothing(model_dir, tmp_path):
     """SIGINT while the file is being written: exit 130, no file under the final name, no temporary left."""
     out = tmp_path / "out"
     env = dict(os.environ, QCONVERT_TEST_SLOW_WRITE="0.2")  # sleep per tensor so the signal lands mid-write
-    proc = subprocess.Popen([sys.executable, "-m", "qconvert", "gguf", "--model", str(model_dir("tiny-80")),
-                             "--type", "Q8_0", "--out-dir", str(out), "--quiet"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # `python -m qconvert ...` with Python's own Ctrl-C handler installed first: a test runner started in the
+    # background (`cmd &` in a script) ignores SIGINT, its children inherit that, and Python then installs none
+    argv = ["qconvert", "gguf", "--model", str(model_dir("tiny-80")), "--type", "Q8_0", "--out-dir", str(out),
+            "--quiet"]
+    launcher = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                f"sys.argv = {argv!r}; runpy.run_module('qconvert', run_name='__main__', alter_sys=True)")
+    proc = subprocess.Popen([sys.executable, "-c", launcher], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while time.time() < deadline and not list(out.glob(".*partial*")):
         time.sleep(0.05)
