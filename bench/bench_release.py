@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -139,16 +140,21 @@ def main() -> None:
     p.add_argument("--part", choices=("both", "release", "individual"), default="both",
                    help="real: run only one side (e.g. both sides in parallel under the same machine load)")
     p.add_argument("--json", type=Path, help="also write the result here")
+    p.add_argument("--keep", action="store_true", help="keep the artifacts (several GB for 'real'); deleted by default")
     args = p.parse_args()
+    if args.what == "real" and not (args.model / "config.json").is_file():
+        print(f"skipped: {args.model} is not a checkpoint directory (build it with ../shared/tools/real-model.sh)")
+        return
     work = Path(tempfile.mkdtemp(prefix="qconvert-bench-release-"))
-    if args.what == "demo":
-        result = bench_demo(args.ray, work)
-    else:
-        if not (args.model / "config.json").is_file():
-            print(f"skipped: {args.model} is not a checkpoint directory (build it with ../shared/tools/real-model.sh)")
-            return
-        result = bench_real(args.model, work, args.samples, args.seqlen, args.chunks, args.part)
-    result["workdir"] = str(work)
+    try:
+        if args.what == "demo":
+            result = bench_demo(args.ray, work)
+        else:
+            result = bench_real(args.model, work, args.samples, args.seqlen, args.chunks, args.part)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    result["workdir"] = str(work) if args.keep else "(deleted; --keep keeps it)"
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:

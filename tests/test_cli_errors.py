@@ -167,7 +167,15 @@ def tiny_filesystem(tmp_path):
     subprocess.run(["umount", str(mnt)], check=False)
 
 
-def test_disk_full_mid_write(model_copy, tiny_filesystem, capsys):
+def test_too_little_space_is_refused_before_writing(model_copy, tiny_filesystem, capsys):
+    code, err = _run(["gguf", "--model", model_copy, "--type", "F32", "--out-dir", tiny_filesystem, "--quiet"], capsys)
+    assert code != 0 and "GiB is free" in err and "--out-dir" in err
+    assert list(tiny_filesystem.iterdir()) == []
+
+
+def test_disk_full_mid_write(model_copy, tiny_filesystem, capsys, monkeypatch):
+    """The space check passes (the disk fills up during the run, as when another job writes): still nothing left."""
+    monkeypatch.setattr("qconvert.io.atomic.shutil.disk_usage", lambda path: shutil._ntuple_diskusage(2**40, 0, 2**40))
     code, err = _run(["gguf", "--model", model_copy, "--type", "F32", "--out-dir", tiny_filesystem, "--quiet"], capsys)
     assert code != 0 and "no space left" in err
     assert list(tiny_filesystem.iterdir()) == []

@@ -30,18 +30,23 @@ pytestmark = pytest.mark.skipif(REAL is None, reason="no real checkpoint: run ..
 def real_f16(tmp_path_factory):
     out = tmp_path_factory.mktemp("real") / "f16.gguf"
     export_gguf(REAL, out, "F16")
-    return out
+    yield out
+    out.unlink()  # 1 GB: gone as soon as this module is done, whatever pytest keeps of its temporary dirs
 
 
 def _check_identical(tmp_path, real_f16, preset):
     ours, ref = tmp_path / "ours.gguf", tmp_path / "ref.gguf"
     export_gguf(REAL, ours, preset)
     llamacpp.llama_quantize(real_f16, ref, int(get_preset(preset).file_type))
-    a, b = read_gguf(ours), read_gguf(ref)
-    assert list(a.tensors) == list(b.tensors)
-    for name, t in b.tensors.items():
-        assert a.tensors[name].type == t.type, name
-        assert np.array_equal(a.read_tensor_bytes(name), b.read_tensor_bytes(name)), name
+    try:
+        a, b = read_gguf(ours), read_gguf(ref)
+        assert list(a.tensors) == list(b.tensors)
+        for name, t in b.tensors.items():
+            assert a.tensors[name].type == t.type, name
+            assert np.array_equal(a.read_tensor_bytes(name), b.read_tensor_bytes(name)), name
+    finally:
+        ours.unlink()
+        ref.unlink()
 
 
 def test_real_q8_0_equals_llama_quantize(tmp_path, real_f16):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +27,16 @@ def check_writable_target(final: Path, *, force: bool) -> None:
         raise OutputError(f"cannot create output directory {parent}: {e.strerror}; choose a writable --out-dir.")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"output directory {parent} is not writable; choose a writable --out-dir.")
+
+
+def check_free_space(final: Path, needed: int) -> None:
+    """Fail before writing when ``final``'s file system has fewer than ``needed`` bytes free (plus 1% slack)."""
+    free = shutil.disk_usage(Path(final).parent).free
+    if needed * 1.01 > free:
+        raise OutputError(
+            f"{final} needs {needed / 2**30:.2f} GiB but only {free / 2**30:.2f} GiB is free on its file system; "
+            "free some space or choose another --out-dir."
+        )
 
 
 @contextlib.contextmanager
