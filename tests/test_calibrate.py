@@ -472,3 +472,38 @@ def test_awq_beats_rtn_on_held_out_text(demo, demo_config, eval_ids, calib_txt) 
     kl_rtn = kl_to_float(demo, demo_config, quantized_weights(demo, rtn_linears), batch)
     kl_awq = kl_to_float(demo, demo_config, quantized_weights(demo, awq_linears, awq_floats), batch)
     assert kl_awq < kl_rtn
+
+
+def test_gptq_and_awq_options_are_one_table_for_the_cli_and_recipes() -> None:
+    """Every option name is a ``qconvert gptq/awq`` dest and a recipe key, and sets its config field."""
+    import dataclasses
+
+    from qconvert.cli import build_parser
+    from qconvert.int4 import AWQConfig, GPTQConfig
+    from qconvert.int4.options import AWQ_OPTIONS, GPTQ_OPTIONS, int4_config
+    from qconvert.release.recipe import FORMAT_KEYS
+
+    for method, table, cls in (("gptq", GPTQ_OPTIONS, GPTQConfig), ("awq", AWQ_OPTIONS, AWQConfig)):
+        assert set(table) <= set(FORMAT_KEYS[method]), method
+        assert set(table.values()) <= {f.name for f in dataclasses.fields(cls)}, method
+        assert int4_config(method, {}) == cls() == int4_config(method, dict.fromkeys(table))  # None: the default
+    cli_dests = set(vars(build_parser().parse_args(["gptq", "--model", "m"])))
+    assert set(GPTQ_OPTIONS) <= cli_dests
+    assert {"group_size", "search_samples"} <= set(vars(build_parser().parse_args(["awq", "--model", "m"])))
+    changed = int4_config("gptq", {"bits": 8, "group_size": 64, "sym": False, "act_order": True,
+                                   "static_groups": True, "damp": 0.05})
+    assert (changed.bits, changed.group_size, changed.sym, changed.desc_act, changed.static_groups,
+            changed.damp_percent) == (8, 64, False, True, True, 0.05)
+    assert int4_config("gptq", {"group_aware": True}).group_aware is True
+    awq = int4_config("awq", {"group_size": 64, "n_grid": 10, "clip_grid": 5, "search_samples": 3})
+    assert (awq.group_size, awq.n_grid, awq.clip_grid, awq.search_samples) == (64, 10, 5, 3)
+
+
+def test_gptq_cli_sym_and_asym() -> None:
+    from qconvert.cli import build_parser
+    from qconvert.commands.int4 import _config
+
+    parse = build_parser().parse_args
+    assert _config(parse(["gptq", "--model", "m"])).sym is True
+    assert _config(parse(["gptq", "--model", "m", "--asym"])).sym is False
+    assert _config(parse(["gptq", "--model", "m", "--bits", "8", "--damp", "0.05"])).damp_percent == 0.05

@@ -31,12 +31,9 @@ def output_dir_name(model: str, method: str, bits: int) -> str:
 
 
 def _config(args: argparse.Namespace) -> GPTQConfig | AWQConfig:
-    from qconvert.int4 import AWQConfig, GPTQConfig
+    from qconvert.int4.options import int4_config
 
-    if args.command == "awq":
-        return AWQConfig(group_size=args.group_size, search_samples=args.search_samples)
-    return GPTQConfig(bits=args.bits, group_size=args.group_size, sym=not args.asym, desc_act=args.act_order,
-                      static_groups=args.static_groups, damp_percent=args.damp, group_aware=args.group_aware)
+    return int4_config(args.command, vars(args))
 
 
 def _marlin_warnings(cfg: GPTQConfig | AWQConfig) -> None:
@@ -249,7 +246,8 @@ def add_parsers(sub: Any, add_model_args: Any) -> None:
                        help="input columns sharing one scale: 32, 64, 128 (default) or -1 (one per row)")
         if method == "gptq":
             q.add_argument("--sym", action="store_true", default=True, help="symmetric grid (default; what Marlin needs)")
-            q.add_argument("--asym", action="store_true", help="asymmetric grid with zero points (Marlin rejects it)")
+            q.add_argument("--asym", dest="sym", action="store_false",
+                           help="asymmetric grid with zero points (Marlin rejects it)")
             order = q.add_mutually_exclusive_group()
             order.add_argument("--act-order", action="store_true",
                                help="quantize columns by decreasing Hessian diagonal (desc_act; slower loaders)")

@@ -137,11 +137,9 @@ def _build_gguf(ctx: ModelContext, job: Job, out: Path, settings: Any, deps: dic
 
 def _build_int4(ctx: ModelContext, job: Job, out: Path, settings: Any, deps: dict[str, Path]) -> Path:
     from qconvert.commands.int4 import write_int4
-    from qconvert.int4 import AWQConfig, GPTQConfig
-    from qconvert.release.recipe import awq_kwargs, gptq_kwargs
+    from qconvert.int4.options import int4_config
 
-    s = job.fmt.settings
-    cfg = GPTQConfig(**gptq_kwargs(s)) if job.fmt.kind == "gptq" else AWQConfig(**awq_kwargs(s))
+    cfg = int4_config(job.fmt.kind, job.fmt.settings)
     stats = _stats(ctx) if job.needs_stats else None
     write_int4(ctx.source.path, job.model.name, out, job.fmt.kind, cfg, ctx.calib, settings, stats=stats,
                evaluate=False)

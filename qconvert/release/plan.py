@@ -21,7 +21,6 @@ from qconvert.release.recipe import (
     ModelEntry,
     Recipe,
     RecipeError,
-    gptq_kwargs,
 )
 
 
@@ -204,8 +203,10 @@ def check_job(recipe: Recipe, job: Job, config: dict[str, Any]) -> None:
                     f"a multiple of {e.fallback_from.block_size}; llama.cpp would fall back to {e.type.label}). "
                     "Drop pure = true to accept the fallback, or choose a preset with 32-blocks (Q4_0, Q5_0, Q8_0)"))
         elif job.fmt.kind in ("gptq", "awq"):
-            kw = gptq_kwargs(s)
-            check_model_scheme(config, spec_for_config(config), kw["bits"], kw["group_size"])
+            from qconvert.int4.options import int4_config
+
+            cfg = int4_config(job.fmt.kind, s)
+            check_model_scheme(config, spec_for_config(config), cfg.bits, cfg.group_size)
     except RecipeError:
         raise
     except QConvertError as e:

@@ -287,7 +287,7 @@ def _default_id(kind: str, s: dict) -> str:
 def _check_formats(recipe: Recipe) -> None:
     """Combinations that can never work, whatever the model (model-dependent checks are in ``plan``)."""
     from qconvert.gguf.plan import get_preset, parse_type
-    from qconvert.int4 import AWQConfig, GPTQConfig
+    from qconvert.int4.options import int4_config
 
     ids: dict[str, FormatEntry] = {}
     for f in recipe.formats:
@@ -306,13 +306,13 @@ def _check_formats(recipe: Recipe) -> None:
                     if key in s:
                         parse_type(s[key])
             elif f.kind == "gptq":
-                GPTQConfig(**gptq_kwargs(s))
+                int4_config("gptq", s)
             elif f.kind == "awq":
                 if s.get("bits", 4) != 4:
                     raise recipe.error("formats", f.index, "bits", f"AWQ {s['bits']}-bit is not a format: AWQ "
                                        "checkpoints (GEMM layout) are 4-bit only. Use kind = \"gptq\" with bits = "
                                        f"{s['bits']} for {s['bits']}-bit weights, or bits = 4")
-                AWQConfig(**awq_kwargs(s))
+                int4_config("awq", s)
             elif f.kind == "onnx":
                 _check_onnx(recipe, f, ids)
         except RecipeError:
@@ -341,14 +341,3 @@ def _check_onnx(recipe: Recipe, f: FormatEntry, ids: dict[str, FormatEntry]) -> 
             raise recipe.error("formats", f.index, "block_size", f"block_size {s['block_size']} differs from the "
                                f"group size {group} of {src!r}; MatMulNBits reuses the GPTQ groups as blocks. Drop "
                                "block_size (it follows the GPTQ format)")
-
-
-def gptq_kwargs(s: Any) -> dict[str, Any]:
-    return {"bits": s.get("bits", 4), "group_size": s.get("group_size", 128), "sym": s.get("sym", True),
-            "desc_act": s.get("act_order", False), "static_groups": s.get("static_groups", False),
-            "damp_percent": s.get("damp", 0.01), "group_aware": s.get("group_aware", False)}
-
-
-def awq_kwargs(s: Any) -> dict[str, Any]:
-    return {"group_size": s.get("group_size", 128), "n_grid": s.get("n_grid", 20), "clip_grid": s.get("clip_grid", 20),
-            "search_samples": s.get("search_samples", 0)}
