@@ -25,7 +25,7 @@ DEFAULT_MODEL = Path.home() / ".cache/qconvert-real/hf/qwen2.5-coder-0.5b-tied"
 METHODS = ("rtn", "rtn-asym", "gptq", "gptq-stats", "awq", "gptq-int8")
 # the anchor: GPTQModel's own GPTQ and AWQ on the same calibration windows (bench/bench_gptqmodel.py, run with
 # --anchor-python, a venv that has gptqmodel 7.6; not in the default method list)
-EXTERNAL = ("gptqmodel-gptq", "gptqmodel-awq")
+EXTERNAL = frozenset({"gptqmodel-gptq", "gptqmodel-awq"})
 HERE = Path(__file__).resolve().parent
 
 
@@ -99,14 +99,15 @@ def main() -> None:
     torch.set_num_threads(2)
     windows = eval_windows(args.model, n_windows=args.tokens // 512)
     runs = []
+    common = ["--model", str(args.model), "--samples", str(args.samples), "--seqlen", str(args.seqlen), "--workdir",
+              str(args.workdir)]
+    if not args.eval_only and EXTERNAL & set(args.methods):  # same windows: dump them once with this venv
+        subprocess.run([sys.executable, str(HERE / "bench_gptqmodel.py"), "dump", *common], check=True)
     for method in args.methods:
         if args.eval_only:
             runs.append({"method": method, "seconds": float("nan"), "peak_rss_gb": float("nan")})
             continue
-        if method in EXTERNAL:  # same windows: dump them with this venv, quantize with GPTQModel's
-            common = ["--model", str(args.model), "--samples", str(args.samples), "--seqlen", str(args.seqlen), "--workdir",
-                      str(args.workdir)]
-            subprocess.run([sys.executable, str(HERE / "bench_gptqmodel.py"), "dump", *common], check=True)
+        if method in EXTERNAL:  # quantized with GPTQModel, in its own venv
             cmd = [str(args.anchor_python), str(HERE / "bench_gptqmodel.py"), "quantize",
                    method.removeprefix("gptqmodel-"), *common]
         else:
