@@ -25,7 +25,7 @@ DEFAULT_MODEL = Path.home() / ".cache/qconvert-real/hf/qwen2.5-coder-0.5b-tied"
 METHODS = ("rtn", "rtn-asym", "gptq", "gptq-stats", "awq", "gptq-int8")
 # the anchor: GPTQModel's own GPTQ and AWQ on the same calibration windows (bench/bench_gptqmodel.py, run with
 # --anchor-python, a venv that has gptqmodel 7.6; not in the default method list)
-EXTERNAL = frozenset({"gptqmodel-gptq", "gptqmodel-awq"})
+EXTERNAL = ("gptqmodel-gptq", "gptqmodel-awq")
 HERE = Path(__file__).resolve().parent
 
 
@@ -101,7 +101,7 @@ def main() -> None:
     runs = []
     common = ["--model", str(args.model), "--samples", str(args.samples), "--seqlen", str(args.seqlen), "--workdir",
               str(args.workdir)]
-    if not args.eval_only and EXTERNAL & set(args.methods):  # same windows: dump them once with this venv
+    if not args.eval_only and set(EXTERNAL) & set(args.methods):  # same windows: dump them once with this venv
         subprocess.run([sys.executable, str(HERE / "bench_gptqmodel.py"), "dump", *common], check=True)
     for method in args.methods:
         if args.eval_only:
