@@ -24,7 +24,7 @@ from qconvert.gguf.metadata import KV, gguf_metadata
 from qconvert.gguf.plan import Plan, get_preset, plan_tensors
 from qconvert.gguf.vocab import read_vocab
 from qconvert.gguf.writer import GGUFWriter
-from qconvert.io.atomic import atomic_output, check_free_space, check_writable_target
+from qconvert.io.atomic import atomic_output
 from qconvert.io.safetensors import SafetensorsCheckpoint
 from qconvert.names import quantize_order_key
 from qconvert.quant import quantize_rows
@@ -137,9 +137,7 @@ def export_gguf(model_dir: Path, out_path: Path | None, preset: str, *, options:
     kvs = gguf_metadata(spec, config, vocab, model_name=model_name or model_dir.name, model_dir=model_dir,
                         n_params=n_params, file_type=get_preset(preset).file_type)
     start = time.perf_counter()
-    check_writable_target(Path(out_path), force=force)
-    check_free_space(Path(out_path), plan.data_section_bytes())
-    with atomic_output(Path(out_path), force=force) as tmp:
+    with atomic_output(Path(out_path), force=force, needed=plan.data_section_bytes()) as tmp:
         writer = GGUFWriter(tmp)
         try:
             for kv in metadata_order(kvs, preset):

@@ -40,10 +40,15 @@ def check_free_space(final: Path, needed: int) -> None:
 
 
 @contextlib.contextmanager
-def atomic_output(final: Path, *, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary path in ``final``'s directory; on clean exit fsync it and rename it to ``final``."""
+def atomic_output(final: Path, *, force: bool = False, needed: int = 0) -> Iterator[Path]:
+    """Yield a temporary path in ``final``'s directory; on clean exit fsync it and rename it to ``final``.
+
+    ``needed``: the bytes the file will take, when known up front; less free space fails before anything is written.
+    """
     final = Path(final)
     check_writable_target(final, force=force)
+    if needed:
+        check_free_space(final, needed)
     tmp = final.with_name(f".{final.name}.partial-{os.getpid()}")
     try:
         yield tmp
