@@ -586,6 +586,34 @@ def test_writer_lays_out_an_awq_checkpoint_with_rescaled_norms(model_dir, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["awq"]
 
 
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_writer_knows_its_size_up_front_and_refuses_a_full_disk(model_dir, tmp_path: Path, monkeypatch,
+                                                                 method: str) -> None:
+    """``data_bytes()`` (computed from config.json before any layer is quantized) equals the tensor bytes the
+    finished checkpoint holds; with less free space than that the writer stops before creating anything."""
+    import shutil
+
+    from qconvert.errors import OutputError
+
+    src = model_dir("tiny-untied")
+    linears = _rtn_linears(src, sym=method == "gptq")
+    qcfg = GPTQ_CFG if method == "gptq" else awq_quantization_config(AWQConfig())
+    if method == "awq":
+        linears = {m: quantize_awq(q.dequantize()) for m, q in linears.items()}
+    with QuantizedCheckpointWriter(src, tmp_path / "ok", qcfg, tp_sizes=()) as w:
+        predicted = w.data_bytes()
+        for m, q in linears.items():
+            w.add_linear(m, q)
+        out = w.finish()
+    written = sum(t.numel() * t.element_size() for t in _read_dir(out).values())
+    assert predicted == written
+    monkeypatch.setattr("qconvert.io.atomic.shutil.disk_usage",
+                        lambda path: shutil._ntuple_diskusage(2**40, 2**40 - predicted, predicted))
+    with pytest.raises(OutputError, match="GiB is free"):
+        QuantizedCheckpointWriter(src, tmp_path / "full", qcfg, tp_sizes=())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok"]
+
+
 def test_writer_is_strict_and_leaves_nothing_on_failure(model_dir, tmp_path: Path) -> None:
     src = model_dir("tiny-tied")
     linears = _rtn_linears(src)

@@ -45,7 +45,7 @@ from safetensors.numpy import save_file
 from qconvert.errors import CheckpointError, OutputError, QuantTypeError
 from qconvert.int4.formats import PACKERS, packed_shapes
 from qconvert.int4.rtn import QuantizedLinear
-from qconvert.io.atomic import check_writable_target
+from qconvert.io.atomic import check_free_space, check_writable_target
 from qconvert.io.safetensors import INDEX_FILE, SINGLE_FILE, SafetensorsCheckpoint
 from qconvert.registry import spec_for_config
 
@@ -165,6 +165,7 @@ class QuantizedCheckpointWriter:
         self.linears = _expected_linears(self.config)
         self.floats = self._float_names()
         check_writable_target(self.out_dir, force=force)
+        check_free_space(self.out_dir, self.data_bytes())
         if (msg := tensor_parallel_warning(self.config, self.qcfg["group_size"], tp_sizes)) is not None:
             warnings.warn(msg, TensorParallelWarning, stacklevel=2)
         self.max_shard_bytes = max_shard_bytes
@@ -181,6 +182,14 @@ class QuantizedCheckpointWriter:
         tied = bool(self.config.get("tie_word_embeddings"))
         return {n: self.src.entries[n].shape for n in self.src.names()
                 if n not in quantized and not (tied and n == "lm_head.weight")}
+
+    def data_bytes(self) -> int:
+        """Bytes of tensor data the finished checkpoint holds (packed linears, fp16 floats; headers aside)."""
+        bits, group = self.qcfg["bits"], self.qcfg["group_size"]
+        packed = sum(math.prod(shape) * (2 if part == "scales" else 4)  # fp16 scales, int32 everything else
+                     for out_f, in_f in self.linears.values()
+                     for part, shape in packed_shapes(self.method, out_f, in_f, bits, group).items())
+        return packed + 2 * sum(math.prod(shape) for shape in self.floats.values())
 
     # -- calls the driver makes ------------------------------------------------------------------------------
 
