@@ -22,7 +22,11 @@ import time
 from pathlib import Path
 
 DEFAULT_MODEL = Path.home() / ".cache/qconvert-real/hf/qwen2.5-coder-0.5b-tied"
-METHODS = ("rtn", "rtn-asym", "gptq", "gptq-stats", "awq", "gptq-int8")
+DEFAULT_METHODS = ("rtn", "rtn-asym", "gptq", "gptq-stats", "awq", "gptq-int8")
+METHODS = (*DEFAULT_METHODS, "awq-clip-all", "awq-no-clip", "awq-clip-only")
+# AWQ ablations: q/k clipped too (--clip-all), scale search without clipping, clipping without scale search
+AWQ_VARIANTS = {"awq": {}, "awq-clip-all": {"clip_all": True}, "awq-no-clip": {"max_shrink": 0.0},
+                "awq-clip-only": {"n_grid": 0}}
 # the anchor: GPTQModel's own GPTQ and AWQ on the same calibration windows (bench/bench_gptqmodel.py, run with
 # --anchor-python, a venv that has gptqmodel 7.6; not in the default method list)
 EXTERNAL = ("gptqmodel-gptq", "gptqmodel-awq")
@@ -50,10 +54,10 @@ def run_one(model: Path, method: str, out: Path, samples: int, seqlen: int, sear
             calibrate(model, calib.ids, "rtn", cfg, writer.add_linear, writer.add_float, settings)
             writer.finish()
     else:
-        cfg = AWQConfig(search_samples=search_samples) if method == "awq" else \
+        cfg = AWQConfig(search_samples=search_samples, **AWQ_VARIANTS[method]) if method in AWQ_VARIANTS else \
             GPTQConfig(bits=8 if method == "gptq-int8" else 4)
         stats = collect_stats(model, calib.ids, settings) if method == "gptq-stats" else None
-        write_int4(model, model.name, out / method, "awq" if method == "awq" else "gptq", cfg, calib, settings,
+        write_int4(model, model.name, out / method, "awq" if method in AWQ_VARIANTS else "gptq", cfg, calib, settings,
                    force=True, stats=stats, evaluate=False)
     seconds = time.perf_counter() - start
     return {"method": method, "seconds": seconds, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
@@ -67,8 +71,8 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--awq-search-samples", type=int, default=0, help="AWQ scale-search samples (0: all)")
-    ap.add_argument("--methods", nargs="+", default=list(METHODS),
-                    help=f"any of {', '.join(METHODS)}, or {', '.join(EXTERNAL)} with --anchor-python; --eval-only: "
+    ap.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
+                    help=f"any of {', '.join(METHODS)} (default: the first six), or {', '.join(EXTERNAL)} with --anchor-python; --eval-only: "
                          "also any output directory name in --workdir")
     ap.add_argument("--anchor-python", type=Path,
                     help="python of a venv with gptqmodel 7.6 (e.g. .venv-oracle/bin/python from "

@@ -263,7 +263,7 @@ def _awq_layer(layer: DeviceLayer, h: torch.Tensor, dims: qwen2.Qwen2Dims, rope:
     out = {}
     for n in linears:
         w = layer.weight(n).float()
-        if n not in no_clip:
+        if cfg.clip_all or n not in no_clip:
             w = apply_clip(w, search_clip(inputs[site_of[n]], w, cfg))
         out[n] = quantize_awq(w, cfg)
         layer.p[f"{n}.weight"] = out[n].dequantize().to(settings.dtype)

@@ -364,7 +364,7 @@ def test_gptq_cli_group_aware_writes_the_plain_layout(demo, tmp_path: Path) -> N
 def test_awq_cli_writes_a_gemm_checkpoint(demo, tmp_path: Path) -> None:
     """A tiny AWQ run (256 builtin ChatML tokens, ~15 s): directory name, AWQ config, rescaled norms, model card."""
     rc = main(["awq", "--model", str(demo), "--calib-samples", "4", "--calib-seqlen", "64", "--calib-format", "chat",
-               "--device", "cpu", "--out-dir", str(tmp_path), "--quiet"])
+               "--search-samples", "2", "--clip-all", "--device", "cpu", "--out-dir", str(tmp_path), "--quiet"])
     assert rc == 0
     out = tmp_path / f"{demo.name}-awq"
     qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
@@ -375,7 +375,10 @@ def test_awq_cli_writes_a_gemm_checkpoint(demo, tmp_path: Path) -> None:
     assert tensors["model.layers.0.mlp.down_proj.qweight"].shape == (768, 256 // 8)
     source = quantized_weights(demo, {})["model.layers.0.input_layernorm.weight"].half()
     assert not torch.equal(tensors["model.layers.0.input_layernorm.weight"], source)  # AWQ folded 1/s into it
-    assert "ChatML-rendered" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "ChatML-rendered" in card
+    search = next(line for line in card.splitlines() if line.startswith("| AWQ search |"))
+    assert "on 2 samples" in search and "every linear" in search  # --search-samples, --clip-all
 
 
 def test_awq_search_samples_limits_only_the_grid_forwards(demo, eval_ids) -> None:
@@ -395,6 +398,30 @@ def test_awq_search_samples_limits_only_the_grid_forwards(demo, eval_ids) -> Non
 
     with pytest.raises(QuantTypeError, match="search_samples"):
         AWQConfig(search_samples=-1)
+
+
+def test_awq_clip_all_also_clips_q_and_k(demo, eval_ids) -> None:
+    """AutoAWQ leaves q/k unclipped (their error passes through the softmax); ``clip_all`` searches them too.
+
+    With no scale search (``n_grid=0``: only s = 1), layer 0's q/k are then plain zero-point RTN of the checkpoint's
+    weights by default, and differ from it with ``clip_all``; the clipped groups' ranges only shrink.
+    """
+    from qconvert.int4 import AWQConfig, rtn
+
+    ids = eval_ids[:256].reshape(4, 64)
+    weights = quantized_weights(demo, {})
+    runs = {}
+    for clip_all in (False, True):
+        got: dict = {}
+        calibrate(demo, ids, "awq", AWQConfig(n_grid=0, clip_all=clip_all), got.__setitem__, lambda n, t: None)
+        runs[clip_all] = got
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj"):
+        plain = rtn(weights[f"{name}.weight"].float(), 4, 128, sym=False)
+        assert torch.equal(runs[False][name].codes, plain.codes)
+        assert not torch.equal(runs[True][name].codes, plain.codes)
+        assert (runs[True][name].scales <= plain.scales).all()
+    v = "model.layers.0.self_attn.v_proj"  # clipped either way: same result
+    assert torch.equal(runs[False][v].codes, runs[True][v].codes)
 
 
 def _fails_cleanly(capsys, tmp_path: Path, argv: list[str], needle: str) -> None:
@@ -479,6 +506,7 @@ def test_gptq_and_awq_options_are_one_table_for_the_cli_and_recipes() -> None:
     import dataclasses
 
     from qconvert.cli import build_parser
+    from qconvert.commands.int4 import _config
     from qconvert.int4 import AWQConfig, GPTQConfig
     from qconvert.int4.options import AWQ_OPTIONS, GPTQ_OPTIONS, int4_config
     from qconvert.release.recipe import FORMAT_KEYS
@@ -489,14 +517,15 @@ def test_gptq_and_awq_options_are_one_table_for_the_cli_and_recipes() -> None:
         assert int4_config(method, {}) == cls() == int4_config(method, dict.fromkeys(table))  # None: the default
     cli_dests = set(vars(build_parser().parse_args(["gptq", "--model", "m"])))
     assert set(GPTQ_OPTIONS) <= cli_dests
-    assert {"group_size", "search_samples"} <= set(vars(build_parser().parse_args(["awq", "--model", "m"])))
+    assert set(AWQ_OPTIONS) <= set(vars(build_parser().parse_args(["awq", "--model", "m"]))) | {"n_grid", "clip_grid"}
     changed = int4_config("gptq", {"bits": 8, "group_size": 64, "sym": False, "act_order": True,
                                    "static_groups": True, "damp": 0.05})
     assert (changed.bits, changed.group_size, changed.sym, changed.desc_act, changed.static_groups,
             changed.damp_percent) == (8, 64, False, True, True, 0.05)
     assert int4_config("gptq", {"group_aware": True}).group_aware is True
-    awq = int4_config("awq", {"group_size": 64, "n_grid": 10, "clip_grid": 5, "search_samples": 3})
-    assert (awq.group_size, awq.n_grid, awq.clip_grid, awq.search_samples) == (64, 10, 5, 3)
+    awq = int4_config("awq", {"group_size": 64, "n_grid": 10, "clip_grid": 5, "search_samples": 3, "clip_all": True})
+    assert (awq.group_size, awq.n_grid, awq.clip_grid, awq.search_samples, awq.clip_all) == (64, 10, 5, 3, True)
+    assert _config(build_parser().parse_args(["awq", "--model", "m", "--clip-all"])).clip_all is True
 
 
 def test_gptq_cli_sym_and_asym() -> None:

@@ -27,6 +27,7 @@ AWQ_OPTIONS: dict[str, str] = {
     "n_grid": "n_grid",
     "clip_grid": "clip_grid",
     "search_samples": "search_samples",
+    "clip_all": "clip_all",
 }
 
 

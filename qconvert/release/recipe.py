@@ -55,7 +55,7 @@ FORMAT_KEYS: MappingProxyType[str, MappingProxyType[str, str]] = MappingProxyTyp
                               "static_groups": _BOOL, "group_aware": _BOOL, "damp": _FLOAT,
                               "from_stats": _BOOL}),
     "awq": MappingProxyType({"bits": _INT, "group_size": _INT, "n_grid": _INT, "clip_grid": _INT,
-                             "search_samples": _INT}),
+                             "search_samples": _INT, "clip_all": _BOOL}),
     "onnx": MappingProxyType({"precision": _STR, "algo": _STR, "block_size": _INT, "from": _STR}),
 })
 ONNX_PRECISIONS = ("fp32", "fp16", "int4")
