@@ -50,13 +50,14 @@ def main() -> None:
     from qconvert.calibset import load_calibration
     from qconvert.int4.awq import AWQConfig, apply_clip, search_clip
     from qconvert.int4.rtn import fake_quantize_groups
-    from qconvert.quality import eval_windows
+    from qconvert.verify import eval_tokens
 
     torch.set_num_threads(2)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     layers = model.model.layers
     calib = load_calibration("builtin", args.model, chat=False, n_samples=args.samples, seq_len=512, seed=0).ids
-    held = eval_windows(args.model, n_windows=args.tokens // 512)
+    n = args.tokens // 512
+    held = torch.from_numpy(eval_tokens(args.model).ids[:n * 512].astype("int64")).reshape(n, 512)
     cfg = AWQConfig()
 
     def inputs_of(ids: torch.Tensor, keep: Callable[[torch.Tensor], torch.Tensor]) -> dict:

@@ -37,9 +37,9 @@ def build(workdir: Path, shape: str, layers: int) -> Path:
 def child(model: Path, method: str, samples: int, seqlen: int, search_samples: int, workdir: Path) -> dict:
     import torch
 
-    from qconvert.calibrate import CalibrationSettings, calibrate
+    from qconvert.calibration.quantize import CalibrationSettings, calibrate
+    from qconvert.calibration.stats import collect_stats
     from qconvert.int4 import AWQConfig, GPTQConfig
-    from qconvert.stats import collect_stats
 
     torch.set_num_threads(2)
     ids = torch.randint(0, 151936, (samples, seqlen), generator=torch.Generator().manual_seed(0))

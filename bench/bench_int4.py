@@ -5,10 +5,11 @@
 
 Every method runs in its own subprocess (so each peak RSS is its own) through the same library entry the CLI
 uses (``write_int4`` for GPTQ/AWQ; the driver's ``rtn`` for the baselines, written in the GPTQ v1 layout), on the
-built-in calibration set. Each written checkpoint is scored by ``qconvert.quality.compare_checkpoints`` (the
-model card's figures: float and dequantized model streamed layer by layer through qconvert's Qwen2 forward, equal
-to transformers' within 1e-4) on the project's held-out text: perplexity in windows of 512 tokens, mean
-KL(float || quantized) and top-1 agreement per token. Times cover calibration and quantization only.
+built-in calibration set. Each written checkpoint is scored by ``qconvert verify``'s method (the model card's
+figures too: one streamed float reference pass, cached, then each checkpoint's dequantized weights streamed layer
+by layer through qconvert's Qwen2 forward, equal to transformers' within 1e-4) on the project's held-out text:
+windows of 512 tokens, positions 256..510 scored; perplexity, mean KL(float || quantized) and top-1 agreement.
+Times cover calibration and quantization only.
 """
 
 from __future__ import annotations
@@ -37,11 +38,11 @@ def run_one(model: Path, method: str, out: Path, samples: int, seqlen: int, sear
     """Child process: quantize, return time and peak RSS (the linears are kept for the parent's evaluation)."""
     import torch
 
-    from qconvert.calibrate import CalibrationSettings, calibrate
+    from qconvert.calibration.quantize import CalibrationSettings, calibrate
+    from qconvert.calibration.stats import collect_stats
     from qconvert.calibset import load_calibration
-    from qconvert.commands.int4 import write_int4
     from qconvert.int4 import AWQConfig, GPTQConfig, QuantizedCheckpointWriter, gptq_quantization_config
-    from qconvert.stats import collect_stats
+    from qconvert.pipelines.int4 import write_int4
 
     torch.set_num_threads(2)
     calib = load_calibration("builtin", model, chat=False, n_samples=samples, seq_len=seqlen, seed=0)
@@ -96,12 +97,10 @@ def main() -> None:
         return
     import torch
 
-    from qconvert.calibrate import CalibrationSettings
-    from qconvert.io.safetensors import SafetensorsCheckpoint
-    from qconvert.quality import compare_checkpoints, eval_windows, streamed_hidden
+    from qconvert.verify import build_reference, eval_tokens, verify_artifact
 
     torch.set_num_threads(2)
-    windows = eval_windows(args.model, n_windows=args.tokens // 512)
+    reference = build_reference(args.model, eval_tokens(args.model), ctx=512, chunks=args.tokens // 512)
     runs = []
     common = ["--model", str(args.model), "--samples", str(args.samples), "--seqlen", str(args.seqlen), "--workdir",
               str(args.workdir)]
@@ -122,17 +121,14 @@ def main() -> None:
         runs.append(json.loads(r.stdout.strip().splitlines()[-1]))
         print(f"  {method}: {runs[-1]['seconds']:.0f} s", file=sys.stderr)
     print(f"model {args.model.name}; calibration: built-in set, {args.samples} x {args.seqlen} tokens; "
-          f"AWQ search samples {args.awq_search_samples or args.samples}; evaluation: {windows.numel()} held-out "
-          "tokens, windows of 512; CPU threads 2")
+          f"AWQ search samples {args.awq_search_samples or args.samples}; evaluation: {reference.windows.size} held-out "
+          "tokens, windows of 512 (qconvert verify's method); CPU threads 2")
     print(f"{'method':<14} {'time s':>8} {'peak RSS GB':>12} {'PPL':>9} {'dPPL %':>8} {'KL':>9} {'top-1 %':>8}")
-    settings = CalibrationSettings(batch_size=1)
-    config = json.loads((args.model / "config.json").read_text())
-    float_hidden = streamed_hidden(SafetensorsCheckpoint(args.model), config, None, windows, settings)
     for i, r in enumerate(runs):
-        q = compare_checkpoints(args.model, args.workdir / r["method"], windows, settings, float_hidden)
+        q = verify_artifact(args.workdir / r["method"], reference, progress=False)
         if i == 0:
-            print(f"{'float':<14} {'':>8} {'':>12} {q.ppl_float:>9.3f}")
-        print(f"{r['method']:<14} {r['seconds']:>8.1f} {r['peak_rss_gb']:>12.2f} {q.ppl_quant:>9.3f} "
+            print(f"{'float':<14} {'':>8} {'':>12} {q.ppl_ref:>9.3f}")
+        print(f"{r['method']:<14} {r['seconds']:>8.1f} {r['peak_rss_gb']:>12.2f} {q.ppl:>9.3f} "
               f"{q.dppl_pct:>+8.2f} {q.kl_mean:>9.5f} {100 * q.top1:>8.1f}")
 
 

@@ -34,7 +34,7 @@ VARIANTS = ("fp32", "fp16", "int4-rtn", "int4-gptq", "int4-awq")
 def child_export(model: Path, variant: str, out: Path, samples: int, seqlen: int, threads: int) -> dict:
     import torch
 
-    from qconvert.calibrate import CalibrationSettings
+    from qconvert.calibration.quantize import CalibrationSettings
     from qconvert.calibset import load_calibration
     from qconvert.onnx_export import export_onnx
 

@@ -50,8 +50,9 @@ def bench_demo(ray: bool, work: Path) -> dict:
     out: dict = {"local_s": timed(qconvert("release", "recipes/demo.toml", "--out", str(work / "local"), "--quiet"), log)}
     if ray:
         code = ("import ray, sys; from pathlib import Path; from qconvert.release import run_release; "
+                "from qconvert.fixtures import fixture_path; "
                 "run_release('recipes/demo.toml', Path(sys.argv[1]), executor='ray', verbose=False, "
-                "ray_init={'num_cpus': 2, 'include_dashboard': False}); ray.shutdown()")
+                "fixtures=fixture_path, ray_init={'num_cpus': 2, 'include_dashboard': False}); ray.shutdown()")
         out["ray_s"] = timed([sys.executable, "-c", code, str(work / "ray")], log)
         out["same_manifest"] = (work / "local/manifest.json").read_bytes() == (work / "ray/manifest.json").read_bytes()
     return out

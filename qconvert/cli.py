@@ -1,4 +1,8 @@
-"""The ``qconvert`` command line."""
+"""The ``qconvert`` command line: the parser and the dispatch to ``qconvert.commands``.
+
+Commands parse their options, call the library (``qconvert.pipelines``, ``qconvert.gguf.export``,
+``qconvert.onnx_export``, ``qconvert.release``) and print; no pipeline logic lives here or in ``commands/``.
+"""
 
 from __future__ import annotations
 
@@ -95,15 +99,6 @@ def _command_modules() -> list[Any]:
     import importlib
 
     return [importlib.import_module(name) for name in COMMAND_MODULES]
-
-
-def resolve_preset(bits: int | None, preset: str | None) -> str:
-    """``--type`` wins; otherwise ``--bits`` (default 5 -> Q5_K_M)."""
-    from qconvert.gguf.plan import get_preset, preset_for_bits
-
-    if preset is not None:
-        return get_preset(preset).name
-    return preset_for_bits(5 if bits is None else bits).name
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""Numerical contracts of the calibration driver (qconvert.calibrate), its data (qconvert.calibset), its model
+"""Numerical contracts of the calibration driver (qconvert.calibration.quantize), its data (qconvert.calibset), its model
 forward (qconvert.model.qwen2) and the ``qconvert gptq`` / ``qconvert awq`` commands, on the trained demo fixture.
 
 * Forward: qconvert's Qwen2 forward reproduces transformers' float32 logits within 1e-4 (absolute).
@@ -22,11 +22,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from qconvert.calibrate import (
+from model_helpers import forward, perplexity, quantized_weights
+
+from qconvert.calibration.quantize import (
     DeviceError,
     calibrate,
-    perplexity,
-    quantized_weights,
     resolve_device,
 )
 from qconvert.calibset import (
@@ -37,7 +37,6 @@ from qconvert.calibset import (
 )
 from qconvert.cli import main
 from qconvert.int4 import GPTQConfig, dequantize_gptq
-from qconvert.model import qwen2
 
 CALIB_SAMPLES, CALIB_SEQLEN = 8, 128  # 1,024 tokens: enough for a 256-wide model, a few seconds per layer
 
@@ -87,21 +86,37 @@ def dequantized_checkpoint(demo: Path, out: Path) -> dict[str, torch.Tensor]:
 
 # -- forward ----------------------------------------------------------------------------------------------------
 
-def test_own_forward_matches_transformers(demo, demo_config, eval_ids) -> None:
+def _streamed(model: Path, config: dict, ids: torch.Tensor, dtype: torch.dtype, first: int = 0) -> torch.Tensor:
+    """The driver's streamed logits (what verify's reference and dequant runner use) for windows ``ids``."""
+    from qconvert.calibration.driver import CalibrationSettings, streamed_logits
+    from qconvert.io.safetensors import SafetensorsCheckpoint
+
+    return torch.stack(list(streamed_logits(SafetensorsCheckpoint(model), config, ids, first,
+                                            CalibrationSettings("cpu", dtype, 1))))
+
+
+@pytest.mark.parametrize("name", ["demo", "tiny-untied"])
+def test_streamed_forward_matches_transformers(model_dir, eval_ids, name: str) -> None:
+    """transformers is the oracle for the one forward every scoring path streams (verify's reference included)."""
     transformers = pytest.importorskip("transformers")
-    model = transformers.AutoModelForCausalLM.from_pretrained(demo, dtype=torch.float32).eval()
-    ids = eval_ids[:192].reshape(2, 96)
+    path = model_dir(name)
+    config = json.loads((path / "config.json").read_text())
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = eval_ids[:192].reshape(2, 96) % int(config["vocab_size"])
     with torch.no_grad():
         want = model(ids).logits
-    got = qwen2.forward(quantized_weights(demo, {}), ids, demo_config)
-    assert torch.allclose(got, want, atol=1e-4, rtol=0), (got - want).abs().max()
+    got = _streamed(path, config, ids, torch.float32)
+    assert got.shape == (2, 95, int(config["vocab_size"]))
+    assert torch.allclose(got, want[:, :-1], atol=1e-4, rtol=0), (got - want[:, :-1]).abs().max()
+    tail = _streamed(path, config, ids, torch.float32, first=48)  # the scored half only, as verify asks
+    assert torch.equal(tail, got[:, 48:])
 
 
-def test_bf16_forward_stays_close(demo, demo_config, eval_ids) -> None:
-    w = quantized_weights(demo, {})
+def test_bf16_streamed_forward_stays_close(demo, demo_config, eval_ids) -> None:
+    """The CUDA path's compute dtype, run on the CPU: finite and close to float32."""
     ids = eval_ids[:128].unsqueeze(0)
-    f32 = qwen2.forward(w, ids, demo_config)
-    bf16 = qwen2.forward({n: t.bfloat16() for n, t in w.items()}, ids, demo_config)
+    f32 = _streamed(demo, demo_config, ids, torch.float32)
+    bf16 = _streamed(demo, demo_config, ids, torch.bfloat16)
     assert torch.isfinite(bf16).all()
     assert (bf16 - f32).abs().max() < 0.1 * f32.abs().max()
 
@@ -181,13 +196,113 @@ def test_hub_dataset_names_load_through_datasets(demo, monkeypatch) -> None:
         load_calibration("c4", demo, chat=False)
 
 
+# -- chat or raw calibration text: decided by the checkpoint's files ------------------------------------------------
+
+# A chat template in another format than ChatML, written for these tests: it uses what real templates use
+# (namespace, loop variables, filters, tojson of non-ASCII text, {% generation %}, raise_exception, special tokens,
+# indented block tags that trim_blocks/lstrip_blocks must remove).
+OTHER_TEMPLATE = """{{ bos_token }}
+{% set ns = namespace(system="Answer briefly.") %}
+{% for m in messages %}
+    {% if m['role'] == 'system' %}
+        {% set ns.system = m['content'] %}
+    {% elif m['role'] == 'user' %}
+[USER {{ loop.index }}] {{ ns.system }} | {{ m['content'] }}
+    {% elif m['role'] == 'assistant' %}
+{% generation %}[ANSWER] {{ m['content'] | trim }}{{ eos_token }}{% endgeneration %}
+        {% if not loop.last %}
+
+        {% endif %}
+    {% else %}
+        {{ raise_exception('unknown role ' + m['role']) }}
+    {% endif %}
+{% endfor %}
+{% if add_generation_prompt %}[ANSWER]{% endif %}
+meta: {{ {'n': messages | length, 'lang': '中文'} | tojson }}
+"""
+
+
+def _tokenizer_dir(demo: Path, dest: Path, template: str | None, jinja_file: str | None = None,
+                   bos: str | None = None) -> Path:
+    """The demo's tokenizer files in ``dest`` (all that calibration text needs of a checkpoint), its
+    tokenizer_config.json chat template replaced (None: removed), optionally with a chat_template.jinja file."""
+    dest.mkdir(parents=True)
+    shutil.copy2(demo / "tokenizer.json", dest / "tokenizer.json")
+    config = json.loads((demo / "tokenizer_config.json").read_text(encoding="utf-8"))
+    del config["chat_template"]
+    config |= {"chat_template": template} if template is not None else {}
+    config |= {"bos_token": bos} if bos is not None else {}
+    (dest / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False), encoding="utf-8")
+    if jinja_file is not None:
+        (dest / "chat_template.jinja").write_text(jinja_file, encoding="utf-8")
+    return dest
+
+
+@pytest.mark.parametrize("where", ["fixture", "config", "jinja-file"])
+def test_chat_text_is_rendered_by_the_checkpoints_template_as_transformers_renders_it(demo, tmp_path: Path,
+                                                                                     where: str) -> None:
+    """transformers' ``apply_chat_template(messages, tokenize=False)`` is the oracle, for the fixtures' ChatML
+    template and for another format given in tokenizer_config.json or in chat_template.jinja (which wins)."""
+    transformers = pytest.importorskip("transformers")
+    from qconvert.calibset import chat_template, render
+
+    if where == "fixture":
+        ckpt = demo
+    elif where == "config":
+        ckpt = _tokenizer_dir(demo, tmp_path / "ckpt", OTHER_TEMPLATE, bos="<|endoftext|>")
+    else:
+        chatml = json.loads((demo / "tokenizer_config.json").read_text(encoding="utf-8"))["chat_template"]
+        ckpt = _tokenizer_dir(demo, tmp_path / "ckpt", chatml, jinja_file=OTHER_TEMPLATE)
+    tok = transformers.AutoTokenizer.from_pretrained(ckpt)
+    template = chat_template(ckpt)
+    docs = [*builtin_documents()[::25], (None, "A document without a request.  ")]
+    want = "".join(tok.apply_chat_template([{"role": "user", "content": request or "Continue the text."},
+                                            {"role": "assistant", "content": answer}], tokenize=False)
+                   for request, answer in docs)
+    assert render(docs, chat=True, eos="<|endoftext|>", template=template) == want
+    assert ("<|im_start|>" in want) == (where == "fixture")
+    talk = [{"role": "system", "content": "Be exact."}, {"role": "user", "content": "2+2? 二加二？"},
+            {"role": "assistant", "content": "4"}, {"role": "user", "content": "And 3+3?"}]
+    assert template.render(talk, add_generation_prompt=True) == tok.apply_chat_template(
+        talk, tokenize=False, add_generation_prompt=True)
+
+
+def test_chat_or_raw_is_decided_by_the_checkpoint_not_its_name(demo, tmp_path: Path) -> None:
+    """auto: a chat template means chat; "instruct" in a name without one means nothing, nor does "base"."""
+    import argparse
+
+    from qconvert.calibset import CalibrationSet, uses_chat
+    from qconvert.commands.calibargs import calibration_from_args
+
+    chatml = json.loads((demo / "tokenizer_config.json").read_text(encoding="utf-8"))["chat_template"]
+    instruct = _tokenizer_dir(demo, tmp_path / "Qwen2.5-7B-Instruct", None)
+    base = _tokenizer_dir(demo, tmp_path / "Qwen2.5-7B-base", chatml)
+    other = _tokenizer_dir(demo, tmp_path / "other-instruct", OTHER_TEMPLATE)
+    assert not uses_chat(instruct) and uses_chat(base) and uses_chat(other)
+    assert uses_chat(instruct, "chat") and not uses_chat(base, "raw")
+
+    def calib(ckpt: Path, fmt: str = "auto") -> CalibrationSet:
+        args = argparse.Namespace(calib="builtin", calib_format=fmt, calib_samples=2, calib_seqlen=32, seed=0)
+        return calibration_from_args(args, ckpt, ckpt.name)
+
+    raw, chat, forced, templated = calib(instruct), calib(base), calib(instruct, "chat"), calib(other)
+    assert not raw.chat and chat.chat and forced.chat and templated.chat
+    assert "(raw," in raw.describe() and "ChatML-rendered" in chat.describe()
+    assert "chat-template-rendered" in templated.describe()
+    # forced chat on a checkpoint without a template: Qwen2.5's ChatML (its default system prompt included)
+    assert forced.n_source_tokens > chat.n_source_tokens > raw.n_source_tokens
+    (instruct / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }", encoding="utf-8")
+    with pytest.raises(CalibrationDataError, match="not valid Jinja.*--calib-format raw"):
+        calib(instruct)
+
+
 # -- driver -----------------------------------------------------------------------------------------------------
 
 def kl_to_float(demo: Path, config: dict, weights: dict[str, torch.Tensor], ids: torch.Tensor) -> float:
     """Mean over tokens of KL(float model || quantized model) of the next-token distributions."""
     with torch.no_grad():
-        ref = qwen2.forward(quantized_weights(demo, {}), ids, config).log_softmax(-1)
-        got = qwen2.forward(weights, ids, config).log_softmax(-1)
+        ref = forward(quantized_weights(demo, {}), ids, config).log_softmax(-1)
+        got = forward(weights, ids, config).log_softmax(-1)
     return float((ref.exp() * (ref - got)).sum(-1).mean())
 
 
@@ -304,43 +419,42 @@ def test_pad_intermediate_keeps_the_model_and_pads_with_zeros(demo, tmp_path: Pa
             assert abs(err_pad - err_plain) < 0.1 * err_plain, (i, proj, err_plain, err_pad)
 
 
-def test_model_card_quality_matches_transformers(demo, gptq_out: Path) -> None:
-    """The card's streamed figures (two layers in memory) equal transformers run on the float weights and on the
-    checkpoint's dequantized weights, over the same held-out windows."""
+def test_model_card_quality_is_qconvert_verify_and_matches_transformers(demo, gptq_out: Path, tmp_path: Path,
+                                                                      capsys) -> None:
+    """One quality definition: the card states what `qconvert verify` measures for the same artifact, text and
+    ctx (same digits); and those figures equal transformers run on the float weights and on the checkpoint's
+    dequantized weights, scored on the same positions (ctx/2 .. ctx-2 of each window)."""
     transformers = pytest.importorskip("transformers")
-    from qconvert.quality import compare_checkpoints, eval_windows
+    from qconvert.quality import CARD_CHUNKS, CARD_CTX, describe
+    from qconvert.verify import ArtifactResult, eval_tokens
 
-    ids = eval_windows(demo)
-    q = compare_checkpoints(demo, gptq_out, ids)
     card = (gptq_out / "README.md").read_text()
-    assert "## Measured quality" in card and f"{q.ppl_quant:.3f}" in card
+    out = tmp_path / "verify.json"
+    rc = main(["verify", str(gptq_out), "--reference", str(demo), "--ctx", str(CARD_CTX), "--chunks",
+               str(CARD_CHUNKS), "--json", str(out), "--max-dppl", "100", "--max-kl", "10"])
+    capsys.readouterr()
+    assert rc == 0
+    r = ArtifactResult.from_dict(json.loads(out.read_text())["results"][0])
+    assert "## Measured quality" in card and describe(r) in card, (describe(r), card)
+
+    ids = torch.from_numpy(eval_tokens(demo).ids[:CARD_CHUNKS * CARD_CTX].astype("int64")).reshape(CARD_CHUNKS, -1)
 
     def run(weights: dict | None) -> torch.Tensor:
         model = transformers.AutoModelForCausalLM.from_pretrained(demo, dtype=torch.float32).eval()
         if weights is not None:
             model.load_state_dict({k: v for k, v in weights.items() if k in model.state_dict()}, strict=False)
         with torch.no_grad():
-            return torch.log_softmax(model(ids).logits.double(), -1)
+            return torch.log_softmax(model(ids).logits.double(), -1)[:, CARD_CTX // 2:-1]
 
     lf, lq = run(None), run(dequantized_checkpoint(demo, gptq_out))
-    tgt = ids[:, 1:, None]
-    ppl = [math.exp(-lp[:, :-1].gather(2, tgt).mean().item()) for lp in (lf, lq)]
+    tgt = ids[:, CARD_CTX // 2 + 1:, None]
+    ppl = [math.exp(-lp.gather(2, tgt).mean().item()) for lp in (lf, lq)]
     kl = (lf.exp() * (lf - lq)).sum(-1).mean().item()
     top1 = (lf.argmax(-1) == lq.argmax(-1)).double().mean().item()
-    assert q.ppl_float == pytest.approx(ppl[0], rel=1e-4) and q.ppl_quant == pytest.approx(ppl[1], rel=1e-4)
-    assert q.kl_mean == pytest.approx(kl, rel=1e-2, abs=1e-6) and q.top1 == pytest.approx(top1, abs=2e-3)
-    assert q.ppl_quant != q.ppl_float
-
-    # scoring several checkpoints of one source reuses the float pass: same figures from the cached hidden states
-    from qconvert.io.safetensors import SafetensorsCheckpoint
-    from qconvert.quality import streamed_hidden
-
-    float_hidden = streamed_hidden(SafetensorsCheckpoint(demo), json.loads((demo / "config.json").read_text()),
-                                   None, ids)
-    assert compare_checkpoints(demo, gptq_out, ids, float_hidden=float_hidden) == q
-    wrong = streamed_hidden(SafetensorsCheckpoint(gptq_out), json.loads((gptq_out / "config.json").read_text()),
-                            json.loads((gptq_out / "config.json").read_text())["quantization_config"], ids)
-    assert compare_checkpoints(demo, gptq_out, ids, float_hidden=wrong).kl_mean < q.kl_mean / 100  # it is used
+    assert r.n_scored == CARD_CHUNKS * (CARD_CTX // 2 - 1)
+    assert r.ppl_ref == pytest.approx(ppl[0], rel=1e-4) and r.ppl == pytest.approx(ppl[1], rel=1e-4)
+    assert r.kl_mean == pytest.approx(kl, rel=5e-2, abs=1e-5) and r.top1 == pytest.approx(top1, abs=2e-3)
+    assert r.ppl != r.ppl_ref
 
 
 def test_gptq_cli_group_aware_writes_the_plain_layout(demo, tmp_path: Path) -> None:
@@ -478,7 +592,7 @@ def test_transformers_loads_the_cli_output(demo, demo_config, eval_ids, gptq_out
     model = AutoModelForCausalLM.from_pretrained(gptq_out, dtype=torch.float16).eval()
     with torch.no_grad():
         got = model(ids).logits.float()
-    want = qwen2.forward({n: t.half().float() for n, t in weights.items()}, ids, demo_config)
+    want = forward({n: t.half().float() for n, t in weights.items()}, ids, demo_config)
     # fp16 activations in the loader vs f32 here: agree to a few 1e-2 on logits of magnitude ~10
     assert (got - want).abs().max() < 0.1, (got - want).abs().max()
 

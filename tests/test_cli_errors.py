@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -184,15 +183,21 @@ def test_disk_full_mid_write(model_copy, tiny_filesystem, capsys, monkeypatch):
 def test_ctrl_c_mid_write_leaves_nothing(model_dir, tmp_path):
     """SIGINT while the file is being written: exit 130, no file under the final name, no temporary left."""
     out = tmp_path / "out"
-    env = dict(os.environ, QCONVERT_TEST_SLOW_WRITE="0.2")  # sleep per tensor so the signal lands mid-write
     # `python -m qconvert ...` with Python's own Ctrl-C handler installed first: a test runner started in the
-    # background (`cmd &` in a script) ignores SIGINT, its children inherit that, and Python then installs none
+    # background (`cmd &` in a script) ignores SIGINT, its children inherit that, and Python then installs none.
+    # The child's GGUF writer sleeps 0.2 s after each tensor (patched here, from the outside) so the signal lands
+    # mid-write.
     argv = ["qconvert", "gguf", "--model", str(model_dir("tiny-80")), "--type", "Q8_0", "--out-dir", str(out),
             "--quiet"]
-    launcher = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    launcher = ("import runpy, signal, sys, time; signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+                "from qconvert.gguf.writer import GGUFWriter\n"
+                "write = GGUFWriter.write_tensor\n"
+                "def slow_write(self, *a, **k):\n"
+                "    write(self, *a, **k)\n"
+                "    time.sleep(0.2)\n"
+                "GGUFWriter.write_tensor = slow_write\n"
                 f"sys.argv = {argv!r}; runpy.run_module('qconvert', run_name='__main__', alter_sys=True)")
-    proc = subprocess.Popen([sys.executable, "-c", launcher], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-c", launcher], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while time.time() < deadline and not list(out.glob(".*partial*")):
         time.sleep(0.05)

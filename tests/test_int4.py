@@ -28,7 +28,6 @@ torch = pytest.importorskip("torch")
 
 from qconvert.errors import CheckpointError, OutputError, QuantTypeError
 from qconvert.int4 import (
-    QWEN2_NO_CLIP,
     QWEN2_SCALE_MAPPINGS,
     AWQConfig,
     GPTQConfig,
@@ -38,7 +37,6 @@ from qconvert.int4 import (
     TensorParallelWarning,
     active_mappings,
     add_to_hessian,
-    apply_clip,
     apply_scales,
     awq_quantization_config,
     dequantize_awq,
@@ -51,7 +49,6 @@ from qconvert.int4 import (
     padded_intermediate_size,
     quantize_awq,
     rtn,
-    search_clip,
     search_scales,
     tensor_parallel_problems,
     unpack_awq,
@@ -348,31 +345,6 @@ def gptq_layer(layer, io: LayerIO, cfg: GPTQConfig) -> dict[str, QuantizedLinear
     return {n: gptq(w, add_to_hessian(None, 0, io.inputs[n])[0], cfg) for n, w in weights_of(layer).items()}
 
 
-def awq_layer(layer, io: LayerIO, cfg: AWQConfig | None = None
-              ) -> tuple[dict[str, QuantizedLinear], dict[str, torch.Tensor]]:
-    """A minimal AWQ driver for one layer: search every scale on the unscaled layer, apply, clip, quantize.
-
-    Returns the quantized linears and the rescaled norm gains (names relative to the layer).
-    """
-    cfg = cfg or AWQConfig()
-    original = weights_of(layer)
-    params = dict(original)
-    norms = {n: layer.get_submodule(n).weight.detach().clone() for n in NORMS}
-    inputs = dict(io.inputs)
-    for m in active_mappings(QWEN2_SCALE_MAPPINGS, {n: tuple(w.shape) for n, w in original.items()}):
-        def forward(ws, m=m):
-            return run_module(layer, io, m.inspect, {f"{n}.weight": w for n, w in zip(m.layers, ws)})
-        s = search_scales(io.inputs[m.layers[0]], [original[n] for n in m.layers], forward, cfg).scales
-        prev = norms if m.prev in norms else params
-        prev[m.prev], _, scaled = apply_scales(prev[m.prev], None, [params[n] for n in m.layers], s)
-        for n, w in zip(m.layers, scaled):
-            params[n], inputs[n] = w, inputs[n] / s
-    for n in LINEARS:
-        if n not in QWEN2_NO_CLIP:
-            params[n] = apply_clip(params[n], search_clip(inputs[n], params[n], cfg))
-    return {n: quantize_awq(w, cfg) for n, w in params.items()}, {f"{n}.weight": w for n, w in norms.items()}
-
-
 @pytest.fixture(scope="module")
 def demo_model():
     transformers = pytest.importorskip("transformers")
@@ -425,13 +397,22 @@ def test_gptq_beats_rtn_on_demo_layers(demo_model, demo_io, bits: int, group: in
 
 
 def test_awq_beats_rtn_on_demo_layers(demo_model, demo_io) -> None:
-    """Decoder-layer output on held-out text: AWQ (scales + clip, 4-bit g128 zero point) < RTN with zero point."""
-    calib, held = demo_io
+    """Decoder-layer output on held-out text: AWQ (scales + clip, 4-bit g128 zero point) < RTN with zero point.
+
+    The AWQ weights come from the real driver (``qconvert.calibration.quantize``) on the calibration windows."""
+    from qconvert.fixtures.corpus import training_text
+    from qconvert.fixtures.models import fixture_path
+
+    held = demo_io[1]
+    linears, floats = quantize_model(fixture_path("demo"), corpus_ids("demo", training_text()), "awq", AWQConfig())
     for li in DEMO_LAYERS:
         layer = demo_model.model.layers[li]
-        linears, norms = awq_layer(layer, calib[li])
+        prefix = f"model.layers.{li}."
+        ours = {n: linears[prefix + n] for n in LINEARS}
+        norms = {n.removeprefix(prefix): t for n, t in floats.items() if n.startswith(prefix)}
+        assert norms, f"AWQ rescaled no norm of layer {li}"
         rtn_all = {n: rtn(w, 4, 128, sym=False) for n, w in weights_of(layer).items()}
-        assert layer_output_error(layer, held[li], linears, norms) < layer_output_error(layer, held[li], rtn_all)
+        assert layer_output_error(layer, held[li], ours, norms) < layer_output_error(layer, held[li], rtn_all)
 
 
 def test_awq_scale_search_keeps_weights_that_already_sit_on_the_grid() -> None:
@@ -711,18 +692,14 @@ def test_gptqmodel_awq_packer_and_dequantizer_agree(gptqmodel) -> None:
     assert torch.equal(their_weight.T, q.dequantize().half())
 
 
-def quantize_model(model, ids: torch.Tensor, method: str, cfg: GPTQConfig | AWQConfig
+def quantize_model(src: Path, ids: torch.Tensor, method: str, cfg: GPTQConfig | AWQConfig
                    ) -> tuple[dict[str, QuantizedLinear], dict[str, torch.Tensor]]:
-    """Full names -> quantized linears, and float tensors that changed (AWQ norms); inputs from the float model."""
-    linears, floats = {}, {}
-    for li, (layer, io) in enumerate(zip(model.model.layers, capture(model, ids))):
-        prefix = f"model.layers.{li}."
-        if method == "gptq":
-            qs, norms = gptq_layer(layer, io, cfg), {}
-        else:
-            qs, norms = awq_layer(layer, io, cfg)
-        linears |= {prefix + n: q for n, q in qs.items()}
-        floats |= {prefix + n: w for n, w in norms.items()}
+    """Full names -> quantized linears, and the float tensors AWQ rescaled (norm gains): the real driver's output."""
+    from qconvert.calibration.quantize import calibrate
+
+    linears: dict[str, QuantizedLinear] = {}
+    floats: dict[str, torch.Tensor] = {}
+    calibrate(src, ids, method, cfg, linears.__setitem__, floats.__setitem__)
     return linears, floats
 
 
@@ -776,7 +753,7 @@ def test_loaders_reproduce_our_dequantized_model(gptqmodel, model_dir, tmp_path:
 
     src = model_dir(fixture)
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
-    linears, floats = quantize_model(model, corpus_ids(fixture, training_text(), 4, 128), method, cfg)
+    linears, floats = quantize_model(src, corpus_ids(fixture, training_text(), 4, 128), method, cfg)
     qcfg = awq_quantization_config(cfg) if method == "awq" else gptq_quantization_config(cfg)
     out = tmp_path / f"{fixture}-{method}"
     write_quantized_checkpoint(src, out, linears, qcfg, floats=floats, max_shard_bytes=1 << 20, tp_sizes=())

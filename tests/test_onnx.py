@@ -199,7 +199,7 @@ def test_int4_rtn_matches_transformers_on_dequantized_weights(exported, model_di
 @pytest.mark.parametrize("algo", ["gptq", pytest.param("awq", marks=pytest.mark.slow)])
 def test_calibrated_int4_matches_its_own_quantization(model_dir, tmp_path, algo: str) -> None:
     """The export carries exactly what the calibration driver produced (codes, scales, AWQ's rescaled norms)."""
-    from qconvert.calibrate import calibrate
+    from qconvert.calibration.quantize import calibrate
     from qconvert.calibset import load_calibration
 
     path = model_dir("tiny-tied")

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from qconvert.cli import main
+from qconvert.fixtures import fixture_path
 from qconvert.release import RecipeError, load_recipe, run_release
 from qconvert.release.manifest import SourceChangedError, sha256_file
 
@@ -164,7 +165,7 @@ def test_ray_executor_writes_the_same_manifest(demo_release: Path, tmp_path: Pat
     ray = pytest.importorskip("ray")
     out = tmp_path / "ray"
     try:
-        outcome = run_release(DEMO, out, executor="ray", verbose=False,
+        outcome = run_release(DEMO, out, executor="ray", verbose=False, fixtures=fixture_path,
                               ray_init={"num_cpus": 2, "include_dashboard": False})
     finally:
         ray.shutdown()
@@ -179,9 +180,9 @@ def test_rerun_is_idempotent_and_only_rebuilds_a_subset(demo_release: Path, tmp_
     before = (out / "manifest.json").read_bytes()
     assert main(["release", str(DEMO), "--out", str(out)]) == 2  # an existing release needs --resume or --only
     assert "pass --resume" in capsys.readouterr().err
-    outcome = run_release(DEMO, out, resume=True, verbose=False)
+    outcome = run_release(DEMO, out, resume=True, verbose=False, fixtures=fixture_path)
     assert outcome.built == [] and len(outcome.skipped) == 5
-    outcome = run_release(DEMO, out, only="*q8_0*", verbose=False)
+    outcome = run_release(DEMO, out, only="*q8_0*", verbose=False, fixtures=fixture_path)
     assert outcome.built == ["qwen2.5-demo-instruct/qwen2.5-demo-instruct-gguf-q8_0"]
     assert (out / "manifest.json").read_bytes() == before
 
@@ -192,7 +193,7 @@ def test_killed_run_resumes_where_it_stopped(tmp_path: Path, monkeypatch) -> Non
     from qconvert.release import build
 
     recipe = gguf_recipe(tmp_path)
-    clean = run_release(recipe, tmp_path / "clean", verbose=False)
+    clean = run_release(recipe, tmp_path / "clean", verbose=False, fixtures=fixture_path)
     real = build.BUILDERS["gguf"]
     calls = []
 
@@ -206,12 +207,12 @@ def test_killed_run_resumes_where_it_stopped(tmp_path: Path, monkeypatch) -> Non
     monkeypatch.setitem(build.BUILDERS, "gguf", dies_on_the_second)
     out = tmp_path / "killed"
     with pytest.raises(KeyboardInterrupt):
-        run_release(recipe, out, verbose=False)
+        run_release(recipe, out, verbose=False, fixtures=fixture_path)
     m = json.loads((out / "manifest.json").read_text())
     assert list(m["artifacts"]) == [calls[0]]
     assert not list(out.rglob(".*.partial*")) and not (out / calls[1].replace("/", "/", 1)).exists()
     monkeypatch.setitem(build.BUILDERS, "gguf", real)
-    outcome = run_release(recipe, out, resume=True, verbose=False)
+    outcome = run_release(recipe, out, resume=True, verbose=False, fixtures=fixture_path)
     assert outcome.skipped == [calls[0]] and len(outcome.built) == 2
     assert (out / "manifest.json").read_bytes() == (tmp_path / "clean" / "manifest.json").read_bytes()
     assert artifact_hashes(m).items() <= artifact_hashes(clean.manifest.data).items()

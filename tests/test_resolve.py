@@ -101,6 +101,6 @@ def test_registry():
     ("72b", "base", "Q8_0", "qwen2.5-72b-q8_0.gguf"),
 ])
 def test_output_names_follow_qwen(size, variant, preset, name):
-    from qconvert.commands.gguf import output_name
+    from qconvert.pipelines.gguf import output_name
 
     assert output_name(hub_id(size, variant), preset) == name

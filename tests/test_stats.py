@@ -1,4 +1,4 @@
-"""Calibration statistics (qconvert.stats) and their consumers: the GGUF importance matrix and GPTQ --stats.
+"""Calibration statistics (qconvert.calibration.stats) and their consumers: the GGUF importance matrix and GPTQ --stats.
 
 * Oracle for the statistics: transformers' Qwen2ForCausalLM (float32) with forward hooks on its nn.Linear
   modules; Σx², 2/N XᵀX and mean |x| of every linear's input must equal ours.
@@ -19,11 +19,13 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from qconvert.calibrate import CalibrationError, CalibrationSettings, calibrate, perplexity, quantized_weights
+from model_helpers import perplexity, quantized_weights
+
+from qconvert.calibration.quantize import CalibrationError, CalibrationSettings, calibrate
+from qconvert.calibration.stats import CalibrationStats, collect_stats, quantize_from_stats
 from qconvert.cli import main
 from qconvert.errors import CheckpointError
 from qconvert.int4 import GPTQConfig
-from qconvert.stats import CalibrationStats, collect_stats, quantize_from_stats
 
 SAMPLES, SEQLEN = 8, 128
 
@@ -226,7 +228,9 @@ def test_gptq_from_stats_equals_true_sequential_where_inputs_are_float(demo, cal
     base = perplexity(quantized_weights(demo, {}), config, ev)
     p_seq = perplexity(quantized_weights(demo, seq), config, ev)
     p_stats = perplexity(quantized_weights(demo, from_stats), config, ev)
-    assert abs(p_stats - p_seq) / (p_seq - base) < 1.0, (base, p_seq, p_stats)  # same order of loss
+    # same order of loss: at 4-bit g128 the demo model loses ~0.1%, so both stay within 0.5% of the float model
+    # (a from-stats GPTQ that went wrong, e.g. Hessians of the wrong site, loses several percent)
+    assert abs(p_seq / base - 1) < 5e-3 and abs(p_stats / base - 1) < 5e-3, (base, p_seq, p_stats)
 
 
 def test_gptq_cli_with_stats_and_awq_refuses_them(demo, calibrated_gguf, tmp_path, capsys) -> None:

@@ -88,10 +88,10 @@ def gguf(demo, tmp_path_factory):
 def int4(demo, tmp_path_factory):
     """4-bit g128 checkpoints of demo: ``rtn`` (round-to-nearest, written in the GPTQ v1 format: fast), ``gptq``
     and ``awq`` (calibrated on 8 x 128 tokens of the built-in set: slow tests only)."""
-    from qconvert.calibrate import CalibrationSettings
+    from qconvert.calibration.quantize import CalibrationSettings
     from qconvert.calibset import load_calibration
-    from qconvert.commands.int4 import write_int4
     from qconvert.int4 import AWQConfig, GPTQConfig
+    from qconvert.pipelines.int4 import write_int4
 
     root, made = tmp_path_factory.mktemp("verify-int4"), {}
     calib = load_calibration("builtin", demo, chat=False, n_samples=8, seq_len=128)
@@ -215,8 +215,7 @@ def test_cached_kl_is_within_five_percent_of_full_kl(ref, gguf):
     """On real logits (Q4_K_M in llama.cpp vs transformers), the cached estimate vs the full-vocabulary KL.
 
     Measured on 126 positions: within ~1-2%; the top-64 terms alone (no tail samples) give only ~52%."""
-    from qconvert.verify.artifacts import LlamaCppRunner
-    from qconvert.verify.reference import hf_scored_logits, load_hf
+    from qconvert.verify.artifacts import LlamaCppRunner, hf_scored_logits, load_hf
 
     model = load_hf(ref.reference_dir, "cpu", torch.float32)
     runner = LlamaCppRunner(gguf("Q4_K_M"), CTX)

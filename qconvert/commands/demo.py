@@ -21,6 +21,17 @@ MIN_TOP1 = 0.85
 MAX_DPPL_PCT = 5.0
 
 
+def fixture_model(name: str) -> Path:
+    """The checkpoint of a built-in model by name (``demo``, or a test fixture), built on first use.
+
+    What the demo and a recipe's ``fixture = NAME`` run on; KeyError names the known ones. The CLI is the one
+    place product code reaches the fixture builders (``qconvert.fixtures``).
+    """
+    from qconvert.fixtures.models import fixture_path
+
+    return fixture_path(name)
+
+
 def _nll(logits: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """Per-token negative log-likelihood of ids[:, 1:] under logits[:, :-1]; logits [windows, T, vocab]."""
     x = logits[:, :-1].astype(np.float64)
@@ -45,20 +56,19 @@ def run_demo(args: argparse.Namespace) -> int:
     from tokenizers import Tokenizer
 
     from qconvert.fixtures.chat import render_chat
-    from qconvert.fixtures.corpus import eval_text
-    from qconvert.fixtures.models import fixture_path
     from qconvert.gguf.export import export_gguf
     from qconvert.runtimes.llamacpp import LlamaCppModel
+    from qconvert.texts import evaluation_text
 
     t0 = time.perf_counter()
-    model_dir = fixture_path("demo")
+    model_dir = fixture_model("demo")
     print(f"demo model: {model_dir}")
     out = Path(args.out_dir) / "qwen2.5-demo-instruct-q5_k_m.gguf"
     result = export_gguf(model_dir, out, "Q5_K_M", model_name="qconvert/Qwen2.5-Demo-Instruct", force=True)
     n = sum(e.n_elements for e in result.plan.entries)
     print(f"converted:  {out} ({result.bytes_written / 1e6:.2f} MB, {8 * result.plan.tensor_bytes() / n:.2f} bpw, "
           f"{result.seconds:.1f} s)")
-    ids = Tokenizer.from_file(str(model_dir / "tokenizer.json")).encode(eval_text()).ids
+    ids = Tokenizer.from_file(str(model_dir / "tokenizer.json")).encode(evaluation_text()).ids
     windows = np.array(ids[: WINDOW * N_WINDOWS], dtype=np.int64).reshape(N_WINDOWS, WINDOW)
     with LlamaCppModel(out, n_ctx=128) as llm:
         prompt = llm.tokenize(render_chat([{"role": "user", "content": DEMO_PROMPT}], add_generation_prompt=True))

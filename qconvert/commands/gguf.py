@@ -1,4 +1,4 @@
-"""``qconvert gguf``: resolve the model, plan, convert, report."""
+"""``qconvert gguf``: parse the options, call the GGUF pipeline (``qconvert.pipelines.gguf``), print the result."""
 
 from __future__ import annotations
 
@@ -7,21 +7,12 @@ import sys
 from pathlib import Path
 
 from qconvert.constants import GGMLType
-from qconvert.errors import QConvertError, UsageError
-from qconvert.family import hub_id, seed_config, tensor_shapes
-from qconvert.gguf.export import PlanOptions, build_plan, export_gguf
+from qconvert.errors import QConvertError
+from qconvert.family import hub_id
+from qconvert.gguf.export import PlanOptions, export_gguf
 from qconvert.gguf.plan import parse_tensor_type_option, parse_type
-from qconvert.io.atomic import check_writable_target
+from qconvert.pipelines.gguf import importance_matrix, output_name, resolve_preset, seed_plan
 from qconvert.resolve import resolve_model
-
-# Qwen's published GGUFs carry ~6 MB of tokenizer metadata (151k tokens + 151k merges); used for dry-run sizes
-# when the tokenizer is not at hand.
-QWEN_TOKENIZER_METADATA_BYTES = 6_000_000
-
-
-def output_name(model: str, preset: str) -> str:
-    """``Qwen/Qwen2.5-1.5B-Instruct`` + Q5_K_M -> ``qwen2.5-1.5b-instruct-q5_k_m.gguf`` (Qwen's own naming)."""
-    return f"{model.rstrip('/').split('/')[-1].lower()}-{preset.lower()}.gguf"
 
 
 def model_ref(args: argparse.Namespace) -> str:
@@ -46,54 +37,42 @@ def _options(args: argparse.Namespace) -> PlanOptions:
 
 def _dry_run_from_seed(args: argparse.Namespace, preset: str) -> int:
     """Plan from the published shapes alone (no weights): what --dry-run --size prints before any download."""
-    config = seed_config(args.size)
-    plan = build_plan(config, preset, _options(args), tensor_shapes(config))
-    print(plan.format_table())
-    total = plan.tensor_bytes() + QWEN_TOKENIZER_METADATA_BYTES
+    seed = seed_plan(args.size, preset, _options(args))
+    print(seed.plan.format_table())
+    total = seed.predicted_bytes
     print(f"predicted file size: {total / 1e9:.3f} GB ({total:,} bytes incl. ~6 MB tokenizer metadata)")
-    for line in plan.warnings():
+    for line in seed.plan.warnings():
         print(line, file=sys.stderr)
     return 0
 
 
 def _importance(args: argparse.Namespace, model_dir: Path, model_name: str) -> dict | None:
     """The importance matrix from --imatrix, --stats or --calib (at most one); --save-stats/--save-imatrix."""
-    from qconvert.commands.calibargs import (
-        calibration_from_args,
-        collect_and_save,
-        load_stats,
-    )
+    from qconvert.commands.calibargs import calibration_from_args, layer_progress, settings_from_args
 
-    given = [f for f, v in (("--imatrix", args.imatrix), ("--stats", args.stats), ("--calib", args.calib)) if v]
-    if len(given) > 1:
-        raise UsageError(f"{' and '.join(given)} each give an importance matrix; use one of them.")
-    if args.save_stats is not None and args.calib is None:
-        raise UsageError("--save-stats needs --calib SOURCE (statistics are collected on calibration text).")
-    if args.save_imatrix is not None and not (args.calib or args.stats):
-        raise UsageError("--save-imatrix needs --calib SOURCE or --stats FILE.")
-    for target in (args.save_stats, args.save_imatrix):
-        if target is not None:
-            check_writable_target(target, force=args.force)
-    if args.imatrix is not None:
-        from qconvert.gguf.imatrix import read_imatrix
-        return read_imatrix(args.imatrix)
-    if args.stats is not None:
-        stats = load_stats(args.stats, model_dir)
-    elif args.calib is not None:
-        from qconvert.commands.calibargs import settings_from_args
-        stats = collect_and_save(args, model_dir, calibration_from_args(args, model_dir, model_name),
-                                 settings_from_args(args))
-    else:
+    calibrated = args.calib is not None
+    progress, bars = layer_progress("statistics", args.quiet)
+    try:
+        found = importance_matrix(
+            model_dir, imatrix=args.imatrix, stats=args.stats,
+            calib=(lambda: calibration_from_args(args, model_dir, model_name)) if calibrated else None,
+            settings=settings_from_args(args) if calibrated else None, save_stats=args.save_stats,
+            save_imatrix=args.save_imatrix, force=args.force, progress=progress)
+    finally:
+        for bar in bars:
+            bar.close()
+    if found is None:
         return None
-    if args.save_imatrix is not None:
-        stats.write_imatrix(args.save_imatrix, force=args.force)
-        print(f"wrote importance matrix {args.save_imatrix}", file=sys.stderr)
-    return stats.imatrix()
+    if args.stats is not None:
+        print(f"statistics: {found.source}", file=sys.stderr)
+    if found.saved_stats is not None:
+        print(f"saved calibration statistics to {found.saved_stats}", file=sys.stderr)
+    if found.saved_imatrix is not None:
+        print(f"wrote importance matrix {found.saved_imatrix}", file=sys.stderr)
+    return found.imatrix
 
 
 def run_gguf(args: argparse.Namespace) -> int:
-    from qconvert.cli import resolve_preset
-
     preset = resolve_preset(args.bits, args.preset)
     ref = model_ref(args)
     if args.dry_run and args.size and not args.model:

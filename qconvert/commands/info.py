@@ -25,7 +25,7 @@ def info_gguf(path: Path, list_tensors: bool) -> list[str]:
     n = sum(int(np.prod(t.shape)) for t in g.tensors.values())
     data = sum(t.nbytes for t in g.tensors.values())
     ftype = md.get("general.file_type")
-    ftype_name = FileType(ftype).name if ftype in FileType._value2member_map_ else str(ftype)
+    ftype_name = FileType(ftype).name if isinstance(ftype, int) and ftype in FileType._value2member_map_ else str(ftype)
     lines = [
         f"file:        {path} ({_fmt_bytes(path.stat().st_size)}, GGUF v{g.version})",
         f"model:       {md.get('general.name', '?')} (architecture {arch})",

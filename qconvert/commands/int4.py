@@ -1,33 +1,19 @@
-"""``qconvert gptq`` / ``qconvert awq``: resolve the model, load calibration data, run the driver, write.
+"""``qconvert gptq`` / ``qconvert awq``: parse the options, call ``write_int4`` (``qconvert.pipelines.int4``), print.
 
 Every check that can fail (scheme vs model shapes, device, calibration text, existing output) runs before the
-first forward and before anything is created under the output name; the writer builds the checkpoint in a
-temporary directory and renames it when complete.
+first forward and before anything is created under the output name.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import time
-import warnings
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the parser is built on every CLI call; torch is imported only when a command runs
-    from qconvert.calibrate import CalibrationReport, CalibrationSettings
-    from qconvert.calibset import CalibrationSet
     from qconvert.int4 import AWQConfig, GPTQConfig
-    from qconvert.stats import CalibrationStats
-
-
-def output_dir_name(model: str, method: str, bits: int) -> str:
-    """``Qwen/Qwen2.5-7B-Instruct`` -> ``qwen2.5-7b-instruct-gptq-int4`` / ``qwen2.5-7b-instruct-awq`` (Qwen's names)."""
-    base = model.rstrip("/").split("/")[-1].lower()
-    return f"{base}-gptq-int{bits}" if method == "gptq" else f"{base}-awq"
 
 
 def _config(args: argparse.Namespace) -> GPTQConfig | AWQConfig:
@@ -36,130 +22,8 @@ def _config(args: argparse.Namespace) -> GPTQConfig | AWQConfig:
     return int4_config(args.command, vars(args))
 
 
-def _marlin_warnings(cfg: GPTQConfig | AWQConfig) -> None:
-    from qconvert.int4 import GPTQConfig
-
-    if isinstance(cfg, GPTQConfig) and not cfg.sym:
-        print("qconvert: warning: --asym: vLLM's Marlin GPTQ kernels accept only symmetric checkpoints; vLLM will fall "
-              "back to slower kernels or refuse. Drop --asym for the widely loadable format.", file=sys.stderr)
-    if isinstance(cfg, GPTQConfig) and cfg.desc_act:
-        print("qconvert: warning: --act-order writes permuted group indices (desc_act true); Marlin and ExLlama "
-              "reorder at load time or refuse. --static-groups keeps most of act-order's gain without it.",
-              file=sys.stderr)
-
-
-def model_card(name: str, source: str, method: str, qcfg: dict[str, Any], calib: str, report: CalibrationReport,
-               *, from_stats: bool = False, search: str = "") -> str:
-    """README.md of the output: what was done, with which settings and which data (``search``: AWQ's search)."""
-    from qconvert import __version__
-
-    forward = ("none: GPTQ from saved float-model Hessians (one float pass, not true-sequential)" if from_stats else
-               f"{report.device}, {report.dtype}; layer-by-layer (quantized outputs propagated), statistics in float32")
-    settings = "\n".join(f"| `{k}` | `{json.dumps(v)}` |" for k, v in qcfg.items() if k != "meta")
-    if qcfg.get("meta", {}).get("act_group_aware"):
-        settings += "\n| group-aware reordering (act-order within groups; plain layout) | yes |"
-    if search:
-        settings += f"\n| AWQ search | {search} |"
-    return f"""# {name} — {method.upper()} {qcfg['bits']}-bit
-
-Quantized with qconvert {__version__} from `{source}`.
-
-| setting | value |
-|---|---|
-{settings}
-
-## Calibration
-
-- data: {calib}
-- tokens used: {report.n_tokens:,}
-- forward: {forward}
-- time: {report.seconds:.1f} s
-
-Load with transformers (`AutoModelForCausalLM.from_pretrained`; GPTQ and AWQ both need gptqmodel + optimum,
-the combination qconvert's oracle tests load them with) or vLLM (`--quantization {'gptq_marlin' if method == 'gptq' else 'awq_marlin'}`).
-"""
-
-
-def awq_search_summary(cfg: AWQConfig) -> str:
-    """One line for the model card: how AWQ's scale and clip searches ran."""
-    clipped = "every linear" if cfg.clip_all else "all linears but q_proj/k_proj (AutoAWQ)"
-    samples = cfg.search_samples or "all"
-    return (f"scales: grid of {cfg.n_grid}{' + s = 1' if cfg.keep_identity else ''} on {samples} samples; "
-            f"clipping: grid of {cfg.clip_grid} up to {cfg.max_shrink:.0%} shrink on {clipped}")
-
-
-def write_int4(model_dir: Path, model_name: str, out: Path, method: str, cfg: GPTQConfig | AWQConfig,
-               calib: CalibrationSet | None, settings: CalibrationSettings, *, force: bool = False,
-               progress: Callable[[int, int], None] | None = None,
-               stats: CalibrationStats | None = None, evaluate: bool = True,
-               pad_intermediate: bool = False) -> CalibrationReport:
-    """Calibrate and write the GPTQ/AWQ checkpoint ``out`` (atomic: built in a temporary directory, renamed at the end).
-
-    ``method`` is ``gptq`` or ``awq``; warnings about vLLM tensor-parallel shapes are printed to stderr. With
-    ``stats`` (GPTQ only) every linear is quantized from the stored float-model Hessians and no forward runs.
-    With ``evaluate`` the model card gets the measured quality on held-out text (``qconvert.quality``).
-    ``pad_intermediate`` zero-pads the MLPs to the size vLLM tensor parallelism needs (config.json follows).
-    """
-    from qconvert.calibrate import CalibrationError, CalibrationReport, calibrate
-    from qconvert.int4 import AWQConfig, GPTQConfig, QuantizedCheckpointWriter
-    from qconvert.int4.formats import awq_quantization_config, gptq_quantization_config
-    from qconvert.int4.writer import padded_intermediate_size
-    from qconvert.stats import quantize_from_stats
-
-    qcfg = gptq_quantization_config(cfg) if isinstance(cfg, GPTQConfig) else awq_quantization_config(cfg)
-    pad_to, updates = None, None
-    if pad_intermediate:
-        if stats is not None:
-            raise CalibrationError("--pad-intermediate cannot use saved statistics (their shapes are unpadded); "
-                                   "drop --stats.")
-        size = int(json.loads((Path(model_dir) / "config.json").read_text())["intermediate_size"])
-        pad_to = padded_intermediate_size(size, cfg.group_size)
-        updates = {"intermediate_size": pad_to}
-        print(f"padding intermediate_size {size} -> {pad_to} (zeros; outputs unchanged)", file=sys.stderr)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        writer = QuantizedCheckpointWriter(model_dir, out, qcfg, force=force, config_updates=updates)
-    for w in caught:
-        print(f"qconvert: warning: {w.message}", file=sys.stderr)
-    with writer:
-        if stats is None:
-            if calib is None:
-                raise ValueError("write_int4 needs a calibration set or statistics")
-            report = calibrate(model_dir, calib.ids, method, cfg, writer.add_linear, writer.add_float, settings,
-                               progress, pad_to)
-        else:
-            start = time.perf_counter()
-            quantize_from_stats(model_dir, stats, cfg, writer.add_linear, settings, progress)
-            n = int(stats.meta.get("n_samples", 0)), int(stats.meta.get("seq_len", 0))
-            report = CalibrationReport(n[0], n[1], n[0] * n[1], time.perf_counter() - start, settings.device,
-                                       str(settings.dtype).removeprefix("torch."))
-        desc = calib.describe() if calib is not None else f"{stats.source} (saved statistics)" if stats else ""
-        card = model_card(out.name, model_name, method, qcfg, desc, report, from_stats=stats is not None,
-                          search=awq_search_summary(cfg) if isinstance(cfg, AWQConfig) else "")
-        (writer.tmp / "README.md").write_text(card)
-        writer.finish()
-    if evaluate:
-        from qconvert.quality import compare_checkpoints, eval_windows
-
-        quality = compare_checkpoints(model_dir, out, eval_windows(model_dir), settings)
-        print(f"quality: {quality.describe()}", file=sys.stderr)
-        tmp = out / ".README.md.partial"
-        tmp.write_text(card + QUALITY_SECTION.format(quality=quality.describe()))
-        os.replace(tmp, out / "README.md")
-    return report
-
-
-QUALITY_SECTION = """
-## Measured quality
-
-{quality} (the project's evaluation text, disjoint from the calibration set; the float source and this
-checkpoint's dequantized weights run in the same forward; `qconvert verify` measures it in a runtime of your
-choice).
-"""
-
-
 def run_int4(args: argparse.Namespace) -> int:
-    from qconvert.calibrate import CalibrationError, check_model_scheme
+    from qconvert.calibration.quantize import CalibrationError, check_model_scheme
     from qconvert.commands.calibargs import (
         calibration_from_args,
         collect_and_save,
@@ -169,6 +33,7 @@ def run_int4(args: argparse.Namespace) -> int:
     )
     from qconvert.commands.gguf import model_ref
     from qconvert.io.atomic import check_writable_target
+    from qconvert.pipelines.int4 import marlin_warnings, output_dir_name, write_int4
     from qconvert.registry import spec_for_config
     from qconvert.resolve import resolve_model
 
@@ -190,7 +55,8 @@ def run_int4(args: argparse.Namespace) -> int:
         check_writable_target(args.save_stats, force=False)
     stats = load_stats(args.stats, resolved.path) if args.stats is not None else None
     calib = calibration_from_args(args, resolved.path, model_name) if stats is None else None
-    _marlin_warnings(cfg)
+    for line in marlin_warnings(cfg):
+        print(f"qconvert: warning: {line}", file=sys.stderr)
     if args.save_stats is not None:
         assert calib is not None
         collect_and_save(args, resolved.path, calib, settings)
@@ -220,8 +86,9 @@ The defaults (4-bit, group 128, symmetric, no act-order) are the format every lo
 Marlin kernels; --asym and --act-order are accepted but Marlin rejects or reorders them.
 
 Calibration data is offline by default: --calib builtin is a small multilingual set (English and Chinese prose,
-Python code, math) that qconvert ships; Instruct models see it rendered as ChatML conversations, base models as
-raw text. Use --calib FILE.txt|FILE.jsonl for your own domain. The number of tokens used is printed and written
+Python code, math) that qconvert ships; a checkpoint with a chat template sees it rendered by that template as
+conversations, one without as raw text (--calib-format to force either). Use --calib FILE.txt|FILE.jsonl for
+your own domain. The number of tokens used is printed and written
 into the output's README.md.
 """
 

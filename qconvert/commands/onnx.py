@@ -57,16 +57,6 @@ def add_parsers(sub: Any, add_model_args: Any) -> None:
     o.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def _block_size(args: argparse.Namespace) -> int:
-    if args.block_size is not None:
-        return int(args.block_size)
-    if args.from_dir is not None:
-        from qconvert.onnx_export.matmulnbits import read_scheme
-
-        return read_scheme(args.from_dir).group_size
-    return 128
-
-
 def run(args: argparse.Namespace) -> int:
     from qconvert.commands.calibargs import (
         calibration_from_args,
@@ -92,7 +82,6 @@ def run(args: argparse.Namespace) -> int:
     algo = args.algo or "rtn"
     calibrated = args.precision == "int4" and args.from_dir is None and algo != "rtn"
     settings = settings_from_args(args) if calibrated else None
-    block = _block_size(args) if args.precision == "int4" else 128
     out_name = None
     if calibrated:  # refuse an existing output before the (slow) calibration data is tokenized
         from qconvert.io.atomic import check_writable_target
@@ -105,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
         out = export_onnx(model_dir, args.out_dir, precision=args.precision, algo=algo, from_dir=args.from_dir,
-                          block_size=block, calib=calib, settings=settings, model_name=model_name, force=args.force,
+                          block_size=args.block_size, calib=calib, settings=settings, model_name=model_name, force=args.force,
                           progress=progress)
     finally:
         for bar in bars:

@@ -48,13 +48,14 @@ def add_parsers(sub: Any, add_model_args: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from qconvert.commands.demo import fixture_model
     from qconvert.errors import UsageError
     from qconvert.release.runner import run_release, summary
 
     if args.ray_address and args.executor != "ray":
         raise UsageError("--ray-address goes with --executor ray.")
     outcome = run_release(args.recipe, args.out, only=args.only, executor=args.executor, resume=args.resume,
-                          ray_address=args.ray_address, verbose=not args.quiet)
+                          ray_address=args.ray_address, verbose=not args.quiet, fixtures=fixture_model)
     print(summary(outcome))
     print(f"manifest: {args.out / 'manifest.json'}; report: {args.out / 'report.md'}")
     for line in outcome.failures:

@@ -1,8 +1,5 @@
-"""``qconvert verify``: artifacts in their own runtimes against the float reference, with pass/fail gates.
-
-Every check that can fail on bad input (artifact kinds, truncated files, device, context, text length) runs
-before the reference pass; vocabulary checks run per artifact before its runtime loads.
-"""
+"""``qconvert verify``: parse the options, call ``verify_artifacts`` (``qconvert.pipelines.verify``), print and
+write the table, JSON, report and baseline. Exit status 1 when a gate fails, 2 on bad input."""
 
 from __future__ import annotations
 
@@ -74,91 +71,37 @@ def add_parsers(sub: Any, add_model_args: Any) -> None:
     o.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _reference_dir(args: argparse.Namespace) -> Path:
-    from qconvert.family import SIZES, hub_id
-    from qconvert.resolve import resolve_model
-
-    ref = hub_id(args.reference, args.variant) if args.reference in SIZES else args.reference
-    return resolve_model(ref).path
-
-
-def _runtimes(kind: str, wanted: list[str] | None, notes: list[str]) -> list[str]:
-    from qconvert.verify.artifacts import gptqmodel_available, runtimes_for
-
-    names = [r for r in runtimes_for(kind) if not wanted or r in wanted]
-    if "gptqmodel" in names and not gptqmodel_available():
-        names.remove("gptqmodel")
-        if wanted and "gptqmodel" in wanted:
-            from qconvert.errors import RuntimeMissingError
-            from qconvert.verify.artifacts import ORACLE_HINT
-
-            raise RuntimeMissingError(ORACLE_HINT)
-        notes.append("gptqmodel path skipped: gptqmodel is not importable here (it lives in .venv-oracle); "
-                     "the qconvert-dequant path ran")
-    return names
-
-
 def run(args: argparse.Namespace) -> int:
-    from qconvert.verify import (
-        BaselineTolerance,
-        build_reference,
-        check,
-        compare_baseline,
-        detect,
-        eval_tokens,
-        format_table,
-        read_baseline,
-        thresholds_for,
-        verify_artifact,
-        write_baseline,
-        write_json,
-        write_report,
-    )
-    from qconvert.verify.reference import resolve_device
-    from qconvert.verify.tokens import dataset_text
+    from qconvert.pipelines.verify import verify_artifacts
+    from qconvert.verify import BaselineTolerance, format_table, write_baseline, write_json, write_report
 
-    device = resolve_device(args.device)
-    arts = [detect(a) for a in args.artifacts]  # bad files fail before the reference pass
-    baseline = read_baseline(args.baseline) if args.baseline is not None else None
-    ref_dir = _reference_dir(args)
-    text = dataset_text(args.dataset) if args.dataset else None
-    tokens = eval_tokens(ref_dir, text=text, text_file=args.text)
-    if args.dataset:
-        tokens = type(tokens)(tokens.ids, tokens.sha256, f"dataset:{args.dataset}")
-    ref = build_reference(ref_dir, tokens, ctx=args.ctx, chunks=args.chunks, device=device, cache_dir=args.cache_dir,
-                          dtype=args.ref_dtype, progress=not args.quiet)
-    print(f"reference {ref_dir.name}: PPL {ref.ppl:.4f} ({ref.device}, {ref.dtype}) on {len(ref.windows)} windows x "
-          f"{ref.ctx} tokens of {tokens.source} ({tokens.n_tokens:,} tokens, sha256 {tokens.sha256[:16]}…)",
-          file=sys.stderr)
-    if "cpu_vs_cuda" in ref.meta:
-        d = ref.meta["cpu_vs_cuda"]
-        print(f"reference CUDA vs CPU float32 (first window): KL {d['kl_mean']:.2e}, top-1 {100 * d['top1']:.1f}%, "
-              f"ΔPPL {d['dppl_pct']:+.3f}%", file=sys.stderr)
-    notes: list[str] = []
-    results = []
-    for art in arts:
-        for rt in _runtimes(art.kind, args.runtime, notes):
-            results.append(verify_artifact(art.path, ref, device=device, runtime=rt, progress=not args.quiet))
-    status, failed = [], False
-    for r in results:
-        why = check(r, thresholds_for(r, args.max_dppl, args.max_kl))
-        status.append("FAIL: " + "; ".join(why) if why else "PASS")
-        failed |= bool(why)
-    print(format_table(results, status))
-    for note in notes + [n for r in results for n in r.notes]:
+    def on_reference(ref_dir: Path, ref: Any, tokens: Any) -> None:
+        print(f"reference {ref_dir.name}: PPL {ref.ppl:.4f} ({ref.device}, {ref.dtype}) on {len(ref.windows)} windows "
+              f"x {ref.ctx} tokens of {tokens.source} ({tokens.n_tokens:,} tokens, sha256 {tokens.sha256[:16]}…)",
+              file=sys.stderr)
+        if "cpu_vs_cuda" in ref.meta:
+            d = ref.meta["cpu_vs_cuda"]
+            print(f"reference CUDA vs CPU float32 (first window): KL {d['kl_mean']:.2e}, top-1 {100 * d['top1']:.1f}%, "
+                  f"ΔPPL {d['dppl_pct']:+.3f}%", file=sys.stderr)
+
+    v = verify_artifacts(args.artifacts, args.reference, variant=args.variant, device=args.device,
+                         ref_dtype=args.ref_dtype, text_file=args.text, dataset=args.dataset, ctx=args.ctx,
+                         chunks=args.chunks, runtime=args.runtime, max_dppl=args.max_dppl, max_kl=args.max_kl,
+                         baseline=args.baseline,
+                         tolerance=BaselineTolerance(args.baseline_tol_dppl, args.baseline_tol_kl),
+                         cache_dir=args.cache_dir, progress=not args.quiet, on_reference=on_reference)
+    print(format_table(v.results, v.status))
+    for note in v.notes:
         print(f"note: {note}", file=sys.stderr)
-    if baseline is not None:
-        regress = compare_baseline(results, baseline, BaselineTolerance(args.baseline_tol_dppl, args.baseline_tol_kl))
-        for key, why in regress.items():
-            print(f"baseline {key}: {'REGRESSED: ' + '; '.join(why) if why else 'ok'}")
-            failed |= bool(why)
+    for key, why in (v.regressions or {}).items():
+        print(f"baseline {key}: {'REGRESSED: ' + '; '.join(why) if why else 'ok'}")
     if args.json is not None:
-        write_json(results, args.json, {"reference": str(ref_dir), "tokens_source": tokens.source,
-                                        "tokens_sha256": tokens.sha256, "ppl_ref": ref.ppl, "gates": status,
-                                        "reference_meta": ref.meta})
+        write_json(v.results, args.json, {"reference": str(v.reference_dir), "tokens_source": v.tokens.source,
+                                          "tokens_sha256": v.tokens.sha256, "ppl_ref": v.reference.ppl,
+                                          "gates": v.status, "reference_meta": v.reference.meta})
     if args.report is not None:
-        print(f"wrote {write_report(results, args.report, status)}", file=sys.stderr)
+        print(f"wrote {write_report(v.results, args.report, v.status)}", file=sys.stderr)
     if args.write_baseline is not None:
-        write_baseline(results, args.write_baseline)
+        write_baseline(v.results, args.write_baseline)
         print(f"wrote baseline {args.write_baseline}", file=sys.stderr)
-    return 1 if failed else 0
+    return 1 if v.failed else 0

@@ -7,7 +7,6 @@ and the next tensor's read overlaps the current one's quantization.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -118,7 +117,9 @@ def export_gguf(model_dir: Path, out_path: Path | None, preset: str, *, options:
 
     ``out_path=None`` plans only (``--dry-run``). ``imatrix`` (GGUF tensor name -> f32[n_in] mean of x², see
     ``qconvert.gguf.imatrix``) switches to llama.cpp's weighted quantizers for the tensors it covers.
-    ``progress(done, total, name)`` is called after each tensor.
+    ``progress(done, total, name)`` is called after each tensor. ``model_name``: the hub id a hub-cache snapshot
+    was resolved from (``Qwen/Qwen2.5-1.5B-Instruct``), or None for a local directory; llama.cpp's naming
+    heuristics read its last component as the directory name (see ``qconvert.gguf.metadata.card_metadata``).
     """
     model_dir = Path(model_dir)
     preset = get_preset(preset).name
@@ -176,7 +177,6 @@ def _stream_tensors(writer: GGUFWriter, ckpt: SafetensorsCheckpoint, mapped: dic
                     imatrix: Mapping[str, np.ndarray], progress: Callable[[int, int, str], None] | None) -> None:
     """Quantize and write each tensor; a reader thread fetches the next one meanwhile."""
     entries = plan.entries
-    pause = float(os.environ.get("QCONVERT_TEST_SLOW_WRITE", "0"))  # tests: widen the window for a Ctrl-C
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(ckpt.read_f32, mapped[entries[0].name]) if entries else None
         for i, entry in enumerate(entries):
@@ -186,8 +186,6 @@ def _stream_tensors(writer: GGUFWriter, ckpt: SafetensorsCheckpoint, mapped: dic
             _check_finite(x, mapped[entry.name])
             data = quantize_rows(entry.type, np.ascontiguousarray(x.reshape(-1, x.shape[-1])), imatrix.get(entry.name))
             writer.write_tensor(entry.name, data)
-            if pause:
-                time.sleep(pause)
             if progress:
                 progress(i + 1, len(entries), entry.name)
             del x, data

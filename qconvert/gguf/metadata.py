@@ -1,17 +1,19 @@
 """The GGUF metadata llama.cpp writes for a Qwen2 checkpoint, in llama.cpp's key order.
 
-Order: general.architecture, general.type, the model card keys (name, finetune, basename, size_label, license,
-tags, languages), the ``qwen2.*`` hyper-parameters from config.json, then the tokenizer. ``general.file_type``
-and ``general.quantization_version`` go last, where llama-quantize leaves them (it re-sets both, which moves them
+Order: general.architecture, general.type, the model card keys (sampling settings, name, basename, size_label,
+license, base models, tags, languages: gguf-py's ``Metadata``, the code llama.cpp's converter runs), the
+``qwen2.*`` hyper-parameters from config.json, then the tokenizer. ``general.file_type`` and
+``general.quantization_version`` go last, where llama-quantize leaves them (it re-sets both, which moves them
 to the end), so a direct quantized export and "convert + llama-quantize" agree byte for byte.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import gguf
 
 from qconvert.constants import GGML_QUANT_VERSION, FileType, ValueType
 from qconvert.errors import CheckpointError
@@ -29,72 +31,75 @@ class KV:
     elem_type: ValueType | None = None
 
 
-def _size_label_from_params(n: int) -> str:
-    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if n > scale or suffix == "K":
-            x = n / scale
-            digits = max(2 - len(str(round(x)).lstrip("0")), 0)
-            return f"{x:.{digits}f}{suffix}"
-    raise AssertionError("unreachable")
+# The general.* fields llama.cpp's naming heuristics derive from a checkpoint's directory name.
+NAME_FIELDS = ("name", "organization", "basename", "finetune", "version", "size_label")
 
 
-def _readme_front_matter(model_dir: Path) -> dict[str, Any]:
-    """license / license_link / tags / language / base_model from the model card's YAML front matter."""
-    readme = model_dir / "README.md"
-    if not readme.exists():
-        return {}
-    m = re.match(r"---\n(.*?)\n---", readme.read_text(encoding="utf-8", errors="replace"), re.DOTALL)
-    if not m:
-        return {}
-    out: dict[str, Any] = {}
-    key = None
-    for line in m.group(1).splitlines():  # the simple "key: value" / "- item" subset model cards use
-        if re.match(r"^[A-Za-z_]+:", line):
-            key, _, value = line.partition(":")
-            value = value.strip().strip("'\"")
-            out[key] = value if value else []
-        elif key and line.strip().startswith("- ") and isinstance(out.get(key), list):
-            out[key].append(line.strip()[2:].strip().strip("'\""))
-    return out
+def card_metadata(model_dir: Path, dir_name: str, n_params: int) -> gguf.Metadata:
+    """What ``convert_hf_to_gguf.py`` knows about a checkpoint before it writes: gguf-py's ``Metadata``.
+
+    The converter calls ``gguf.Metadata.load(None, dir_model, None, total_params)``: README.md front matter
+    (PyYAML), ``_name_or_path`` from config.json, generation_config.json's sampling settings, then its naming
+    heuristics on the directory name (``qwen2.5-coder-1.5b`` -> name ``Qwen2.5 Coder 1.5b``, basename
+    ``qwen2.5-coder``, size label ``1.5B``); afterwards it falls back to the directory name and to a size label
+    from the parameter count. ``dir_name`` is the name the heuristics read: ``model_dir.name`` for a local
+    directory; for a hub-cache snapshot (a commit-hash directory) the repo's own name, as the converter sees
+    the same files after ``huggingface-cli download ID --local-dir NAME``. ``n_params``: elements of the
+    tensors the GGUF holds (a tied lm_head is not one of them).
+    """
+    md = gguf.Metadata.load(None, model_dir, None, n_params)
+    named = gguf.Metadata.apply_metadata_heuristic(
+        gguf.Metadata(), gguf.Metadata.load_model_card(model_dir), gguf.Metadata.load_hf_parameters(model_dir),
+        Path(dir_name), n_params)
+    for field in NAME_FIELDS:
+        setattr(md, field, getattr(named, field))
+    if md.sampling_penalty_repeat is None:
+        # the converter's own gguf-py (llama.cpp's tree, newer than PyPI's 0.19.0) also reads transformers'
+        # spelling; a no-op once the installed gguf does the same
+        penalty = gguf.Metadata.load_generation_config(model_dir).get("repetition_penalty")
+        md.sampling_penalty_repeat = penalty
+    if md.name is None:
+        md.name = dir_name
+    if md.size_label is None and n_params > 0:
+        md.size_label = gguf.size_label(n_params, n_params, 0, 0)  # a dense model: every parameter shared
+    return md
+
+
+def _kv(key: str, value: gguf.GGUFValue) -> KV:
+    vtype = V(int(value.type))
+    if vtype == V.ARRAY:
+        items = list(value.value)
+        elem = V(int(value.sub_type)) if value.sub_type is not None else V(int(gguf.GGUFValueType.get_type(items[0])))
+        if elem == V.STRING and not all(isinstance(x, str) for x in items):
+            raise CheckpointError(f"README.md front matter gives {key} as {items!r}; GGUF needs a list of strings. "
+                                  "Quote the entries in the model card.")
+        return KV(key, vtype, items, elem)
+    if vtype == V.STRING and not isinstance(value.value, str):
+        raise CheckpointError(f"README.md front matter gives {key} as {value.value!r} ({type(value.value).__name__}); "
+                              "GGUF needs a string there. Quote it in the model card.")
+    return KV(key, vtype, value.value)
+
+
+def general_metadata(arch: str, model_dir: Path, dir_name: str, n_params: int) -> list[KV]:
+    """general.architecture, general.type, then the model card keys, as the converter's writer holds them.
+
+    gguf-py's own ``Metadata.set_gguf_meta_model`` fills a gguf-py writer that never opens a file, so key names,
+    order (sampling, name, author, ..., base models, datasets, tags, languages) and value types are llama.cpp's.
+    """
+    collector = gguf.GGUFWriter(None, arch)  # holds key/value pairs only; adds general.architecture
+    collector.add_type(gguf.GGUFType.MODEL)
+    card_metadata(model_dir, dir_name, n_params).set_gguf_meta_model(collector)
+    return [_kv(key, value) for key, value in collector.kv_data[0].items()]
 
 
 def model_card_metadata(model_name: str, model_dir: Path, n_params: int) -> list[KV]:
-    """general.name / finetune / basename / size_label / license / tags / languages.
+    """The model card keys (general.name ... general.languages), without general.architecture / general.type.
 
-    ``model_name`` is the hub id or directory name (``Qwen/Qwen2.5-1.5B-Instruct``): the part before the size
-    label is the basename, the words after it the finetune, as llama.cpp's naming heuristics read Qwen's ids.
+    ``model_name``: the hub id (``Qwen/Qwen2.5-1.5B-Instruct``) or the directory name; the heuristics read its
+    last path component. (The architecture name only fills general.architecture, which is left out.)
     """
-    tail = model_name.rstrip("/").split("/")[-1]
-    parts = [p for p in tail.split("-") if p]
-    size_at = next((i for i, p in enumerate(parts) if i > 0 and re.fullmatch(r"\d+(\.\d+)?[KMBT]", p, re.IGNORECASE)), None)
-    kvs = [KV("general.name", V.STRING, " ".join(parts) if parts else tail)]
-    if size_at is not None:
-        finetune = "-".join(parts[size_at + 1:])
-        if finetune:
-            kvs.append(KV("general.finetune", V.STRING, finetune))
-        kvs.append(KV("general.basename", V.STRING, "-".join(parts[:size_at])))
-        kvs.append(KV("general.size_label", V.STRING, parts[size_at].upper()))
-    else:
-        kvs.append(KV("general.size_label", V.STRING, _size_label_from_params(n_params)))
-    card = _readme_front_matter(model_dir)
-    if isinstance(card.get("license"), str) and card["license"]:
-        kvs.append(KV("general.license", V.STRING, card["license"]))
-    if isinstance(card.get("license_link"), str) and card["license_link"]:
-        kvs.append(KV("general.license.link", V.STRING, card["license_link"]))
-    bases = card.get("base_model")
-    bases = [bases] if isinstance(bases, str) and bases else bases if isinstance(bases, list) else []
-    if bases:
-        kvs.append(KV("general.base_model.count", V.UINT32, len(bases)))
-    for i, repo in enumerate(bases):  # "Qwen/Qwen2.5-1.5B" -> name "Qwen2.5 1.5B", organization "Qwen"
-        org, _, tail = repo.rpartition("/")
-        kvs.append(KV(f"general.base_model.{i}.name", V.STRING, tail.replace("-", " ")))
-        if org:
-            kvs.append(KV(f"general.base_model.{i}.organization", V.STRING, org))
-        kvs.append(KV(f"general.base_model.{i}.repo_url", V.STRING, f"https://huggingface.co/{repo}"))
-    for key, gkey in (("tags", "general.tags"), ("language", "general.languages")):
-        if isinstance(card.get(key), list) and card[key]:
-            kvs.append(KV(gkey, V.ARRAY, card[key], V.STRING))
-    return kvs
+    return [kv for kv in general_metadata("qwen2", model_dir, model_name.rstrip("/").split("/")[-1], n_params)
+            if kv.key not in ("general.architecture", "general.type")]
 
 
 def hparam_metadata(spec: ArchSpec, config: dict[str, Any]) -> list[KV]:
@@ -152,9 +157,7 @@ def gguf_metadata(spec: ArchSpec, config: dict[str, Any], vocab: GGUFVocab, *, m
                   n_params: int, file_type: FileType) -> list[KV]:
     """Every metadata key of the output file, in order."""
     return [
-        KV("general.architecture", V.STRING, spec.gguf_arch),
-        KV("general.type", V.STRING, "model"),
-        *model_card_metadata(model_name, model_dir, n_params),
+        *general_metadata(spec.gguf_arch, model_dir, model_name.rstrip("/").split("/")[-1], n_params),
         *hparam_metadata(spec, config),
         *tokenizer_metadata(vocab),
         KV("general.quantization_version", V.UINT32, GGML_QUANT_VERSION),

@@ -136,7 +136,8 @@ class GGUFWriter:
         if raw.nbytes != info.nbytes:
             raise ValueError(f"GGUFWriter: tensor {name!r} has {raw.nbytes} bytes, {info.type.name}{list(info.shape)} needs {info.nbytes}")
         assert self._file is not None
-        self._file.write(memoryview(raw))
+        # numpy's stubs give ndarray __buffer__ (typing's Buffer) on Python >= 3.12 only
+        self._file.write(memoryview(raw))  # type: ignore[arg-type]
         self._file.write(bytes(_pad(info.nbytes, self.alignment)))
         self._next += 1
 

@@ -48,7 +48,7 @@ import torch
 from qconvert.errors import QuantTypeError
 from qconvert.int4.rtn import QuantizedLinear, check_scheme, fake_quantize_groups, rtn
 
-Forward = Callable[[Sequence[torch.Tensor]], torch.Tensor]
+Forward = Callable[[list[torch.Tensor]], torch.Tensor]  # search_scales always passes a list
 
 
 @dataclass(frozen=True)

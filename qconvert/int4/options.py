@@ -33,5 +33,7 @@ AWQ_OPTIONS: dict[str, str] = {
 
 def int4_config(method: str, options: Mapping[str, Any]) -> GPTQConfig | AWQConfig:
     """``GPTQConfig`` (method "gptq") or ``AWQConfig`` ("awq") from user-facing ``options``; it validates them."""
-    cls, table = {"gptq": (GPTQConfig, GPTQ_OPTIONS), "awq": (AWQConfig, AWQ_OPTIONS)}[method]
+    methods: dict[str, tuple[type[GPTQConfig | AWQConfig], dict[str, str]]] = {
+        "gptq": (GPTQConfig, GPTQ_OPTIONS), "awq": (AWQConfig, AWQ_OPTIONS)}
+    cls, table = methods[method]
     return cls(**{field: options[name] for name, field in table.items() if options.get(name) is not None})

@@ -164,35 +164,43 @@ class SafetensorsCheckpoint:
         """The tensor's stored values with its numpy shape (bf16 as uint16 bit patterns)."""
         e = self.entries[name]
         buf = np.empty(e.nbytes, dtype=np.uint8)
-        self._read_into(e, memoryview(buf), 0)
+        # numpy's stubs give ndarray __buffer__ (typing's Buffer) on Python >= 3.12 only
+        self._read_into(e, memoryview(buf), 0)  # type: ignore[arg-type]
         return buf.view(DTYPES[e.dtype][0]).reshape(e.shape)
 
-    def read_f32(self, name: str) -> np.ndarray:
-        """The tensor as float32 (bf16 and f16 widen exactly).
+    def read_f32(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """The tensor as float32 (bf16 and f16 widen exactly); ``rows=(start, stop)``: only those rows of dim 0.
 
         Converted in chunks straight into the output, so the peak is the float32 copy plus one chunk, not the
-        stored copy plus temporaries (a 72B embedding is 2.5 GB stored, 5 GB as float32).
+        stored copy plus temporaries (a 72B embedding is 2.5 GB stored, 5 GB as float32). A row range is one
+        positioned read of contiguous bytes: the streamed head and embedding read a 72B vocabulary in slices.
         """
         e = self.entries[name]
         if e.dtype not in FLOAT_DTYPES:
             raise CheckpointError(f"{e.file}: tensor {name!r} is {e.dtype}, not a float tensor: this looks like an already "
                                   "quantized (GPTQ/AWQ) checkpoint. Convert from the float (bf16/fp16) checkpoint.")
-        if e.dtype == "F32":
-            return self.read_raw(name)
-        out = np.empty(e.shape, dtype=np.float32).reshape(-1)
+        shape, first = tuple(e.shape), 0
+        if rows is not None:
+            start, stop = max(0, rows[0]), min(int(e.shape[0]), rows[1])
+            if not e.shape or start >= stop:
+                raise ValueError(f"rows {rows} are outside {name!r} of shape {list(e.shape)}")
+            row = int(np.prod(e.shape[1:]))
+            shape, first = (stop - start, *e.shape[1:]), start * row
+        out = np.empty(shape, dtype=np.float32).reshape(-1)
         itemsize = DTYPES[e.dtype][1]
         step = CONVERT_CHUNK // itemsize
         chunk = np.empty(min(step, out.size), dtype=DTYPES[e.dtype][0])
         for start in range(0, out.size, step):
             part = chunk[: min(step, out.size - start)]
-            self._read_into(e, memoryview(part.view(np.uint8)), start * itemsize)
+            # numpy's stubs give ndarray __buffer__ (typing's Buffer) on Python >= 3.12 only
+            self._read_into(e, memoryview(part.view(np.uint8)), (first + start) * itemsize)  # type: ignore[arg-type]
             dst = out[start:start + part.size]
             if e.dtype == "BF16":  # bf16 is the top half of a float32
                 bits = dst.view(np.uint32)
                 np.left_shift(part, 16, out=bits, dtype=np.uint32)
             else:
                 dst[:] = part
-        return out.reshape(e.shape)
+        return out.reshape(shape)
 
 
 WRITE_DTYPES = MappingProxyType({**DTYPES, "F64": (np.dtype("<f8"), 8)})

@@ -12,7 +12,6 @@ Attention is causal over the whole sequence with NEOX-style RoPE (rotate halves)
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -88,20 +87,3 @@ def embed(embed_tokens: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 def head(norm_weight: torch.Tensor, lm_head: torch.Tensor, h: torch.Tensor, eps: float) -> torch.Tensor:
     """Logits [b, t, vocab] (float32) from the last hidden state."""
     return F.linear(rms_norm(h, norm_weight, eps), lm_head).float()
-
-
-def layer_params(weights: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
-    """The tensors of one layer with ``prefix`` (``model.layers.3.``) stripped."""
-    return {n[len(prefix):]: t for n, t in weights.items() if n.startswith(prefix)}
-
-
-def forward(weights: Mapping[str, torch.Tensor], ids: torch.Tensor, config: Mapping[str, Any]) -> torch.Tensor:
-    """Logits [b, t, vocab] of a whole model held in memory (``weights``: HF names) — for tests and small models."""
-    dims = Qwen2Dims.from_config(config)
-    emb = weights["model.embed_tokens.weight"]
-    rope = rope_tables(dims, ids.shape[1], emb.device, emb.dtype)
-    h = embed(emb, ids)
-    for i in range(int(config["num_hidden_layers"])):
-        h = decoder_layer(layer_params(weights, f"model.layers.{i}."), h, dims, rope)
-    lm = emb if dims.tie_word_embeddings else weights["lm_head.weight"]
-    return head(weights["model.norm.weight"], lm, h, dims.rms_norm_eps)

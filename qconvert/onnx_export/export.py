@@ -3,7 +3,8 @@
     checkpoint (lazy) ──> [int4: rtn | calibrate(gptq|awq) | --from GPTQ/AWQ dir] ──> MatMulNBits initializers
                      └──> float tensors (embedding, norms, biases, lm_head, fp32/fp16 linears)
     graph.build_model pulls each initializer as it needs it (InitializerStore: inline or model.onnx.data)
-    + genai_config.json, tokenizer files, config.json, README.md; built in a temporary sibling, renamed at the end
+    + genai_config.json, tokenizer files, config.json, README.md (qconvert.card); built in a temporary sibling,
+    renamed at the end
 
 Output directory ``<model>-onnx-<precision>/``::
 
@@ -32,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from qconvert import __version__
+from qconvert.card import onnx_card
 from qconvert.errors import CheckpointError, OutputError, UsageError
 from qconvert.io.atomic import check_writable_target
 from qconvert.io.safetensors import SafetensorsCheckpoint
@@ -41,7 +43,7 @@ from qconvert.onnx_export.writer import INLINE_LIMIT, InitializerStore
 from qconvert.registry import spec_for_config
 
 if TYPE_CHECKING:
-    from qconvert.calibrate import CalibrationSettings
+    from qconvert.calibration.quantize import CalibrationSettings
     from qconvert.calibset import CalibrationSet
     from qconvert.int4.rtn import QuantizedLinear
 
@@ -129,9 +131,10 @@ class _Plan:
     dims: Dims
     linears: dict[str, tuple[int, int]]  # module -> (out, in)
     scheme: matmulnbits.PrequantizedScheme | None
+    block_size: int  # int4 block size: as asked, else the --from checkpoint's group size, else 128
 
 
-def _check(model_dir: Path, precision: str, algo: str, from_dir: Path | None, block_size: int) -> _Plan:
+def _check(model_dir: Path, precision: str, algo: str, from_dir: Path | None, block_size: int | None) -> _Plan:
     """Every refusal that does not need weights, before anything is created."""
     from qconvert.int4.writer import qwen2_linear_shapes
 
@@ -156,6 +159,7 @@ def _check(model_dir: Path, precision: str, algo: str, from_dir: Path | None, bl
     scheme = None
     if from_dir is not None:
         scheme = matmulnbits.read_scheme(src)
+        block_size = scheme.group_size if block_size is None else block_size
         if scheme.group_size != block_size:
             raise UsageError(f"--from {src} has group size {scheme.group_size}; MatMulNBits' block size must equal it "
                              f"(no requantization). Pass --block-size {scheme.group_size} (or leave it out).")
@@ -167,10 +171,11 @@ def _check(model_dir: Path, precision: str, algo: str, from_dir: Path | None, bl
                 raise CheckpointError(f"--from {src} was quantized with act-order (desc_act) and its group indices are "
                                       "permuted; MatMulNBits groups consecutive columns only, so it cannot map without "
                                       "requantization. Re-quantize with --static-groups or without --act-order.")
+    block_size = 128 if block_size is None else block_size
     if precision == "int4":
         for sub in (s for group in spec.sequential for s in group):
             matmulnbits.check_block_size(block_size, shapes[sub][1], f"{spec.block_prefix}.*.{sub} {list(shapes[sub])}")
-    return _Plan(src, config, dims, linears, scheme)
+    return _Plan(src, config, dims, linears, scheme, block_size)
 
 
 def _planned_bytes(plan: _Plan, precision: str, block_size: int) -> int:
@@ -186,18 +191,20 @@ def _planned_bytes(plan: _Plan, precision: str, block_size: int) -> int:
 
 
 def export_onnx(model_dir: Path, out_dir: Path, *, precision: str, algo: str = "rtn", from_dir: Path | None = None,
-                block_size: int = 128, calib: CalibrationSet | None = None, settings: CalibrationSettings | None = None,
+                block_size: int | None = None, calib: CalibrationSet | None = None,
+                settings: CalibrationSettings | None = None,
                 model_name: str | None = None, force: bool = False, progress: Progress | None = None,
                 inline_limit: int = INLINE_LIMIT) -> Path:
     """Export ``model_dir`` (or the GPTQ/AWQ checkpoint ``from_dir``) to ``out_dir/<model>-onnx-<precision>/``.
 
     ``precision``: fp32 | fp16 | int4. For int4, ``algo`` rtn needs nothing else; gptq and awq need ``calib``
     (and run on ``settings.device``); ``from_dir`` converts an existing checkpoint without requantization
-    (``block_size`` must equal its group size). ``model_name`` (default: the source directory's name) names the
-    output. Returns the output directory. Built in a temporary sibling, renamed into place when complete;
+    (``block_size`` must equal its group size; None: that group size, else 128). ``model_name`` (default: the
+    source directory's name) names the output. Returns the output directory. Built in a temporary sibling, renamed into place when complete;
     an existing output is replaced only with ``force``.
     """
     plan = _check(model_dir, precision, algo, from_dir, block_size)
+    block_size = plan.block_size
     if precision == "int4" and from_dir is None and algo != "rtn" and calib is None:
         raise UsageError(f"--algo {algo} needs calibration data; pass a CalibrationSet (CLI: --calib builtin).")
     name = model_name or plan.src.name
@@ -263,7 +270,7 @@ def _calibrated(plan: _Plan, store: InitializerStore, algo: str, block_size: int
                 settings: CalibrationSettings | None, progress: Progress | None, quantized: dict[str, QuantLinear],
                 floats: dict[str, np.ndarray]) -> None:
     """GPTQ (symmetric, no act-order) or AWQ (zero points) through the streaming calibration driver."""
-    from qconvert.calibrate import CalibrationSettings, calibrate
+    from qconvert.calibration.quantize import CalibrationSettings, calibrate
     from qconvert.int4 import AWQConfig, GPTQConfig
 
     assert calib is not None
@@ -291,7 +298,7 @@ def genai_config(config: Mapping[str, Any], generation: Mapping[str, Any], dims:
     eos = generation.get("eos_token_id", config.get("eos_token_id"))
     eos_list = eos if isinstance(eos, list) else [eos]
     pad = generation.get("pad_token_id", config.get("pad_token_id")) or eos_list[0]
-    providers = [{"cuda": {}}] if device.startswith("cuda") else []
+    providers: list[dict[str, dict[str, str]]] = [{"cuda": {}}] if device.startswith("cuda") else []
     return {
         "model": {
             "bos_token_id": config.get("bos_token_id", generation.get("bos_token_id")),
@@ -341,47 +348,9 @@ def _write_side_files(tmp: Path, plan: _Plan, name: str, precision: str, algo: s
                               "Copy the tokenizer files of the source model into it.")
     label = _algo_label(precision, algo, plan)
     calib_desc = calib.describe() if calib is not None and label in ("gptq", "awq") else None
-    (tmp / "README.md").write_text(model_card(tmp.name, name, precision, label, block_size, external, seconds,
-                                              nbytes, plan.dims, calib_desc))
-
-
-def model_card(out_name: str, source: str, precision: str, algo: str, block_size: int, external: bool, seconds: float,
-               nbytes: int, dims: Dims, calib: str | None) -> str:
-    """README.md of the output directory."""
-    final = out_name.split(".partial-")[0].lstrip(".")
-    if precision == "int4":
-        weights = (f"decoder linears as `com.microsoft.MatMulNBits` (4-bit, block size {block_size}, from {algo}; "
-                   "symmetric weights without zero points), embedding / norms / biases / lm_head float32")
-    else:
-        weights = f"all weights {precision}; norms, RoPE, attention scores and softmax computed in float32"
-    tied = "tied (one initializer for the embedding Gather and the lm_head Gemm)" if dims.tie_word_embeddings else "untied"
-    return f"""# {final}
-
-ONNX export of `{source}` by qconvert {__version__}.
-
-| | |
-|---|---|
-| precision | {precision} |
-| weights | {weights} |
-| layers / heads / kv heads / head dim | {dims.num_layers} / {dims.num_heads} / {dims.num_kv_heads} / {dims.head_dim} |
-| embeddings | {tied} |
-| RoPE theta / RMSNorm eps | {dims.rope_theta:g} / {dims.rms_norm_eps:g} |
-| weights stored | {nbytes / 1e6:.1f} MB {'in model.onnx.data (external data)' if external else 'inside model.onnx'} |
-| calibration | {calib or 'none'} |
-| export time | {seconds:.1f} s |
-
-Inputs `input_ids`, `attention_mask`, `position_ids` (int64) and `past_key_values.N.key/value`
-`[batch, {dims.num_kv_heads}, past, {dims.head_dim}]`; outputs `logits` (float32) and `present.N.key/value`.
-
-Run it with onnxruntime-genai:
-
-```python
-import onnxruntime_genai as og
-model = og.Model("{final}")
-```
-
-or with onnxruntime directly (`qconvert.runtimes.onnxrt.OnnxModel("{final}").greedy(ids, 20)`).
-"""
+    final = tmp.name.split(".partial-")[0].lstrip(".")
+    (tmp / "README.md").write_text(onnx_card(final, name, precision, label, block_size, external, seconds, nbytes,
+                                             plan.dims, calib_desc))
 
 
 def _move_into_place(tmp: Path, final: Path, force: bool) -> None:

@@ -143,7 +143,7 @@ def rotary_tables(g: Graph, dims: Dims) -> tuple[str, str]:
     pos = g.op("Unsqueeze", [g.op("Cast", [POSITION_IDS], s, to=TensorProto.FLOAT), g.ints(-1)], s)  # [b, t, 1]
     freqs = g.op("Mul", [pos, g.w.const("rotary/inv_freq", inv_freq.astype(np.float32))], s)  # [b, t, hd/2]
     angles = g.op("Concat", [freqs, freqs], s, axis=-1)
-    return tuple(g.op("Unsqueeze", [g.op(fn, [angles], s), g.ints(2)], s) for fn in ("Cos", "Sin"))  # type: ignore[return-value]
+    return tuple(g.op("Unsqueeze", [g.op(fn, [angles], s), g.ints(2)], s) for fn in ("Cos", "Sin"))
 
 
 def apply_rotary(g: Graph, x: str, rope: tuple[str, str], scope: str) -> str:
@@ -233,8 +233,8 @@ def _io(dims: Dims, kv_type: np.dtype) -> tuple[list[onnx.ValueInfoProto], list[
               helper.make_tensor_value_info(ATTENTION_MASK, i64, ["batch", "total_sequence"]),
               helper.make_tensor_value_info(POSITION_IDS, i64, ["batch", "sequence"])]
     outputs = [helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, ["batch", "sequence", dims.vocab_size])]
-    shape_past = ["batch", dims.num_kv_heads, "past_sequence", dims.head_dim]
-    shape_present = ["batch", dims.num_kv_heads, "total_sequence", dims.head_dim]
+    shape_past: list[str | int] = ["batch", dims.num_kv_heads, "past_sequence", dims.head_dim]
+    shape_present: list[str | int] = ["batch", dims.num_kv_heads, "total_sequence", dims.head_dim]
     for i in range(dims.num_layers):
         for past, present in ((PAST_KEY, PRESENT_KEY), (PAST_VALUE, PRESENT_VALUE)):
             inputs.append(helper.make_tensor_value_info(past % i, kv, shape_past))

@@ -52,7 +52,7 @@ def _from_lanes(L: np.ndarray, nblk: int) -> np.ndarray:
 
 
 @jit
-def _requantize(x: np.ndarray, d: float, dm: float, lo: int, hi: int, L: np.ndarray) -> None:
+def _requantize(x: np.ndarray, d: np.float32, dm: np.float32, lo: int, hi: int, L: np.ndarray) -> None:
     """L = clamp(nearest_int((x + dm)/d), lo, hi) − lo: levels from the stored scales, shifted to be >= 0.
 
     C divides by d here (it does not multiply by 1/d), so this does too.
@@ -71,7 +71,7 @@ def _pack_2bit(L: np.ndarray, qs: np.ndarray) -> None:
 
 
 @jit
-def _max_positive(v: np.ndarray) -> float:
+def _max_positive(v: np.ndarray) -> np.float32:
     """max(0, v...) with C's strict ``>`` updates."""
     m = f32(0.0)
     for a in v:
@@ -123,11 +123,11 @@ def quantize_q2_k(x: np.ndarray, out: np.ndarray, first: int, end: int) -> None:
 def _q3_k_scale(sc: np.ndarray, j: int) -> int:
     """Sub-block j's 6-bit scale minus 32: low 4 bits in a nibble of byte j % 8, high 2 bits in byte 8 + j % 4."""
     low = np.int64(sc[j]) & 0xF if j < 8 else np.int64(sc[j - 8]) >> 4
-    return (low | ((np.int64(sc[8 + j % 4]) >> (2 * (j // 4))) & 3) << 4) - 32
+    return (low | ((np.int64(sc[8 + j % 4]) >> (2 * (j // 4))) & 3) << 4) - 32  # type: ignore[return-value]  # a C int, see cfloat._Jit
 
 
 @jit
-def _q3_k_scales(out: np.ndarray, scales: np.ndarray) -> float:
+def _q3_k_scales(out: np.ndarray, scales: np.ndarray) -> np.float32:
     """Quantize the 16 sub-block scales to signed 6 bits against the one of largest magnitude; returns d."""
     max_scale = f32(0.0)
     amax = f32(0.0)
@@ -184,12 +184,12 @@ def _scale_min_k4(sc: np.ndarray, j: int) -> tuple[int, int]:
     """``get_scale_min_k4``: sub-block j's 6-bit (scale, min) from the 12 packed bytes."""
     a, b, c = np.int64(sc[j - 4 if j >= 4 else j]), np.int64(sc[j]), np.int64(sc[j + 4])
     if j < 4:
-        return b & 63, c & 63
-    return (c & 0xF) | ((a >> 6) << 4), (c >> 4) | ((b >> 6) << 4)
+        return b & 63, c & 63  # type: ignore[return-value]  # a C int, see cfloat._Jit
+    return (c & 0xF) | ((a >> 6) << 4), (c >> 4) | ((b >> 6) << 4)  # type: ignore[return-value]  # a C int, see cfloat._Jit
 
 
 @jit
-def _qkx_search(x: np.ndarray, b0: int, nblk: int, nmax: int, rmin: float, nstep: int
+def _qkx_search(x: np.ndarray, b0: int, nblk: int, nmax: int, rmin: np.float32, nstep: int
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Q4_K/Q5_K sub-block fits for a chunk, weights w = sqrt(Σx²/32) + |x|: (scales, mins, levels i32[nblk, 256])."""
     xt = _to_lanes(x, b0, nblk, 32)

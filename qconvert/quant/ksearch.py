@@ -18,7 +18,7 @@ GROUP_MAX_EPS = 1e-15  # below this absmax a sub-block counts as all zero
 
 
 @jit
-def _level(iscale: float, v: float, mn: float, nmax: int) -> float:
+def _level(iscale: np.float32, v: np.float32, mn: np.float32, nmax: int) -> np.float32:
     """The asymmetric level C computes, clamp(nearest_int(iscale·(v − min)), 0, nmax), as a float32."""
     return nearest_level(iscale * (v - mn), f32(0.0), f32(nmax))
 
@@ -77,7 +77,7 @@ def _qkx2_fit(xt: np.ndarray, wt: np.ndarray, iscale: np.ndarray, mn: np.ndarray
 
 
 @jit
-def make_qkx2_quants(xt: np.ndarray, wt: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int,
+def make_qkx2_quants(xt: np.ndarray, wt: np.ndarray, nmax: int, rmin: np.float32, rdelta: np.float32, nstep: int,
                      use_mad: bool, L: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Asymmetric weighted fit x ≈ scale·L − min, L in [0, nmax]; returns (scale f32[S], min f32[S] >= 0).
 

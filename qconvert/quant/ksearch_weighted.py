@@ -18,7 +18,7 @@ from qconvert.quant.ksearch import GROUP_MAX_EPS
 
 
 @jit
-def make_qp_quants(x: np.ndarray, nmax: int, L: np.ndarray, qw: np.ndarray) -> float:
+def make_qp_quants(x: np.ndarray, nmax: int, L: np.ndarray, qw: np.ndarray) -> np.float32:
     """x ≈ scale·L, L in [0, nmax] (stored as uint8), weights qw: the K-quant super-block scale fit."""
     n = x.shape[0]
     mx = f32(0.0)
@@ -79,7 +79,7 @@ def make_qp_quants(x: np.ndarray, nmax: int, L: np.ndarray, qw: np.ndarray) -> f
 
 
 @jit
-def make_qx_quants_w(x: np.ndarray, nmax: int, L: np.ndarray, qw: np.ndarray) -> float:
+def make_qx_quants_w(x: np.ndarray, nmax: int, L: np.ndarray, qw: np.ndarray) -> np.float32:
     """``make_qx_quants(n, nmax, x, L, 1, qw)``: x ≈ scale·(L − nmax), L in [0, 2·nmax), weights qw."""
     n = x.shape[0]
     vmax = f32(0.0)

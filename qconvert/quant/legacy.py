@@ -17,7 +17,7 @@ _FLT_MAX = 3.4028234663852886e38
 
 
 @jit
-def _signed_absmax(x: np.ndarray) -> float:
+def _signed_absmax(x: np.ndarray) -> np.float32:
     """The value with the largest magnitude, keeping its sign; the first one wins ties."""
     amax = f32(0.0)
     vmax = f32(0.0)
@@ -29,7 +29,7 @@ def _signed_absmax(x: np.ndarray) -> float:
 
 
 @jit
-def _min_max(x: np.ndarray) -> tuple[float, float]:
+def _min_max(x: np.ndarray) -> tuple[np.float32, np.float32]:
     lo = f32(_FLT_MAX)
     hi = f32(-_FLT_MAX)
     for v in x:  # C's order and NaN behaviour; min()/max() would differ on NaN
@@ -41,7 +41,7 @@ def _min_max(x: np.ndarray) -> tuple[float, float]:
 
 
 @jit
-def _inverse(d: float) -> float:
+def _inverse(d: np.float32) -> np.float32:
     return f32(1.0) / d if d != 0 else f32(0.0)
 
 

@@ -3,9 +3,9 @@
     recipe.py    the recipe schema (a table of sections, keys and types), parsing, errors at ``file:line``
     plan.py      recipe -> jobs (model x format), source resolution and hashing, artifact keys, --only
     build.py     prepare_model (one statistics pass, one reference pass) and build_artifact (build, verify,
-                 card, atomic rename): the two functions both executors call
+                 card via ``qconvert.card``, atomic rename): the two functions both executors call
     manifest.py  manifest.json (deterministic, atomic, resumable) and timings.json
-    card.py      Hugging Face model cards and report.md
+    report.py    report.md
     runner.py    run_release: the local and Ray executors
 
     qconvert release recipes/demo.toml --out out/demo [--only PATTERN] [--executor ray] [--resume]

@@ -59,11 +59,11 @@ def set_threads(n: int) -> None:
     import torch
 
     torch.set_num_threads(n)
-    numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
+    numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))  # type: ignore[attr-defined]  # numba's stubs omit its config values
 
 
 def settings_for(recipe: Recipe) -> Any:
-    from qconvert.calibrate import CalibrationSettings, resolve_device, resolve_dtype
+    from qconvert.calibration.quantize import CalibrationSettings, resolve_device, resolve_dtype
 
     device = resolve_device(recipe.release["device"])
     return CalibrationSettings(device, resolve_dtype("auto", device), recipe.calibration["batch_size"])
@@ -83,7 +83,7 @@ def prepare_model(recipe: Recipe, source: Source, calib: CalibrationSet | None, 
         assert calib is not None and calib_info is not None
         stats_path = work_dir / f"stats-{calib_info['sha256'][:16]}.safetensors"
         if not stats_path.is_file():
-            from qconvert.stats import collect_stats
+            from qconvert.calibration.stats import collect_stats
 
             start = time.perf_counter()
             stats = collect_stats(source.path, calib.ids, settings, source=calib.describe(), path=stats_path,
@@ -107,7 +107,7 @@ _STATS: dict[str, Any] = {}  # in-process reuse of loaded statistics (local exec
 
 
 def _stats(ctx: ModelContext) -> Any:
-    from qconvert.stats import CalibrationStats
+    from qconvert.calibration.stats import CalibrationStats
 
     assert ctx.stats_path is not None
     key = str(ctx.stats_path)
@@ -119,9 +119,9 @@ def _stats(ctx: ModelContext) -> Any:
 # -- builders: each writes the artifact into ``out`` (a directory that does not exist yet) -------------------------
 
 def _build_gguf(ctx: ModelContext, job: Job, out: Path, settings: Any, deps: dict[str, Path]) -> Path:
-    from qconvert.commands.gguf import output_name
     from qconvert.gguf.export import PlanOptions, export_gguf
     from qconvert.gguf.plan import parse_type
+    from qconvert.pipelines.gguf import output_name
 
     s = job.fmt.settings
     opts = PlanOptions(pure=s.get("pure", False),
@@ -136,8 +136,8 @@ def _build_gguf(ctx: ModelContext, job: Job, out: Path, settings: Any, deps: dic
 
 
 def _build_int4(ctx: ModelContext, job: Job, out: Path, settings: Any, deps: dict[str, Path]) -> Path:
-    from qconvert.commands.int4 import write_int4
     from qconvert.int4.options import int4_config
+    from qconvert.pipelines.int4 import write_int4
 
     cfg = int4_config(job.fmt.kind, job.fmt.settings)
     stats = _stats(ctx) if job.needs_stats else None
@@ -158,20 +158,11 @@ def _build_onnx(ctx: ModelContext, job: Job, out: Path, settings: Any, deps: dic
     calibrated = s.get("precision", "int4") == "int4" and from_dir is None and s.get("algo", "rtn") != "rtn"
     out.mkdir()
     made = export_onnx(ctx.source.path, out, precision=s.get("precision", "int4"), algo=s.get("algo", "rtn"),
-                       from_dir=from_dir, block_size=s.get("block_size", _group_of(job, from_dir)),
+                       from_dir=from_dir, block_size=s.get("block_size"),
                        calib=ctx.calib if calibrated else None, settings=settings if calibrated else None,
                        model_name=job.model.name)
     (made / "README.md").unlink(missing_ok=True)  # its card records wall times; the release writes its own
     return made
-
-
-def _group_of(job: Job, from_dir: Path | None) -> int:
-    """The block size of an ONNX int4 export: the GPTQ source's group size, else 128."""
-    import json
-
-    if from_dir is None:
-        return 128
-    return int(json.loads((from_dir / "config.json").read_text())["quantization_config"]["group_size"])
 
 
 BUILDERS = {"gguf": _build_gguf, "gptq": _build_int4, "awq": _build_int4, "onnx": _build_onnx}
@@ -186,7 +177,6 @@ def build_artifact(recipe: Recipe, job: Job, ctx: ModelContext, key: str, root: 
     The artifact is made in ``root/<parent>/.<name>.partial-<pid>/`` and renamed to its final name only when
     its files, verification and model card are complete.
     """
-    from qconvert.release.card import model_card
     from qconvert.release.manifest import replace_path
 
     set_threads(recipe.release["threads"])
@@ -212,7 +202,7 @@ def build_artifact(recipe: Recipe, job: Job, ctx: ModelContext, key: str, root: 
         entry = _entry(recipe, job, ctx, key, result)
         data_files = {p.relative_to(art_dir).as_posix(): p for p in tree_files(art_dir) if p.name != "README.md"}
         entry["files"] = {f"{job.rel}/{k}": v for k, v in file_table(art_dir, data_files.values()).items()}
-        (art_dir / "README.md").write_text(model_card(recipe, job, ctx, entry), encoding="utf-8")
+        (art_dir / "README.md").write_text(_card(recipe, job, ctx, entry), encoding="utf-8")
         entry["files"][f"{job.rel}/README.md"] = file_table(art_dir, [art_dir / "README.md"])["README.md"]
         entry["files"] = dict(sorted(entry["files"].items()))
         if art_dir.name != final.name:
@@ -228,6 +218,16 @@ def build_artifact(recipe: Recipe, job: Job, ctx: ModelContext, key: str, root: 
         verdict = "PASS" if entry["passed"] else "FAIL: " + "; ".join(entry["failures"])
         print(f"[{job.id}] built and verified in {seconds:.1f} s: {verdict}", flush=True)
     return entry
+
+
+def _card(recipe: Recipe, job: Job, ctx: ModelContext, entry: dict[str, Any]) -> str:
+    """README.md of the artifact: ``qconvert.card.release_card`` fed from the recipe, the source and ``entry``."""
+    from qconvert.card import release_card
+
+    return release_card(entry, model_name=job.model.name, artifact=job.name, license=ctx.source.license,
+                        quantized_by=recipe.release["quantized_by"], tags=recipe.release["tags"],
+                        release_name=recipe.release["name"], repo_id=ctx.source.repo_id,
+                        revision=ctx.source.revision)
 
 
 def _verify(built: Path, ctx: ModelContext, job: Job, settings: Any) -> Any:

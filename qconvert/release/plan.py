@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,7 +65,7 @@ class Job:
 
 def artifact_name(model: ModelEntry, fmt: FormatEntry, preset: str | None) -> str:
     """Qwen's names: ``qwen2.5-7b-instruct-gguf-q4_k_m``, ``-gptq-int4``, ``-awq``, ``-onnx-int4``."""
-    from qconvert.commands.int4 import output_dir_name
+    from qconvert.pipelines.int4 import output_dir_name
 
     if fmt.kind == "gguf":
         assert preset is not None
@@ -129,8 +130,14 @@ class Source:
                 "license": self.license}
 
 
-def resolve_source(entry: ModelEntry, cache_dir: Path) -> Source:
-    """Resolve ``entry`` (building a fixture when asked) and hash its files.
+# ``fixture = NAME`` models: NAME -> checkpoint directory, raising KeyError for an unknown NAME. The release
+# library knows no fixtures; its caller provides them (the CLI: the demo command's models).
+FixtureLocator = Callable[[str], Path]
+
+
+def resolve_source(recipe: Recipe, entry: ModelEntry, cache_dir: Path,
+                   fixtures: FixtureLocator | None = None) -> Source:
+    """Resolve ``entry`` (a ``fixture = NAME`` one through ``fixtures``) and hash its files.
 
     Hashes are cached in ``cache_dir`` by (name, size, mtime): a rerun does not reread a 15 GB checkpoint, and
     a file that was replaced (new size or mtime) is hashed again.
@@ -138,15 +145,26 @@ def resolve_source(entry: ModelEntry, cache_dir: Path) -> Source:
     from qconvert.resolve import resolve_model
 
     if entry.ref.startswith("fixture:"):
-        from qconvert.fixtures import fixture_path
-
-        path, repo_id, revision = fixture_path(entry.ref.removeprefix("fixture:")), None, None
+        path, repo_id, revision = _fixture(recipe, entry, fixtures), None, None
     else:
         resolved = resolve_model(entry.ref)
         path, repo_id, revision = resolved.path, resolved.repo_id, resolved.revision
     files = _hash_files(path, cache_dir / "source-hashes.json")
     config = json.loads((path / "config.json").read_text())
     return Source(entry, path, repo_id, revision, files, source_license(path, entry.license), config)
+
+
+def _fixture(recipe: Recipe, entry: ModelEntry, fixtures: FixtureLocator | None) -> Path:
+    name = entry.ref.removeprefix("fixture:")
+    if fixtures is None:
+        raise recipe.error("models", entry.index, "fixture", f"fixture {name!r} names a model that only the qconvert "
+                           "CLI provides (`qconvert release`); from Python pass run_release(..., fixtures=...), or "
+                           "name the checkpoint with path = \"DIR\"")
+    try:
+        return Path(fixtures(name))
+    except KeyError as e:
+        raise recipe.error("models", entry.index, "fixture", f"no fixture {name!r}: {e.args[0] if e.args else e}") \
+            from None
 
 
 def _hash_files(root: Path, cache_file: Path) -> dict[str, dict[str, Any]]:
@@ -184,7 +202,7 @@ def source_license(model_dir: Path, fallback: str | None) -> str:
 
 def check_job(recipe: Recipe, job: Job, config: dict[str, Any]) -> None:
     """Model-dependent impossibilities, reported at the recipe line that asks for them."""
-    from qconvert.calibrate import check_model_scheme
+    from qconvert.calibration.quantize import check_model_scheme
     from qconvert.errors import QConvertError
     from qconvert.family import tensor_shapes
     from qconvert.gguf.export import PlanOptions, build_plan
@@ -197,6 +215,7 @@ def check_job(recipe: Recipe, job: Job, config: dict[str, Any]) -> None:
             bad = [e for e in plan.entries if e.fallback_from is not None]
             if bad:
                 e = bad[0]
+                assert e.fallback_from is not None
                 raise recipe.error("formats", job.fmt.index, "pure", (
                     f"pure = true asks every matrix of {job.model.name} to be {e.fallback_from.label} under "
                     f"{job.preset}, but {len(bad)} tensor(s) cannot be (e.g. {e.name}: rows of {e.shape[-1]} are not "

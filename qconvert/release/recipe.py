@@ -73,7 +73,8 @@ DEFAULTS: MappingProxyType[str, MappingProxyType[str, Any]] = MappingProxyType({
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """One checkpoint to release. ``ref`` is what ``resolve_model`` takes, or ``fixture:NAME``."""
+    """One checkpoint to release. ``ref`` is what ``resolve_model`` takes, or ``fixture:NAME`` (a model the caller
+    of the release provides by name: ``run_release(fixtures=...)``)."""
 
     ref: str
     name: str  # hub-style name used for artifact names and model cards, e.g. Qwen/Qwen2.5-7B-Instruct
@@ -254,17 +255,14 @@ def _models(recipe: Recipe, table: dict, i: int) -> list[ModelEntry]:
         where = (recipe.path.parent / table["path"]).resolve() if not Path(table["path"]).is_absolute() else \
             Path(table["path"])
         return [ModelEntry(str(where), table.get("name", where.name), lic, i)]
-    from qconvert.fixtures import FIXTURES
-
-    if table["fixture"] not in FIXTURES:
-        raise recipe.error("models", i, "fixture", f"no fixture {table['fixture']!r}; choose one of "
-                           f"{', '.join(FIXTURES)}")
+    # ``fixture = NAME``: a model the caller of the release provides by name (the CLI: the demo model), checked
+    # when the model is resolved (``release.plan.resolve_source``)
     return [ModelEntry(f"fixture:{table['fixture']}", table.get("name", f"qconvert/{table['fixture']}"), lic, i)]
 
 
 def _format(recipe: Recipe, table: dict, i: int) -> FormatEntry:
     kind = table.get("kind")
-    if kind not in FORMAT_KEYS:
+    if not isinstance(kind, str) or kind not in FORMAT_KEYS:
         raise recipe.error("formats", i, "kind" if kind else None,
                            f"[[formats]] needs kind = one of {', '.join(FORMAT_KEYS)}, got {kind!r}")
     allowed = {**SECTIONS["formats"], **FORMAT_KEYS[kind]}
@@ -272,7 +270,7 @@ def _format(recipe: Recipe, table: dict, i: int) -> FormatEntry:
     thresholds = table.get("thresholds", {})
     _check_keys(recipe, thresholds, dict(SECTIONS["thresholds"]), "formats", i, "[formats.thresholds]")
     settings = {k: v for k, v in table.items() if k not in ("kind", "id", "thresholds")}
-    fid = table.get("id") or _default_id(kind, settings)
+    fid = str(table.get("id") or _default_id(kind, settings))
     return FormatEntry(kind, fid, settings, dict(thresholds), i)
 
 
@@ -318,9 +316,9 @@ def _check_formats(recipe: Recipe) -> None:
         except RecipeError:
             raise
         except QConvertError as e:
-            key = next((k for k in ("presets", "bits", "group_size", "damp", "output_tensor_type",
-                                    "token_embedding_type") if k in s), None)
-            raise recipe.error("formats", f.index, key, str(e)) from None
+            bad_key = next((str(k) for k in ("presets", "bits", "group_size", "damp", "output_tensor_type",
+                                             "token_embedding_type") if k in s), None)
+            raise recipe.error("formats", f.index, bad_key, str(e)) from None
 
 
 def _check_onnx(recipe: Recipe, f: FormatEntry, ids: dict[str, FormatEntry]) -> None:

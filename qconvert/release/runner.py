@@ -27,6 +27,7 @@ from qconvert.release.manifest import (
     sha256_file,
 )
 from qconvert.release.plan import (
+    FixtureLocator,
     Job,
     Source,
     check_job,
@@ -62,11 +63,13 @@ class _ModelInputs:
 
 def run_release(recipe_path: str | Path, out: Path, *, only: str | None = None, executor: str = "local",
                 resume: bool = False, ray_address: str | None = None, ray_init: dict[str, Any] | None = None,
-                verbose: bool = True) -> Outcome:
+                verbose: bool = True, fixtures: FixtureLocator | None = None) -> Outcome:
     """Make every artifact of the recipe (or those ``only`` selects) under ``out``; see the module docstring.
 
     An existing release directory is continued only with ``resume`` (artifacts whose manifest entry has the same
     key and intact files are kept) or ``only`` (the selected artifacts are rebuilt, the others kept).
+    ``fixtures`` maps the recipe's ``fixture = NAME`` models to checkpoint directories (KeyError: unknown name);
+    ``qconvert release`` passes the demo command's models.
     """
     start = time.perf_counter()
     if executor not in EXECUTORS:
@@ -80,7 +83,8 @@ def run_release(recipe_path: str | Path, out: Path, *, only: str | None = None, 
     out = Path(out)
     _check_out(out, resume, only)
     with _lock(out):
-        return _run(recipe, jobs, selected, out, only, executor, resume, ray_address, ray_init, verbose, start)
+        return _run(recipe, jobs, selected, out, only, executor, resume, ray_address, ray_init, verbose, start,
+                    fixtures)
 
 
 @contextlib.contextmanager
@@ -100,13 +104,13 @@ def _lock(out: Path) -> Iterator[None]:
 
 def _run(recipe: Recipe, jobs: list[Job], selected: list[Job], out: Path, only: str | None, executor: str,
          resume: bool, ray_address: str | None, ray_init: dict[str, Any] | None, verbose: bool,
-         start: float) -> Outcome:
+         start: float, fixtures: FixtureLocator | None) -> Outcome:
     remove_stale_partials(out)
     manifest = Manifest.load(out)
     inputs = {}
     for job in selected:  # every check before any heavy work
         if job.model.slug not in inputs:
-            inputs[job.model.slug] = _model_inputs(recipe, job, jobs, out, manifest)
+            inputs[job.model.slug] = _model_inputs(recipe, job, jobs, out, manifest, fixtures)
         check_job(recipe, job, inputs[job.model.slug].source.config)
     keys = _keys(recipe, selected, inputs)
     pending = [j for j in selected if not (resume and manifest.up_to_date(j.id, keys[j.id]))]
@@ -125,7 +129,7 @@ def _run(recipe: Recipe, jobs: list[Job], selected: list[Job], out: Path, only: 
             "executor": executor, "seconds": round(outcome.seconds, 3), "built": outcome.built,
             "skipped": outcome.skipped, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
         manifest.save()
-    from qconvert.release.card import write_report
+    from qconvert.release.report import write_report
 
     write_report(out, manifest.data, manifest.timings)
     return outcome
@@ -154,19 +158,20 @@ def _with_sources(selected: list[Job], jobs: list[Job]) -> list[Job]:
     return [j for j in jobs if j in selected or (j.model.slug, j.fmt.id) in need]
 
 
-def _model_inputs(recipe: Recipe, job: Job, jobs: list[Job], out: Path, manifest: Manifest) -> _ModelInputs:
+def _model_inputs(recipe: Recipe, job: Job, jobs: list[Job], out: Path, manifest: Manifest,
+                  fixtures: FixtureLocator | None) -> _ModelInputs:
     """Resolve and hash the model, tokenize calibration (when any of its artifacts, selected or not, uses it:
     the manifest's model entry must not depend on --only) and evaluation text."""
-    from qconvert.calibset import load_calibration
-    from qconvert.stats import tokens_sha256
+    from qconvert.calibset import load_calibration, uses_chat
+    from qconvert.tokenhash import tokens_sha256
     from qconvert.verify import eval_tokens
 
-    source = resolve_source(job.model, out / WORK_DIR / job.model.slug)
+    source = resolve_source(recipe, job.model, out / WORK_DIR / job.model.slug, fixtures)
     manifest.check_source(job.model.slug, source.to_dict())
     calib = calib_info = None
     if any(j.needs_calibration for j in jobs if j.model.slug == job.model.slug):
         c = recipe.calibration
-        chat = c["format"] == "chat" or (c["format"] == "auto" and "instruct" in job.model.name.lower())
+        chat = uses_chat(source.path, c["format"])  # the checkpoint's chat template decides "auto"
         local = recipe.path.parent / c["source"]  # a .txt/.jsonl named relative to the recipe
         calib = load_calibration(str(local) if local.is_file() else c["source"], source.path, chat=chat,
                                  n_samples=c["samples"], seq_len=c["seq_len"], seed=recipe.release["seed"])
@@ -217,7 +222,7 @@ def _deps(job: Job, jobs: list[Job], out: Path) -> dict[str, Path]:
     """The final paths of the artifacts ``job`` is built from (ONNX ``from`` a GPTQ format of the same model)."""
     src = job.fmt.settings.get("from")
     dep = next((j for j in jobs if j.model.slug == job.model.slug and j.fmt.id == src), None) if src else None
-    return {src: out / dep.rel} if dep is not None else {}
+    return {str(src): out / dep.rel} if dep is not None else {}
 
 
 def _prepare_args(recipe: Recipe, mi: _ModelInputs, pending: list[Job], out: Path) -> tuple:
@@ -282,7 +287,7 @@ def _run_ray(recipe: Recipe, pending: list[Job], inputs: dict[str, _ModelInputs]
         slug = job.model.slug
         if slug not in ctx_refs:
             ctx_refs[slug] = prepare.options(num_cpus=threads, num_gpus=1 if gpus else 0).remote(
-                *_prepare_args(recipe, inputs[slug], pending, out), verbose=verbose)
+                *_prepare_args(recipe, inputs[slug], pending, out), verbose=verbose)  # type: ignore[call-arg]  # ray's stubs type remote() by position only
         calibrates = job.fmt.kind in ("gptq", "awq")
         opts = {"num_cpus": threads, "num_gpus": 1 if gpus and calibrates else 0}
         after = [refs[d.id] for d in pending if d.model.slug == slug and d.fmt.id == job.fmt.settings.get("from")]

@@ -11,12 +11,15 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from qconvert.errors import CheckpointError
 from qconvert.runtimes.native import libllama
+
+if TYPE_CHECKING:
+    from typing import Self  # only for annotations: typing.Self is Python 3.11+
 
 _LOCK = threading.Lock()
 _STATE: dict[str, Any] = {}

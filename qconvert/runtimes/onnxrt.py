@@ -55,7 +55,8 @@ class OnnxModel:
     def empty_cache(self) -> dict[str, np.ndarray]:
         return {n: np.zeros((1, self.kv_heads, 0, self.head_dim), self.kv_dtype) for n in self.past_names}
 
-    def step(self, ids: Sequence[int], cache: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    def step(self, ids: Sequence[int] | np.ndarray, cache: dict[str, np.ndarray]
+             ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Run ``ids`` after the cached tokens: logits f32 [len(ids), vocab] and the grown cache."""
         past = next(iter(cache.values())).shape[2] if cache else 0
         t = len(ids)
@@ -67,7 +68,7 @@ class OnnxModel:
         new = {n: out[n.replace("past_key_values.", "present.")] for n in self.past_names}
         return out["logits"][0].astype(np.float32), new
 
-    def logits(self, ids: Sequence[int]) -> np.ndarray:
+    def logits(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """float32 [len(ids), vocab] for one full sequence, empty KV cache."""
         return self.step(ids, self.empty_cache())[0]
 
@@ -85,7 +86,7 @@ class OnnxModel:
 
 def _kv_dims(shape: Sequence[int | str | None], directory: Path) -> tuple[int, int]:
     """(kv heads, head dim) of a past input; symbolic dims (other exporters) come from genai_config.json."""
-    if all(isinstance(d, int) for d in (shape[1], shape[3])):
+    if isinstance(shape[1], int) and isinstance(shape[3], int):
         return int(shape[1]), int(shape[3])
     import json
 

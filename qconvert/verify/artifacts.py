@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -31,12 +31,13 @@ from qconvert.verify.reference import (
     Reference,
     VerifyError,
     check_ctx,
-    hf_scored_logits,
-    load_hf,
     reference_dtype,
     resolve_device,
 )
 from qconvert.verify.result import ArtifactResult, aggregate
+
+if TYPE_CHECKING:
+    import torch
 
 GGUF_MAGIC = b"GGUF"
 KINDS = ("gguf", "onnx", "gptq", "awq", "hf")
@@ -234,6 +235,24 @@ class LlamaCppRunner(Runner):
         self.model.close()
 
 
+def load_hf(model_dir: Path, device: str, dtype: Any) -> Any:  # a transformers PreTrainedModel
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+    model.eval()
+    return model.to(device)  # type: ignore[arg-type]  # transformers' stubs type .to() for modules, not devices
+
+
+def hf_scored_logits(model: Any, window: np.ndarray, first: int, device: str) -> torch.Tensor:  # [n_scored, V]
+    """Logits of positions ``first .. len - 2`` of one window, through a transformers causal LM."""
+    import torch
+
+    ids = torch.from_numpy(window.astype(np.int64))[None].to(device)
+    with torch.no_grad():
+        out = model(input_ids=ids, logits_to_keep=len(window) - first, use_cache=False)
+    return out.logits[0, :-1].float()
+
+
 class TransformersRunner(Runner):
     name = "transformers"
 
@@ -283,10 +302,10 @@ class OnnxRunner(Runner):
 
 
 class DequantRunner(Runner):
-    """GPTQ/AWQ through qconvert's Qwen2 forward with each linear's exact dequantized weight (float32).
+    """GPTQ/AWQ through qconvert's streaming driver with each linear's exact dequantized weight (float32).
 
     Streams layer by layer over all windows at once (one layer's weights in memory, plus the hidden states
-    [n_windows, ctx, hidden]), so ``scored`` runs everything before it yields the first window.
+    [n_windows, ctx, hidden]), so ``scored`` runs every layer before it yields the first window.
     """
 
     name = "qconvert-dequant"
@@ -302,26 +321,21 @@ class DequantRunner(Runner):
     def scored(self, windows: np.ndarray, first: int, progress: bool) -> Iterator[Any]:
         import torch
 
-        from qconvert.calibrate import CalibrationSettings
-        from qconvert.model import qwen2
-        from qconvert.quality import head_weights, streamed_hidden
+        from qconvert.calibration.driver import CalibrationSettings, streamed_logits
 
         config = self.art.config
         assert config is not None
-        settings = CalibrationSettings(self.device, torch.float32, 1)
-        start = time.perf_counter()
         ids = torch.from_numpy(windows.astype(np.int64))
-        h = streamed_hidden(self.ckpt, config, config["quantization_config"], ids, settings,
-                            self.name if progress else None)
-        norm, head = head_weights(self.ckpt, config, settings)
-        eps = qwen2.Qwen2Dims.from_config(config).rms_norm_eps
-        self.seconds += time.perf_counter() - start
-        with torch.no_grad():
-            for w in range(h.shape[0]):
-                start = time.perf_counter()
-                out = qwen2.head(norm, head, h[w:w + 1, first:-1], eps)[0]
-                self.seconds += time.perf_counter() - start
-                yield out
+        logits = streamed_logits(self.ckpt, config, ids, first, CalibrationSettings(self.device, torch.float32, 4),
+                                 quantization_config=config["quantization_config"],
+                                 progress=self.name if progress else None)
+        while True:
+            start = time.perf_counter()
+            out = next(logits, None)
+            self.seconds += time.perf_counter() - start
+            if out is None:
+                return
+            yield out
 
 
 def open_runner(art: Artifact, runtime: str, reference: Reference, device: str) -> Runner:
@@ -393,6 +407,7 @@ def _onnx_bits_per_weight(path: Path, n_vocab: int) -> float:
         weights = [inits[i] for i in node.input if i in inits]
         if not weights:
             continue
+        attr: dict[str, int] = {}
         if node.op_type == "MatMulNBits":
             attr = {a.name: a.i for a in node.attribute}
             count = attr["K"] * attr["N"]
@@ -400,7 +415,7 @@ def _onnx_bits_per_weight(path: Path, n_vocab: int) -> float:
             count = int(np.prod(weights[0].dims))
         else:
             continue
-        if n_vocab in (attr.get("N") if node.op_type == "MatMulNBits" else None, *weights[0].dims):
+        if n_vocab in (attr.get("N"), *weights[0].dims):
             continue  # the output projection, like the embedding, is not a decoder matrix
         n_bytes, n_weights = n_bytes + sum(nbytes(t) for t in weights), n_weights + count
     return 8.0 * n_bytes / max(1, n_weights)

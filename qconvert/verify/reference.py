@@ -1,4 +1,8 @@
-"""The reference pass: the float checkpoint in transformers over the evaluation windows, summarized once and cached.
+"""The reference pass: the float checkpoint over the evaluation windows, summarized once and cached.
+
+The reference runs through qconvert's streaming layer-by-layer driver (``qconvert.calibration.streamed_logits``:
+its Qwen2 forward, tested equal to transformers' within 1e-4), so its peak memory is one decoder layer plus the
+windows' hidden states, whatever the model size: a 72B reference runs on a 24 GiB CPU machine.
 
 Method (one, always): the token ids are cut into consecutive non-overlapping windows of ``ctx`` tokens; every
 window is run from an empty cache, and positions ``ctx // 2 .. ctx - 2`` are scored (each predicts the next
@@ -14,11 +18,11 @@ import dataclasses
 import hashlib
 import json
 import math
-import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -26,7 +30,10 @@ from qconvert.errors import QConvertError
 from qconvert.verify import metrics
 from qconvert.verify.tokens import EvalTextError, EvalTokens
 
-CACHE_VERSION = "qconvert-verify-ref-v3"
+if TYPE_CHECKING:
+    import torch
+
+CACHE_VERSION = "qconvert-verify-ref-v4"  # v4: streamed qconvert forward (v3: transformers)
 MIN_CTX = 8
 TOPK_FIELDS = tuple(f.name for f in dataclasses.fields(metrics.TopK))
 
@@ -124,7 +131,7 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def reference_dtype(device: str, dtype: str | None):  # -> torch.dtype
+def reference_dtype(device: str, dtype: str | None) -> torch.dtype:
     """float32 on the CPU, bfloat16 on CUDA (Qwen2's activations can overflow float16), unless asked otherwise."""
     import torch
 
@@ -158,27 +165,28 @@ def count_params(model_dir: Path) -> int:
     return sum(int(np.prod(e.shape)) for e in SafetensorsCheckpoint(Path(model_dir)).entries.values())
 
 
-def load_hf(model_dir: Path, device: str, dtype: Any):  # -> transformers PreTrainedModel
-    import transformers
+def default_cache_dir() -> Path:
+    from qconvert.paths import verify_cache_dir
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
-    return model.to(device).eval()
+    return verify_cache_dir()
 
 
-def hf_scored_logits(model: Any, window: np.ndarray, first: int, device: str):  # -> torch.Tensor [n_scored, V]
-    """Logits of positions ``first .. len - 2`` of one window, through a transformers causal LM."""
+def reference_windows(reference_dir: Path, windows: np.ndarray, first: int, device: str, dtype: Any,
+                      progress: str | None = None) -> Iterator[Any]:
+    """Float32 logits [ctx - 1 - first, vocab] per window, streamed layer by layer (one layer in memory).
+
+    The windows run 4 at a time through each layer (the MLP's [4, ctx, intermediate] activations are the
+    largest temporary), then the head one window at a time.
+    """
     import torch
 
-    ids = torch.from_numpy(window.astype(np.int64))[None].to(device)
-    with torch.no_grad():
-        out = model(input_ids=ids, logits_to_keep=len(window) - first, use_cache=False)
-    return out.logits[0, :-1].float()
+    from qconvert.calibration.driver import CalibrationSettings, read_config, streamed_logits
+    from qconvert.io.safetensors import SafetensorsCheckpoint
 
-
-def default_cache_dir() -> Path:
-    from qconvert.fixtures.models import cache_root
-
-    return cache_root().parent / "verify"
+    settings = CalibrationSettings(device, dtype, 4)
+    ids = torch.from_numpy(windows.astype(np.int64))
+    return streamed_logits(SafetensorsCheckpoint(Path(reference_dir)), read_config(Path(reference_dir)), ids, first,
+                           settings, progress=progress)
 
 
 def _cache_key(reference_dir: Path, tokens: EvalTokens, ctx: int, n_windows: int, device: str, dtype: str) -> str:
@@ -223,24 +231,20 @@ def build_reference(reference_dir: Path, tokens: EvalTokens, *, ctx: int = 512, 
     path = cache / f"ref-{_cache_key(reference_dir, tokens, ctx, len(windows), device, dtype_name)}.npz"
     if path.is_file():
         return _load(path, reference_dir)
-    from tqdm import tqdm
-
-    model = load_hf(reference_dir, device, tdtype)
     first = ctx // 2
-    parts, targets, seconds = [], [], 0.0
+    parts, targets = [], []
     cpu_vs_cuda: dict[str, float] = {}
-    for w in tqdm(range(len(windows)), desc="reference", unit="window", disable=not progress, file=sys.stderr):
-        start = time.perf_counter()
-        logits = hf_scored_logits(model, windows[w], first, device)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        seconds += time.perf_counter() - start
+    start = time.perf_counter()
+    for w, logits in enumerate(reference_windows(reference_dir, windows, first, device, tdtype,
+                                                 "reference" if progress else None)):
         tgt = torch.from_numpy(windows[w, first + 1:].astype(np.int64)).to(logits.device)
         parts.append(metrics.summarize(logits))
         targets.append(metrics.target_logprob(logits, tgt))
         if w == 0 and device.startswith("cuda"):
-            cpu_vs_cuda = _cpu_difference(reference_dir, windows[0], first, logits)
-    del model
+            cpu_vs_cuda = _cpu_difference(reference_dir, windows[:1], first, logits)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
     topk = metrics.TopK(*(np.concatenate([getattr(p, f) for p in parts]) for f in TOPK_FIELDS))
     ref = Reference(reference_dir, tokens.sha256, tokens.source, ctx, windows, topk, np.concatenate(targets),
                     int(config["vocab_size"]), count_params(reference_dir), device, dtype_name,
@@ -251,13 +255,11 @@ def build_reference(reference_dir: Path, tokens: EvalTokens, *, ctx: int = 512, 
 
 
 def _cpu_difference(reference_dir: Path, window: np.ndarray, first: int, gpu_logits: Any) -> dict[str, float]:
-    """The CUDA reference vs the float32 CPU reference on the first window: how far the two devices disagree."""
+    """The CUDA reference vs the float32 CPU reference on the first window [1, ctx]: how far the devices disagree."""
     import torch
 
-    cpu = load_hf(reference_dir, "cpu", torch.float32)
-    logits = hf_scored_logits(cpu, window, first, "cpu")
-    del cpu
-    tgt = torch.from_numpy(window[first + 1:].astype(np.int64))
+    logits = next(iter(reference_windows(reference_dir, window, first, "cpu", torch.float32)))
+    tgt = torch.from_numpy(window[0, first + 1:].astype(np.int64))
     s = metrics.compare(gpu_logits.cpu(), tgt, metrics.summarize(logits))
     ppl_cpu = math.exp(-float(metrics.target_logprob(logits, tgt).mean()))
     return {"kl_mean": float(s.kl.mean()), "top1": float(s.top1.mean()),

@@ -45,7 +45,7 @@ def write_json(results: Sequence[ArtifactResult], path: Path, extra: dict | None
 
 def frontier(results: Sequence[ArtifactResult]) -> list[ArtifactResult]:
     """The artifacts that no other artifact beats on both size and KL, by increasing size."""
-    out = []
+    out: list[ArtifactResult] = []
     for r in sorted(results, key=lambda r: (r.size_bytes, r.kl_mean)):
         if not out or r.kl_mean < out[-1].kl_mean:
             out.append(r)

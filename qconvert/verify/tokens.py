@@ -1,7 +1,8 @@
 """The evaluation text, tokenized once with the reference's tokenizer; every runtime is fed these ids.
 
-Offline default: the project's held-out evaluation text (``qconvert.fixtures.corpus.eval_text``: English and
-Chinese prose, Python/JavaScript code, arithmetic and word problems), written by qconvert itself and disjoint
+Offline default: the project's held-out evaluation text (``qconvert.texts.evaluation_text``, the frozen file
+``calib/eval/qconvert-eval-v1.txt``: English and Chinese prose, Python/JavaScript code, arithmetic and word
+problems), written by qconvert itself and disjoint
 from both the calibration set (``qconvert.calibset``) and the demo model's training text. A local file or a
 Hugging Face dataset (wikitext-2-raw test, when ``datasets`` and the network are available) can replace it.
 The sha256 of the token ids goes into every result, so numbers are only compared on equal tokens.
@@ -9,13 +10,17 @@ The sha256 of the token ids goes into every result, so numbers are only compared
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from qconvert.errors import QConvertError, TokenizerError
+from qconvert.tokenhash import tokens_sha256  # re-exported: the one token hash
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 DEFAULT_SOURCE = "qconvert-eval-v1"
 # --dataset NAME -> the hubdata name of its *test* split (verification never scores a training split)
@@ -39,15 +44,11 @@ class EvalTokens:
         return int(self.ids.size)
 
 
-def tokens_sha256(ids: np.ndarray) -> str:
-    """sha256 of the ids as little-endian int32: the identity of an evaluation."""
-    return hashlib.sha256(np.ascontiguousarray(ids, dtype="<i4").tobytes()).hexdigest()
-
-
 def default_text() -> str:
-    from qconvert.fixtures.corpus import eval_text
+    """The frozen held-out evaluation text ``qconvert-eval-v1`` that qconvert ships (sha256-checked)."""
+    from qconvert.texts import evaluation_text
 
-    return eval_text()
+    return evaluation_text()
 
 
 def dataset_text(name: str) -> str:
@@ -62,7 +63,7 @@ def dataset_text(name: str) -> str:
     return "".join(r if r.endswith("\n") else r + "\n" for r in rows)
 
 
-def load_tokenizer(reference_dir: Path):  # -> tokenizers.Tokenizer
+def load_tokenizer(reference_dir: Path) -> Tokenizer:
     from tokenizers import Tokenizer
 
     path = Path(reference_dir) / "tokenizer.json"

@@ -1,13 +1,12 @@
 """Calibration statistics from one float pass: GPTQ Hessians, AWQ activation means, the GGUF importance matrix.
 
-    ids [n, t] --embed--> h0
-    for each decoder layer (one in memory, as in ``qconvert.calibrate``):
+    for each decoder layer (``qconvert.calibration.stream_layers``: one layer in memory, float weights):
         run the float layer with a hook on every linear input x [n, t, in]; per input site (the linears that
         read the same x, i.e. one group of ``spec.sequential``) accumulate
             H      = 2/N Σ x xᵀ        GPTQ's Hessian (``add_to_hessian``), f32 [in, in]
             sum_sq = Σ x²   per column the importance matrix llama-imatrix records, f64 [in]
             absmax = Σ |x| / N         AWQ's per-channel activation mean, f32 [in]
-        h <- layer(h) with the float weights
+        the hooked forward's output is the next layer's input
 
 Unlike the GPTQ/AWQ drivers this pass never quantizes, so one pass serves every consumer: ``qconvert gguf
 --stats`` (imatrix), ``qconvert gptq --stats`` (quantizes from the stored Hessians with no further forward)
@@ -22,7 +21,7 @@ and the AWQ means are wanted).
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -32,20 +31,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qconvert.calibrate import (
+from qconvert.calibration.driver import (
     CalibrationError,
     CalibrationSettings,
     DeviceLayer,
-    check_finite,
-    run_layer,
+    LayerContext,
+    read_config,
+    stream_layers,
 )
 from qconvert.errors import CheckpointError
 from qconvert.gguf.imatrix import write_imatrix
-from qconvert.int4 import add_to_hessian
+from qconvert.int4 import QuantizedLinear, add_to_hessian
 from qconvert.io.atomic import atomic_output
 from qconvert.io.safetensors import SafetensorsCheckpoint, SafetensorsStreamWriter
-from qconvert.model import qwen2
 from qconvert.registry import spec_for_config
+from qconvert.tokenhash import tokens_sha256
 
 FORMAT = "qconvert-calibration-stats/1"
 
@@ -185,11 +185,6 @@ class CalibrationStats:
                                            "them for this checkpoint (--save-stats).")
 
 
-def tokens_sha256(ids: torch.Tensor) -> str:
-    """sha256 of the token ids as little-endian int64 (shape-independent)."""
-    return hashlib.sha256(ids.to(torch.int64).contiguous().numpy().astype("<i8").tobytes()).hexdigest()
-
-
 class _StatsWriter:
     """Streams site statistics (hessian, sum_sq, mean_abs per site, in site order) into one safetensors file."""
 
@@ -232,21 +227,63 @@ def collect_stats(model_dir: str | Path, ids: torch.Tensor, settings: Calibratio
     return stats
 
 
+class _StatsPass:
+    """The layer pass of the statistics: one hooked float forward accumulates every input site's sums."""
+
+    def __init__(self, hessians: bool, writer: _StatsWriter | None) -> None:
+        self.hessians, self.writer = hessians, writer
+        self.sites: dict[str, SiteStats] = {}
+
+    def __call__(self, layer: DeviceLayer, h: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
+        site_of = ctx.spec.input_sites
+        acc: dict[str, _SiteSums] = {}
+
+        def hook(name: str, x: torch.Tensor) -> None:
+            if site_of.get(name) == name:  # the other linears of a site read the same x
+                acc.setdefault(name, _SiteSums(x.shape[-1], x.device)).add(x, self.hessians)
+
+        out = ctx.run(layer, h, hook)
+        for g in ctx.spec.sequential:
+            a = acc[g[0]]
+            site = SiteStats(a.sum_sq.cpu(), (a.sum_abs / a.n).float().cpu(), a.n)
+            if self.writer is not None:
+                assert a.H is not None
+                self.writer.write_site(ctx.prefix + g[0], a.H, site.sum_sq, site.mean_abs)
+            elif a.H is not None:
+                site._hessian = a.H.cpu()
+            self.sites[ctx.prefix + g[0]] = site
+        return out
+
+
+class _SiteSums:
+    """Running sums over the rows x [*, in] one input site saw: Hessian (optional), Σx², Σ|x|, row count."""
+
+    def __init__(self, width: int, device: torch.device) -> None:
+        self.H: torch.Tensor | None = None
+        self.n = 0
+        self.sum_sq = torch.zeros(width, dtype=torch.float64, device=device)
+        self.sum_abs = torch.zeros(width, dtype=torch.float64, device=device)
+
+    def add(self, x: torch.Tensor, hessian: bool) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        if hessian:
+            self.H, self.n = add_to_hessian(self.H, self.n, x)
+        else:
+            self.n += x.shape[0]
+        self.sum_sq += (x.double() ** 2).sum(0)
+        self.sum_abs += x.abs().double().sum(0)
+
+
 def _collect(model_dir: Path, ids: torch.Tensor, settings: CalibrationSettings,
              progress: Callable[[int, int], None] | None, source: str, hessians: bool, out: Path | None
              ) -> CalibrationStats:
     start = time.perf_counter()
-    config = json.loads((model_dir / "config.json").read_text())
+    config = read_config(model_dir)
     spec = spec_for_config(config)
-    ckpt = SafetensorsCheckpoint(model_dir)
-    dims = qwen2.Qwen2Dims.from_config(config)
-    dev, dt = settings.device, settings.dtype
-    site_of = spec.input_sites
-    n_layers = int(config["num_hidden_layers"])
-    meta = {"n_samples": str(ids.shape[0]), "seq_len": str(ids.shape[1]), "device": dev,
-            "dtype": str(dt).removeprefix("torch.")}
-    prefixes = [f"{spec.block_prefix}.{i}." for i in range(n_layers)]
-    linears = {p + sub: p + key for p in prefixes for sub, key in site_of.items()}
+    meta = {"n_samples": str(ids.shape[0]), "seq_len": str(ids.shape[1]), "device": settings.device,
+            "dtype": str(settings.dtype).removeprefix("torch.")}
+    prefixes = [f"{spec.block_prefix}.{i}." for i in range(int(config["num_hidden_layers"]))]
+    linears = {p + sub: p + key for p in prefixes for sub, key in spec.input_sites.items()}
     writer = None
     if out is not None:
         from qconvert.int4.writer import qwen2_linear_shapes
@@ -256,45 +293,11 @@ def _collect(model_dir: Path, ids: torch.Tensor, settings: CalibrationSettings,
         draft = CalibrationStats({k: SiteStats(torch.zeros(0), torch.zeros(0), ids.numel()) for k in widths},
                                  linears, source, tokens_sha256(ids), 1e9, meta)._metadata()
         writer = _StatsWriter(out, widths, draft)
-    emb = torch.from_numpy(ckpt.read_f32("model.embed_tokens.weight")).to(dev, dt)
-    h = qwen2.embed(emb, ids.to(dev))
-    del emb
-    rope = qwen2.rope_tables(dims, ids.shape[1], dev, dt)
-    sites: dict[str, SiteStats] = {}
     try:
-        for i, prefix in enumerate(prefixes):
-            layer = DeviceLayer(ckpt, prefix, settings)
-            acc: dict[str, list] = {}
-
-            def hook(name: str, x: torch.Tensor, acc: dict = acc) -> None:
-                if site_of.get(name) != name:
-                    return  # the other linears of a site read the same x
-                x = x.reshape(-1, x.shape[-1]).float()
-                if name not in acc:
-                    acc[name] = [None, 0, torch.zeros(x.shape[1], dtype=torch.float64, device=x.device),
-                                 torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)]
-                a = acc[name]
-                if hessians:
-                    a[0], a[1] = add_to_hessian(a[0], a[1], x)
-                else:
-                    a[1] += x.shape[0]
-                a[2] += (x.double() ** 2).sum(0)
-                a[3] += x.abs().double().sum(0)
-
-            h = run_layer(layer, h, dims, rope, settings.batch_size, hook)
-            check_finite(h, f"decoder layer {i} ({prefix.rstrip('.')})")
-            for g in spec.sequential:
-                H, n, sq, ab = acc[g[0]]
-                site = SiteStats(sq.cpu(), (ab / n).float().cpu(), n)
-                if writer is not None:
-                    writer.write_site(prefix + g[0], H, site.sum_sq, site.mean_abs)
-                elif H is not None:
-                    site._hessian = H.cpu()
-                sites[prefix + g[0]] = site
-            del layer, acc
-            if progress is not None:
-                progress(i + 1, n_layers)
-        stats = CalibrationStats(sites, linears, source, tokens_sha256(ids), time.perf_counter() - start, meta)
+        stats_pass = _StatsPass(hessians, writer)
+        stream_layers(SafetensorsCheckpoint(model_dir), config, ids, stats_pass, settings, progress=progress)
+        stats = CalibrationStats(stats_pass.sites, linears, source, tokens_sha256(ids), time.perf_counter() - start,
+                                 meta)
         if writer is not None:
             writer.finish(stats._metadata())
     finally:
@@ -304,10 +307,14 @@ def _collect(model_dir: Path, ids: torch.Tensor, settings: CalibrationSettings,
 
 
 def quantize_from_stats(model_dir: str | Path, stats: CalibrationStats, cfg: object,
-                        on_linear: Callable[[str, object], None],
+                        on_linear: Callable[[str, QuantizedLinear], None],
                         settings: CalibrationSettings = CalibrationSettings(),
                         progress: Callable[[int, int], None] | None = None) -> None:
-    """GPTQ every decoder linear from stored Hessians: no forward pass (the Hessians come from the float model)."""
+    """GPTQ every decoder linear from stored Hessians: no forward pass (the Hessians come from the float model).
+
+    A driver pass without propagation: each layer's float32 weights are loaded once and quantized against the
+    Hessians of their input sites, read from the statistics one site at a time.
+    """
     from qconvert.int4 import GPTQConfig, gptq
 
     if not isinstance(cfg, GPTQConfig):
@@ -315,17 +322,13 @@ def quantize_from_stats(model_dir: str | Path, stats: CalibrationStats, cfg: obj
                                "own activations. Run `qconvert awq` without --stats.")
     model_dir = Path(model_dir)
     stats.check_model(model_dir)
-    config = json.loads((model_dir / "config.json").read_text())
-    spec = spec_for_config(config)
-    ckpt = SafetensorsCheckpoint(model_dir)
-    n_layers = int(config["num_hidden_layers"])
-    for i in range(n_layers):
-        for group in spec.sequential:  # the linears of a group read one input: one Hessian, read once
-            H = stats.hessian(f"{spec.block_prefix}.{i}.{group[0]}").to(settings.device)
-            for sub in group:
-                module = f"{spec.block_prefix}.{i}.{sub}"
-                w = torch.from_numpy(ckpt.read_f32(module + ".weight")).to(settings.device)
-                on_linear(module, gptq(w, H, cfg))
-        if progress is not None:
-            progress(i + 1, n_layers)
 
+    def from_stats(layer: DeviceLayer, h: torch.Tensor, ctx: LayerContext) -> None:
+        for group in ctx.spec.sequential:  # the linears of a group read one input: one Hessian, read once
+            H = stats.hessian(ctx.prefix + group[0]).to(ctx.settings.device)
+            for sub in group:
+                on_linear(ctx.prefix + sub, gptq(layer.weight(sub), H, cfg))
+
+    ids = torch.zeros((1, 1), dtype=torch.long)  # no forward runs: only the layer loop is used
+    stream_layers(SafetensorsCheckpoint(model_dir), read_config(model_dir), ids, from_stats,
+                  dataclasses.replace(settings, dtype=torch.float32), propagate=False, progress=progress)

@@ -1,27 +1,23 @@
-"""The one streaming calibration driver: layer by layer, as IST-DASLab's ``llama_sequential``.
+"""GPTQ, AWQ and round-to-nearest as layer passes of the one streaming driver (``qconvert.calibration``).
 
-    ids [n, t] --embed--> h0 [n, t, hidden] (layer-0 inputs, captured once, kept on the device)
-    for each decoder layer i:
-        load layer i's weights (lazy reader, one layer in memory)
+    for each decoder layer (``stream_layers``: one layer on the device, fed the previous layer's output):
         GPTQ: for each sub-layer group of ``spec.sequential`` (q/k/v -> o -> gate/up -> down):
-                  run the layer with hooks on that group's linears -> Hessians (fp32, ``add_to_hessian``)
+                  run the layer until that group's input is captured -> one Hessian (fp32, ``add_to_hessian``)
                   ``gptq(W, H)`` each linear; its weight becomes the dequantized one before the next group runs
-        AWQ:  one hooked forward caches every linear's inputs; ``search_scales`` per scaling site (on the float
+        AWQ:  one hooked forward caches every input site; ``search_scales`` per scaling site (on the float
               layer), ``apply_scales``, ``search_clip`` / ``apply_clip``, ``quantize_awq``
-        RTN:  no statistics
+        RTN:  no statistics, no forward
         hand each ``QuantizedLinear`` (and AWQ's rescaled norm gains) to the callbacks
-        h <- layer(h) with the quantized weights (the next layer sees what the quantized model will produce)
+    the driver then runs the layer with the quantized weights: the next layer sees what the quantized model
+    will produce.
 
-Peak memory: one layer's weights + the calibration activations [n, t, hidden] twice + one Hessian per linear of
-the current group (AWQ: the cached inputs of one layer). Forwards run in bfloat16 or float32 (Qwen2 overflows
-float16); statistics, Hessians and the quantizers work in float32. The algorithms themselves are the pure
-functions of ``qconvert.int4``; this module only moves tensors and decides the order.
+Peak memory: the driver's (one layer + the activations twice) + one Hessian per input site of the current
+group (AWQ: the cached inputs of one layer). The algorithms themselves are the pure functions of
+``qconvert.int4``; this module only decides the order and moves tensors.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -30,7 +26,21 @@ from typing import Any
 
 import torch
 
-from qconvert.errors import QConvertError
+from qconvert.calibration.driver import (
+    COMPUTE_DTYPES,
+    CalibrationError,
+    CalibrationSettings,
+    DeviceError,
+    DeviceLayer,
+    LayerContext,
+    Progress,
+    check_finite,
+    read_config,
+    resolve_device,
+    resolve_dtype,
+    run_layer,
+    stream_layers,
+)
 from qconvert.int4 import (
     AWQConfig,
     GPTQConfig,
@@ -53,29 +63,14 @@ from qconvert.io.safetensors import SafetensorsCheckpoint
 from qconvert.model import qwen2
 from qconvert.registry import ArchSpec, spec_for_config
 
+__all__ = ["COMPUTE_DTYPES", "METHODS", "CalibrationError", "CalibrationReport", "CalibrationSettings", "DeviceError",
+           "DeviceLayer", "calibrate", "check_finite", "check_model_scheme", "resolve_device", "resolve_dtype",
+           "run_layer"]
+
 METHODS = ("gptq", "awq", "rtn")
-COMPUTE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 OnLinear = Callable[[str, QuantizedLinear], None]  # ("model.layers.3.mlp.down_proj", q)
 OnFloat = Callable[[str, torch.Tensor], None]  # ("model.layers.3.input_layernorm.weight", new gain)
-Progress = Callable[[int, int], None]  # (layers done, n_layers)
-
-
-class CalibrationError(QConvertError):
-    """Calibration cannot run or produced non-finite activations."""
-
-
-class DeviceError(QConvertError):
-    """The requested device is not available."""
-
-
-@dataclass(frozen=True)
-class CalibrationSettings:
-    """How the driver runs: device (``cpu``/``cuda``/``cuda:1``), compute dtype, forward minibatch in samples."""
-
-    device: str = "cpu"
-    dtype: torch.dtype = torch.float32
-    batch_size: int = 8
 
 
 @dataclass(frozen=True)
@@ -86,64 +81,6 @@ class CalibrationReport:
     seconds: float
     device: str
     dtype: str
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; ``cuda`` without a GPU is an error."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise DeviceError(f"--device {device} was requested but torch sees no CUDA GPU (torch {torch.__version__}, "
-                              f"built with CUDA {torch.version.cuda}). Use --device cpu (slow for 7B and up) or "
-                              "--device auto, or install a CUDA build of torch on a machine with an NVIDIA GPU.")
-        return device
-    if device != "cpu":
-        raise DeviceError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N.")
-    return device
-
-
-def resolve_dtype(name: str, device: str) -> torch.dtype:
-    """``auto`` -> bfloat16 on a GPU, float32 on the CPU (CPU bf16 matmuls are slow); float16 is refused."""
-    if name == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    if name not in COMPUTE_DTYPES:
-        raise CalibrationError(f"calibration dtype {name!r} is not supported; use bfloat16 or float32 (Qwen2's "
-                               "activations overflow float16).")
-    return COMPUTE_DTYPES[name]
-
-
-class DeviceLayer:
-    """One decoder layer on the device: its params (names relative to the layer) and the forward helpers."""
-
-    def __init__(self, ckpt: SafetensorsCheckpoint, prefix: str, settings: CalibrationSettings,
-                 pad_to: int | None = None) -> None:
-        self.prefix = prefix
-        self.p = {n[len(prefix):]: torch.from_numpy(ckpt.read_f32(n)).to(settings.device, settings.dtype)
-                  for n in ckpt.names() if n.startswith(prefix)}
-        if pad_to is not None:  # Qwen's zero padding of the MLP (see qconvert.int4.writer.pad_intermediate)
-            from qconvert.int4.writer import pad_intermediate
-
-            names = ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
-            padded = pad_intermediate(*(self.p[n] for n in names), pad_to)
-            self.p.update(zip(names, padded))
-
-    def weight(self, sub: str) -> torch.Tensor:
-        return self.p[f"{sub}.weight"]
-
-
-def check_finite(h: torch.Tensor, where: str) -> None:
-    if not torch.isfinite(h).all():
-        raise CalibrationError(f"non-finite activations (NaN/Inf) in the output of {where}. The checkpoint may be "
-                               "corrupt, or the forward overflowed: use --dtype float32 (never float16 for Qwen2).")
-
-
-def run_layer(layer: DeviceLayer, h: torch.Tensor, dims: qwen2.Qwen2Dims, rope: tuple[torch.Tensor, torch.Tensor],
-         batch: int, hook: qwen2.LinearHook | None = None) -> torch.Tensor:
-    """The layer's output on all samples ``h`` [n, t, hidden], in minibatches of ``batch`` samples."""
-    with torch.no_grad():
-        return torch.cat([qwen2.decoder_layer(layer.p, h[i:i + batch], dims, rope, hook)
-                          for i in range(0, h.shape[0], batch)])
 
 
 class _GroupDone(Exception):
@@ -281,6 +218,30 @@ def check_model_scheme(config: Mapping[str, Any], spec: ArchSpec, bits: int, gro
             check_scheme(bits, group_size, shapes[sub][1], f"{spec.block_prefix}.*.{sub} {list(shapes[sub])}")
 
 
+class _QuantizePass:
+    """The layer pass of ``calibrate``: quantize one layer's linears in place and hand the results on."""
+
+    def __init__(self, method: str, cfg: GPTQConfig | AWQConfig, on_linear: OnLinear, on_float: OnFloat | None) -> None:
+        self.method, self.cfg, self.on_linear, self.on_float = method, cfg, on_linear, on_float
+
+    def __call__(self, layer: DeviceLayer, h: torch.Tensor, ctx: LayerContext) -> None:
+        floats: dict[str, torch.Tensor] = {}
+        cfg = self.cfg
+        if isinstance(cfg, AWQConfig):
+            qs, floats = _awq_layer(layer, h, ctx.dims, ctx.rope, ctx.spec, cfg, ctx.settings)
+        elif self.method == "gptq":
+            qs = _gptq_layer(layer, h, ctx.dims, ctx.rope, ctx.spec, cfg, ctx.settings)
+        else:
+            qs = _rtn_layer(layer, ctx.spec, cfg, ctx.settings)
+        for name, q in qs.items():
+            self.on_linear(ctx.prefix + name, q)
+        for name, t in floats.items():
+            if self.on_float is None:
+                raise CalibrationError("AWQ rescales norm gains; pass on_float to receive them.")
+            self.on_float(ctx.prefix + name, t)
+        # the driver runs the layer with its quantized weights
+
+
 def calibrate(model_dir: str | Path, ids: torch.Tensor, method: str, cfg: GPTQConfig | AWQConfig, on_linear: OnLinear,
               on_float: OnFloat | None = None, settings: CalibrationSettings = CalibrationSettings(),
               progress: Progress | None = None, pad_to: int | None = None) -> CalibrationReport:
@@ -293,73 +254,14 @@ def calibrate(model_dir: str | Path, ids: torch.Tensor, method: str, cfg: GPTQCo
     """
     if method not in METHODS:
         raise CalibrationError(f"unknown calibration method {method!r}; use one of {', '.join(METHODS)}.")
+    if (method == "awq") != isinstance(cfg, AWQConfig):
+        raise CalibrationError(f"method {method!r} takes a {'AWQConfig' if method == 'awq' else 'GPTQConfig'}, "
+                               f"not a {type(cfg).__name__}.")
     start = time.perf_counter()
     model_dir = Path(model_dir)
-    config = json.loads((model_dir / "config.json").read_text())
-    spec = spec_for_config(config)
-    check_model_scheme(config, spec, cfg.bits, cfg.group_size)
-    ckpt = SafetensorsCheckpoint(model_dir)
-    dims = qwen2.Qwen2Dims.from_config(config)
-    dev, dt = settings.device, settings.dtype
-    emb = torch.from_numpy(ckpt.read_f32("model.embed_tokens.weight")).to(dev, dt)
-    h = qwen2.embed(emb, ids.to(dev))  # layer-0 inputs [n, t, hidden]
-    del emb
-    rope = qwen2.rope_tables(dims, ids.shape[1], dev, dt)
-    n_layers = int(config["num_hidden_layers"])
-    for i in range(n_layers):
-        prefix = f"{spec.block_prefix}.{i}."
-        layer = DeviceLayer(ckpt, prefix, settings, pad_to)
-        floats: dict[str, torch.Tensor] = {}
-        if method == "gptq":
-            assert isinstance(cfg, GPTQConfig)
-            qs = _gptq_layer(layer, h, dims, rope, spec, cfg, settings)
-        elif method == "awq":
-            assert isinstance(cfg, AWQConfig)
-            qs, floats = _awq_layer(layer, h, dims, rope, spec, cfg, settings)
-        else:
-            assert isinstance(cfg, GPTQConfig)
-            qs = _rtn_layer(layer, spec, cfg, settings)
-        for name, q in qs.items():
-            on_linear(prefix + name, q)
-        for name, t in floats.items():
-            if on_float is None:
-                raise CalibrationError("AWQ rescales norm gains; pass on_float to receive them.")
-            on_float(prefix + name, t)
-        if method != "rtn":  # round-to-nearest needs no activations
-            h = run_layer(layer, h, dims, rope, settings.batch_size)
-            check_finite(h, f"decoder layer {i} ({prefix.rstrip('.')})")
-        del layer
-        if progress is not None:
-            progress(i + 1, n_layers)
-    return CalibrationReport(ids.shape[0], ids.shape[1], ids.numel(), time.perf_counter() - start, dev,
-                             str(dt).removeprefix("torch."))
-
-
-def quantized_weights(model_dir: str | Path, linears: Mapping[str, QuantizedLinear],
-                      floats: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """The whole float model (f32, HF names) with each quantized linear replaced by its dequantized weight.
-
-    For evaluation of small models only (holds everything in memory).
-    """
-    ckpt = SafetensorsCheckpoint(Path(model_dir))
-    w = {n: torch.from_numpy(ckpt.read_f32(n)) for n in ckpt.names()}
-    for module, q in linears.items():
-        w[f"{module}.weight"] = q.dequantize().float().cpu()
-    for name, t in (floats or {}).items():
-        w[name] = t.float().cpu()
-    return w
-
-
-def perplexity(weights: Mapping[str, torch.Tensor], config: Mapping[str, Any], ids: torch.Tensor,
-               window: int = 256) -> float:
-    """exp(mean next-token loss) over non-overlapping ``window``-token chunks of ``ids`` [n_tokens]."""
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for start in range(0, len(ids) - 1, window):
-            chunk = ids[start:start + window + 1].unsqueeze(0)
-            if chunk.shape[1] < 2:
-                break
-            logits = qwen2.forward(weights, chunk[:, :-1], config)
-            total += torch.nn.functional.cross_entropy(logits[0], chunk[0, 1:], reduction="sum").item()
-            count += chunk.shape[1] - 1
-    return math.exp(total / count)
+    config = read_config(model_dir)
+    check_model_scheme(config, spec_for_config(config), cfg.bits, cfg.group_size)
+    stream_layers(SafetensorsCheckpoint(model_dir), config, ids, _QuantizePass(method, cfg, on_linear, on_float),
+                  settings, pad_to=pad_to, propagate=method != "rtn", progress=progress)
+    return CalibrationReport(ids.shape[0], ids.shape[1], ids.numel(), time.perf_counter() - start, settings.device,
+                             str(settings.dtype).removeprefix("torch."))

@@ -1,0 +1,112 @@
+"""The GGUF pipeline around ``export_gguf``: output names, presets, plans from published shapes, importance matrices.
+
+    model (resolve_model) ──> importance_matrix(imatrix file | statistics file | calibration pass) ──> export_gguf
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from qconvert.errors import UsageError
+from qconvert.io.atomic import check_writable_target
+
+if TYPE_CHECKING:
+    from qconvert.calibration.quantize import CalibrationSettings
+    from qconvert.calibset import CalibrationSet
+    from qconvert.gguf.export import PlanOptions
+    from qconvert.gguf.plan import Plan
+
+# Qwen's published GGUFs carry ~6 MB of tokenizer metadata (151k tokens + 151k merges); used for dry-run sizes
+# when the tokenizer is not at hand.
+QWEN_TOKENIZER_METADATA_BYTES = 6_000_000
+
+
+def output_name(model: str, preset: str) -> str:
+    """``Qwen/Qwen2.5-1.5B-Instruct`` + Q5_K_M -> ``qwen2.5-1.5b-instruct-q5_k_m.gguf`` (Qwen's own naming)."""
+    return f"{model.rstrip('/').split('/')[-1].lower()}-{preset.lower()}.gguf"
+
+
+def resolve_preset(bits: int | None, preset: str | None) -> str:
+    """``preset`` wins; otherwise ``bits`` (default 5 -> Q5_K_M)."""
+    from qconvert.gguf.plan import get_preset, preset_for_bits
+
+    if preset is not None:
+        return get_preset(preset).name
+    return preset_for_bits(5 if bits is None else bits).name
+
+
+@dataclass(frozen=True)
+class SeedPlan:
+    plan: Plan
+    predicted_bytes: int  # tensor data + ~6 MB of tokenizer metadata
+
+
+def seed_plan(size: str, preset: str, options: PlanOptions) -> SeedPlan:
+    """Plan a Qwen2.5 ``size`` from its published shapes alone (no weights, no download)."""
+    from qconvert.family import seed_config, tensor_shapes
+    from qconvert.gguf.export import build_plan
+
+    config = seed_config(size)
+    plan = build_plan(config, preset, options, tensor_shapes(config))
+    return SeedPlan(plan, plan.tensor_bytes() + QWEN_TOKENIZER_METADATA_BYTES)
+
+
+@dataclass
+class Importance:
+    """An importance matrix (GGUF tensor name -> f32[in], mean of x²) and what was written on the way."""
+
+    imatrix: dict[str, np.ndarray]
+    source: str  # the file it was read from, or the calibration description
+    saved_stats: Path | None = None
+    saved_imatrix: Path | None = None
+
+
+def importance_matrix(model_dir: Path, *, imatrix: Path | None = None, stats: Path | None = None,
+                      calib: CalibrationSet | Callable[[], CalibrationSet] | None = None,
+                      settings: CalibrationSettings | None = None, save_stats: Path | None = None,
+                      save_imatrix: Path | None = None, force: bool = False,
+                      progress: Callable[[int, int], None] | None = None) -> Importance | None:
+    """The K-quants' importance matrix from one of: a llama.cpp ``imatrix`` GGUF, a ``stats`` file saved by an
+    earlier pass, or a float pass over ``calib`` (a ``CalibrationSet``, or a function loading it: called only once
+    every argument check has passed). ``save_stats`` streams that pass's statistics (with GPTQ Hessians) to a file;
+    ``save_imatrix`` writes the matrix as a llama.cpp imatrix GGUF. None when no source is given.
+    """
+    given = [f for f, v in (("--imatrix", imatrix), ("--stats", stats), ("--calib", calib)) if v is not None]
+    if len(given) > 1:
+        raise UsageError(f"{' and '.join(given)} each give an importance matrix; use one of them.")
+    if save_stats is not None and calib is None:
+        raise UsageError("--save-stats needs --calib SOURCE (statistics are collected on calibration text).")
+    if save_imatrix is not None and calib is None and stats is None:
+        raise UsageError("--save-imatrix needs --calib SOURCE or --stats FILE.")
+    for target in (save_stats, save_imatrix):
+        if target is not None:
+            check_writable_target(target, force=force)
+    if imatrix is not None:
+        from qconvert.gguf.imatrix import read_imatrix
+
+        return Importance(read_imatrix(imatrix), str(imatrix))
+    if stats is not None:
+        from qconvert.calibration.stats import CalibrationStats
+
+        collected = CalibrationStats.load(stats)
+        collected.check_model(model_dir)
+        source = f"{stats} ({collected.source or 'unknown source'})"
+    elif calib is not None:
+        from qconvert.calibration.quantize import CalibrationSettings
+        from qconvert.calibration.stats import collect_stats
+
+        calib_set = calib() if callable(calib) else calib
+        collected = collect_stats(model_dir, calib_set.ids, settings or CalibrationSettings(), progress,
+                                  source=calib_set.describe(), path=save_stats, force=force,
+                                  hessians=save_stats is not None)
+        source = calib_set.describe()
+    else:
+        return None
+    if save_imatrix is not None:
+        collected.write_imatrix(save_imatrix, force=force)
+    return Importance(collected.imatrix(), source, save_stats, save_imatrix)
