@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -68,8 +67,16 @@ def child(model: Path, runtime: str, ctx: int, chunks: int, workdir: Path) -> di
         with torch.no_grad():
             for w in ids.reshape(chunks, ctx):
                 m(input_ids=torch.from_numpy(w.astype(np.int64))[None], logits_to_keep=ctx // 2 + 1, use_cache=False)
-    return {"seconds": time.perf_counter() - start,
-            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GB}
+    return {"seconds": time.perf_counter() - start, "peak_rss_gb": vm_hwm_gb()}
+
+
+def vm_hwm_gb() -> float:
+    """This process's peak RSS (VmHWM). Not ``ru_maxrss``: Linux carries the parent's peak into a child across
+    fork + exec, so a child started by a parent that just built a multi-GB checkpoint would report the parent's."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024 / GB
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
 
 
 def main() -> None:

@@ -132,7 +132,8 @@ def test_wheel_ships_calib_inside_qconvert_and_no_top_level_calib(source: Path, 
 
 
 def test_editable_install_and_source_checkout_read_calib(source: Path, tmp_path: Path) -> None:
-    _pip("install", "--prefix", str(tmp_path / "prefix"), "-e", str(source))
+    # --ignore-installed: without it pip uninstalls the qconvert of the environment running the tests first
+    _pip("install", "--ignore-installed", "--prefix", str(tmp_path / "prefix"), "-e", str(source))
     (site,) = (tmp_path / "prefix").glob("lib/python*/site-packages")
     editable = _probe([str(site)], cwd=tmp_path)
     assert editable["package"] == str(source / "calib" / "__init__.py")  # the package-dir mapping, not a fallback
