@@ -21,20 +21,11 @@ import sys
 import time
 from pathlib import Path
 
+from bench_calibration import build  # the same synthetic checkpoints (real layer shapes, random weights)
+
 from qconvert.family import SEED_TABLE, SIZES
 
 GB = 1e9
-
-
-def build(workdir: Path, shape: str, layers: int) -> Path:
-    from qconvert.fixtures.models import FixtureSpec, build_fixture
-
-    spec = FixtureSpec.shaped_like(shape, layers)
-    out = workdir / spec.name
-    if not (out / "config.json").exists():
-        print(f"building {out} ...", file=sys.stderr, flush=True)
-        build_fixture(spec, out)
-    return out
 
 
 def layer_params(shape: str) -> int:

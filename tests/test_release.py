@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 import shutil
 import textwrap
 from pathlib import Path
@@ -159,6 +160,33 @@ def test_demo_release_manifest_cards_and_report(demo_release: Path) -> None:
     report = (demo_release / "report.md").read_text()
     assert "# Release report" in report and ".png)" in report
     assert not list(demo_release.rglob(".*.partial*"))
+
+
+def test_manifest_card_and_verify_give_the_same_figures(demo_release: Path, tmp_path: Path, capsys) -> None:
+    """One quality definition: for each artifact, `qconvert verify` on the same text and ctx measures what the
+    release manifest records, and the artifact's model card states those figures."""
+    m = json.loads((demo_release / "manifest.json").read_text())
+    for aid, e in m["artifacts"].items():
+        ev = e["evaluation"]
+        if e["kind"] == "onnx":
+            continue  # onnxruntime: covered by tests/test_verify.py; its thread count changes the last digits
+        target = demo_release / (next(f for f in e["files"] if f.endswith(".gguf")) if e["kind"] == "gguf"
+                                 else e["path"])
+        out = tmp_path / f"{aid.replace('/', '_')}.json"
+        rc = main(["verify", str(target), "--reference", str(fixture_path("demo")), "--ctx", str(ev["ctx"]),
+                   "--chunks", str(ev["windows"]), "--json", str(out), "--max-dppl", "100", "--max-kl", "10"])
+        capsys.readouterr()
+        assert rc == 0, aid
+        r = json.loads(out.read_text())["results"][0]
+        assert r["tokens_sha256"] == ev["sha256"], aid
+        for key in ("ppl", "ppl_ref", "kl_mean", "top1"):
+            assert r[key] == pytest.approx(e["metrics"][key], rel=1e-4, abs=1e-7), (aid, key)
+        card = (demo_release / e["path"] / "README.md").read_text()
+        row = re.search(r"\| ([\d.]+) → ([\d.]+) \| [-+\d.]+% \| ([\d.]+) \| ([\d.]+)% \|", card)
+        assert row is not None, (aid, card)
+        ppl_ref, ppl, kl, top1 = (float(x) for x in row.groups())
+        assert ppl_ref == pytest.approx(r["ppl_ref"], abs=1e-3) and ppl == pytest.approx(r["ppl"], abs=1e-3), aid
+        assert kl == pytest.approx(r["kl_mean"], abs=1e-5) and top1 == pytest.approx(100 * r["top1"], abs=1e-2), aid
 
 
 def test_ray_executor_writes_the_same_manifest(demo_release: Path, tmp_path: Path) -> None:
