@@ -163,6 +163,17 @@ def test_reader_refuses_damaged_checkpoints(tmp_path, damage):
         SafetensorsCheckpoint(d)
 
 
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "/etc/passwd", "sub/../../outside.safetensors"])
+def test_index_shards_must_stay_inside_the_model_directory(tmp_path, shard):
+    """A hostile index must not make qconvert open files outside the checkpoint (no path traversal)."""
+    d = tmp_path / "model"
+    d.mkdir()
+    (tmp_path / "outside.safetensors").write_bytes(b"x")
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": shard}}))
+    with pytest.raises(CheckpointError, match="outside"):
+        SafetensorsCheckpoint(d)
+
+
 def test_model_card_metadata_from_qwen_style_readme(tmp_path):
     """The general.* keys llama.cpp's converter derives from a Qwen repo id and its model card."""
     from qconvert.gguf.metadata import model_card_metadata

@@ -472,6 +472,40 @@ def test_cli_bad_artifact_exits_2_before_the_reference_pass(demo, tmp_path, caps
     assert "GGUF magic" in err and "Traceback" not in err
 
 
+class _Tripwire:
+    """Unpickling this calls ``_trip(path)``, which creates ``path``: proof that a pickle was loaded."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (_trip, (self.path,))
+
+
+def _trip(path: str) -> None:
+    Path(path).write_text("unpickled")
+
+
+@pytest.mark.parametrize("role", ["reference", "artifact"])
+def test_pickle_only_checkpoints_are_refused_without_unpickling(demo, gguf, tmp_path, capsys, role):
+    """A directory whose weights are a (benign, but code-running) torch.save pickle: qconvert's reader refuses it
+    before transformers or torch.load can run it, as the reference and as a float artifact."""
+    from qconvert.cli import main
+
+    bad = tmp_path / "pickled"
+    bad.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(demo / name, bad / name)
+    marker = tmp_path / "marker"
+    torch.save({"model.embed_tokens.weight": _Tripwire(str(marker))}, bad / "pytorch_model.bin")
+    args = (["verify", str(gguf("Q8_0")), "--reference", str(bad)] if role == "reference" else
+            ["verify", str(bad), "--reference", str(demo)])
+    assert main([*args, "--ctx", str(CTX), "--chunks", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "never unpickles" in err and "Traceback" not in err, err
+    assert not marker.exists(), "the pickle was loaded"
+
+
 def test_errors_are_qconvert_errors():
     assert issubclass(VerifyError, QConvertError) and issubclass(EvalTextError, QConvertError)
 

@@ -110,6 +110,11 @@ def _shard_files(model_dir: Path) -> list[Path]:
         except (json.JSONDecodeError, KeyError) as e:
             raise CheckpointError(f"{index}: not a valid safetensors index ({e}); re-download it.")
         files = sorted(set(weight_map.values()))
+        root = model_dir.resolve()
+        outside = [f for f in files if not isinstance(f, str) or not (root / f).resolve().is_relative_to(root)]
+        if outside:
+            raise CheckpointError(f"{index}: shard name(s) {outside[:3]} point outside {model_dir}; a shard must be "
+                                  "a file inside the model directory. The index is damaged or hostile: re-download it.")
         missing = [f for f in files if not (model_dir / f).exists()]
         if missing:
             raise CheckpointError(

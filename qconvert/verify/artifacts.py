@@ -236,9 +236,14 @@ class LlamaCppRunner(Runner):
 
 
 def load_hf(model_dir: Path, device: str, dtype: Any) -> Any:  # a transformers PreTrainedModel
+    """The checkpoint in transformers, after qconvert's own reader has checked that its weights are safetensors
+    (a pickle-only directory is refused before transformers could unpickle anything)."""
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)
+    from qconvert.io.safetensors import SafetensorsCheckpoint
+
+    SafetensorsCheckpoint(Path(model_dir))  # validates every header; refuses .bin/.pt-only checkpoints
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, use_safetensors=True)
     model.eval()
     return model.to(device)  # type: ignore[arg-type]  # transformers' stubs type .to() for modules, not devices
 
