@@ -98,6 +98,10 @@ def test_shipped_recipes_validate_and_expand() -> None:
     (('[[models]]\nfixture = "demo"\n[[formats]]\nkind = "gguf"\npresets = ["Q8_0"]\n[formats.thresholds]\n'
       'max_kll = 0.1\n'), 7, "unknown key 'max_kll' in [formats.thresholds] (did you mean 'max_kl'?)"),
     ('[[models]]\nfixture = "demo"\n[[formats]]\nkind = "gguf"\npresets = ["Q8_0"\n', 5, "not valid TOML"),
+    (('[[models]]\nfixture = "demo"\n[[formats]]\nkind = "gguf"\npresets = ["Q8_0"]\n[formats.thresholds]\n'
+      'max_kl = nan\n'), 7, "max_kl = nan is not a usable gate"),
+    ('[thresholds]\nmax_dppl_pct = -1.0\n[[models]]\nfixture = "demo"\n[[formats]]\nkind = "awq"\n', 2,
+     "max_dppl_pct = -1.0 is not a usable gate"),
     (('[[models]]\nfixture = "demo"\n[[formats]]\nkind = "gptq"\ngroup_size = 64\n[[formats]]\nkind = "onnx"\n'
       'from = "gptq-int4"\nblock_size = 128\n'), 9, "block_size 128 differs from the group size 64"),
 ])
@@ -187,6 +191,35 @@ def test_manifest_card_and_verify_give_the_same_figures(demo_release: Path, tmp_
         ppl_ref, ppl, kl, top1 = (float(x) for x in row.groups())
         assert ppl_ref == pytest.approx(r["ppl_ref"], abs=1e-3) and ppl == pytest.approx(r["ppl"], abs=1e-3), aid
         assert kl == pytest.approx(r["kl_mean"], abs=1e-5) and top1 == pytest.approx(100 * r["top1"], abs=1e-2), aid
+
+
+class _Tripwire:
+    """Unpickling this writes ``path``: proof that a pickle was loaded."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.write_text, (self.path, "unpickled"))
+
+
+def test_pickle_only_source_is_refused_without_unpickling(tmp_path: Path, capsys) -> None:
+    """A release of a checkpoint whose weights are a code-running torch.save pickle: exit 2, nothing unpickled,
+    nothing released."""
+    torch = pytest.importorskip("torch")
+    bad = tmp_path / "pickled"
+    bad.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(fixture_path("demo") / name, bad / name)
+    marker = tmp_path / "marker"
+    torch.save({"model.embed_tokens.weight": _Tripwire(marker)}, bad / "pytorch_model.bin")
+    recipe = write_recipe(tmp_path, f'[[models]]\npath = "{bad}"\n[[formats]]\nkind = "gguf"\npresets = ["Q8_0"]\n'
+                                    '[[formats]]\nkind = "gptq"\n')
+    assert main(["release", str(recipe), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "never unpickles" in err and "Traceback" not in err, err
+    assert not marker.exists(), "the pickle was loaded"
+    assert not list(tmp_path.glob("out/**/*.gguf")), "an artifact was released"
 
 
 def test_ray_executor_writes_the_same_manifest(demo_release: Path, tmp_path: Path) -> None:

@@ -506,6 +506,23 @@ def test_pickle_only_checkpoints_are_refused_without_unpickling(demo, gguf, tmp_
     assert not marker.exists(), "the pickle was loaded"
 
 
+@pytest.mark.parametrize("args, needle", [
+    (["--max-dppl", "nan"], "max_dppl_pct = nan is not a usable gate"),
+    (["--max-kl", "-0.5"], "max_kl = -0.5 is not a usable gate"),
+    (["--max-kl", "inf"], "max_kl = inf is not a usable gate"),
+    (["--baseline-tol-dppl", "nan"], "baseline_tol_dppl = nan"),
+    (["--runtime", "llamacpp"], "unknown --runtime llamacpp"),
+])
+def test_gates_that_cannot_fail_and_unknown_runtimes_are_refused(demo, gguf, capsys, args, needle):
+    """A NaN or negative limit would make every artifact pass (or fail); an unknown runtime would verify nothing.
+    Refused with exit 2 before the reference pass."""
+    from qconvert.cli import main
+
+    assert main(["verify", str(gguf("Q8_0")), "--reference", str(demo), *args]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err, err
+
+
 def test_errors_are_qconvert_errors():
     assert issubclass(VerifyError, QConvertError) and issubclass(EvalTextError, QConvertError)
 

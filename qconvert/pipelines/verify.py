@@ -49,8 +49,14 @@ def reference_dir(reference: str | Path, variant: str = "instruct") -> Path:
 
 def runtimes(kind: str, wanted: Sequence[str] | None, notes: list[str]) -> list[str]:
     """The runtimes ``kind`` runs in (restricted to ``wanted``); a skipped optional runtime adds a note."""
-    from qconvert.verify.artifacts import gptqmodel_available, runtimes_for
+    from qconvert.verify.artifacts import DEFAULT_RUNTIME, gptqmodel_available, runtimes_for
 
+    known = set(DEFAULT_RUNTIME.values()) | {"gptqmodel"}
+    unknown = sorted(set(wanted or ()) - known)
+    if unknown:
+        from qconvert.verify.reference import VerifyError
+
+        raise VerifyError(f"unknown --runtime {', '.join(unknown)}; the runtimes are {', '.join(sorted(known))}.")
     names = [r for r in runtimes_for(kind) if not wanted or r in wanted]
     if "gptqmodel" in names and not gptqmodel_available():
         names.remove("gptqmodel")
@@ -92,10 +98,15 @@ def verify_artifacts(artifacts: Sequence[Path], reference: str | Path, *, varian
         verify_artifact,
     )
     from qconvert.verify.reference import resolve_device
+    from qconvert.verify.thresholds import validate_limit
     from qconvert.verify.tokens import dataset_text
 
+    validate_limit("max_dppl_pct", max_dppl)
+    validate_limit("max_kl", max_kl)
     device = resolve_device(device)
     arts = [detect(a) for a in artifacts]  # bad files fail before the reference pass
+    for art in arts:  # an unknown --runtime name is refused before any work
+        runtimes(art.kind, runtime, [])
     stored = read_baseline(baseline) if baseline is not None else None
     ref_dir = reference_dir(reference, variant)
     tokens = eval_tokens(ref_dir, text=dataset_text(dataset) if dataset else None, text_file=text_file)

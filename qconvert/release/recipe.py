@@ -202,6 +202,7 @@ def load_recipe(path: str | Path) -> Recipe:
         setattr(recipe, section, {**DEFAULTS[section], **table})
     recipe.release.setdefault("name", path.stem)
     _check_sections(recipe)
+    _check_thresholds(recipe, recipe.thresholds, "thresholds", None)
     recipe.models = [m for i, t in enumerate(data.get("models", [])) for m in _models(recipe, t, i)]
     recipe.formats = [_format(recipe, t, i) for i, t in enumerate(data.get("formats", []))]
     if not recipe.models:
@@ -224,6 +225,17 @@ def _check_sections(recipe: Recipe) -> None:
             raise recipe.error(section, None, key, f"{key} must be >= 1, not {table[key]}")
     if recipe.output["layout"] not in LAYOUTS:
         raise recipe.error("output", None, "layout", f"layout {recipe.output['layout']!r}: use {' or '.join(LAYOUTS)}")
+
+
+def _check_thresholds(recipe: Recipe, table: dict, section: str, i: int | None) -> None:
+    """Gate values must be finite and in range (a NaN limit would pass a damaged artifact)."""
+    from qconvert.verify.thresholds import validate_limit
+
+    for key, value in table.items():
+        try:
+            validate_limit(key, value)
+        except QConvertError as e:
+            raise recipe.error(section, i, key, str(e)) from None
 
 
 def _models(recipe: Recipe, table: dict, i: int) -> list[ModelEntry]:
@@ -269,6 +281,7 @@ def _format(recipe: Recipe, table: dict, i: int) -> FormatEntry:
     _check_keys(recipe, table, allowed, "formats", i, f"[[formats]] (kind {kind})")
     thresholds = table.get("thresholds", {})
     _check_keys(recipe, thresholds, dict(SECTIONS["thresholds"]), "formats", i, "[formats.thresholds]")
+    _check_thresholds(recipe, thresholds, "formats", i)
     settings = {k: v for k, v in table.items() if k not in ("kind", "id", "thresholds")}
     fid = str(table.get("id") or _default_id(kind, settings))
     return FormatEntry(kind, fid, settings, dict(thresholds), i)

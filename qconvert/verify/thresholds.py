@@ -36,12 +36,33 @@ KL_PER_PCT, KL_EXPONENT = 0.012, 0.85
 BASELINE_VERSION = 1
 
 
+# every gate value a user can set, and its valid range: a NaN or negative limit would pass (or fail) everything
+LIMITS = {"max_dppl_pct": (0.0, math.inf), "max_kl": (0.0, math.inf), "min_top1": (0.0, 1.0),
+          "baseline_tol_dppl": (0.0, math.inf), "baseline_tol_kl": (0.0, math.inf), "kl_abs": (0.0, math.inf)}
+
+
+def validate_limit(name: str, value: object) -> None:
+    """Refuse a gate value that is not a finite number in its range (``LIMITS``); None means "the default"."""
+    if value is None:
+        return
+    low, high = LIMITS[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not low <= value <= high:
+        where = f"between {low:g} and {high:g}" if math.isfinite(high) else f">= {low:g}"
+        raise VerifyError(f"{name} = {value!r} is not a usable gate: give a finite number {where} (NaN would let "
+                          "every artifact pass, a negative limit fail every one).")
+
+
 @dataclass(frozen=True)
 class Thresholds:
     """An artifact fails when its ΔPPL% exceeds ``max_dppl_pct`` or its mean KL exceeds ``max_kl``."""
 
     max_dppl_pct: float
     max_kl: float
+
+    def __post_init__(self) -> None:
+        validate_limit("max_dppl_pct", self.max_dppl_pct)
+        validate_limit("max_kl", self.max_kl)
 
 
 def expected_dppl_pct(n_params: int, bits_per_weight: float) -> float:
@@ -90,6 +111,11 @@ class BaselineTolerance:
     dppl_pct: float = 0.25
     kl_rel: float = 0.10
     kl_abs: float = 1e-4
+
+    def __post_init__(self) -> None:
+        validate_limit("baseline_tol_dppl", self.dppl_pct)
+        validate_limit("baseline_tol_kl", self.kl_rel)
+        validate_limit("kl_abs", self.kl_abs)
 
 
 def write_baseline(results: Sequence[ArtifactResult], path: Path) -> None:
