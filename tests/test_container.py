@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 
 import numpy as np
@@ -171,6 +172,15 @@ def test_index_shards_must_stay_inside_the_model_directory(tmp_path, shard):
     (tmp_path / "outside.safetensors").write_bytes(b"x")
     (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": shard}}))
     with pytest.raises(CheckpointError, match="outside"):
+        SafetensorsCheckpoint(d)
+
+
+def test_a_fifo_named_model_safetensors_is_refused_not_waited_on(tmp_path):
+    """Opening a FIFO for reading blocks until a writer comes: the reader must refuse it without opening it."""
+    d = tmp_path / "model"
+    d.mkdir()
+    os.mkfifo(d / "model.safetensors")
+    with pytest.raises(CheckpointError, match="not a regular file"):
         SafetensorsCheckpoint(d)
 
 

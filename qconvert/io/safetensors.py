@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,9 @@ class TensorEntry:
 
 def _header(path: Path) -> tuple[dict, int]:
     """Parse a safetensors header; returns (header dict, absolute offset of the data section)."""
+    if not stat.S_ISREG(path.stat().st_mode):  # opening a FIFO or a device would block or never end
+        raise CheckpointError(f"{path} is not a regular file (a FIFO, device or socket); a checkpoint's weights must "
+                              "be regular .safetensors files. Replace it with the downloaded file.")
     size = path.stat().st_size
     with path.open("rb") as f:
         raw = f.read(8)

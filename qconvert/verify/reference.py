@@ -220,8 +220,11 @@ def build_reference(reference_dir: Path, tokens: EvalTokens, *, ctx: int = 512, 
     """Run the reference over the windows once (or load that run from the cache) and keep its top-K summary."""
     import torch
 
+    from qconvert.io.safetensors import SafetensorsCheckpoint
+
     reference_dir = Path(reference_dir)
     config = read_config(reference_dir)
+    SafetensorsCheckpoint(reference_dir)  # qconvert's reader validates the weights first (no pickle, no FIFO)
     check_ctx(config, ctx, f"the reference {reference_dir.name}")
     device = resolve_device(device)
     tdtype = reference_dtype(device, dtype)
