@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -61,7 +60,16 @@ def child(model: Path, method: str, samples: int, seqlen: int, search_samples: i
                   progress=progress)
     per_layer = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else times[0]
     return {"per_layer_s": per_layer, "first_layer_s": times[0],
-            "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}
+            "peak_rss_gb": vm_hwm_gb()}
+
+
+def vm_hwm_gb() -> float:
+    """This process's peak RSS (VmHWM). Not ``ru_maxrss``: Linux carries the parent's peak into a child across
+    fork + exec, so a child started by a parent that just built a multi-GB checkpoint would report the parent's."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024 / 1e9
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_calibration import build  # the same synthetic checkpoints (real layer shapes, random weights)
+from bench_calibration import build, vm_hwm_gb  # the same synthetic checkpoints (real layer shapes, random weights)
 
 from qconvert.family import SEED_TABLE, SIZES
 
@@ -59,15 +59,6 @@ def child(model: Path, runtime: str, ctx: int, chunks: int, workdir: Path) -> di
             for w in ids.reshape(chunks, ctx):
                 m(input_ids=torch.from_numpy(w.astype(np.int64))[None], logits_to_keep=ctx // 2 + 1, use_cache=False)
     return {"seconds": time.perf_counter() - start, "peak_rss_gb": vm_hwm_gb()}
-
-
-def vm_hwm_gb() -> float:
-    """This process's peak RSS (VmHWM). Not ``ru_maxrss``: Linux carries the parent's peak into a child across
-    fork + exec, so a child started by a parent that just built a multi-GB checkpoint would report the parent's."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024 / GB
-    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
 
 
 def main() -> None:
