@@ -7,7 +7,9 @@ Commands parse their options, call the library (``qconvert.pipelines``, ``qconve
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -101,26 +103,49 @@ def _command_modules() -> list[Any]:
     return [importlib.import_module(name) for name in COMMAND_MODULES]
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, like Ctrl-C, so every ``finally`` removes its partial output."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
+    raise Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # only the main thread may set handlers; a caller's own handler (or SIG_IGN) is left alone
+    handle = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    if handle:
+        signal.signal(signal.SIGTERM, _terminate)
     try:
-        if args.command == "gguf":
-            from qconvert.commands.gguf import run_gguf
-            return run_gguf(args)
-        if args.command == "demo":
-            from qconvert.commands.demo import run_demo
-            return run_demo(args)
-        for module in _command_modules():
-            if args.command in module.COMMANDS:
-                return int(module.run(args))
-        if args.command == "info":
-            from qconvert.commands.info import run_info
-            return run_info(args)
+        return _dispatch(args)
     except QConvertError as e:
         print(f"qconvert: error: {e}", file=sys.stderr)
         return e.exit_code
+    except Terminated:
+        print("qconvert: terminated (SIGTERM); no partial output was kept.", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("qconvert: interrupted; no partial output was kept.", file=sys.stderr)
         return 130
+    finally:
+        if handle:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "gguf":
+        from qconvert.commands.gguf import run_gguf
+        return run_gguf(args)
+    if args.command == "demo":
+        from qconvert.commands.demo import run_demo
+        return run_demo(args)
+    for module in _command_modules():
+        if args.command in module.COMMANDS:
+            return int(module.run(args))
+    if args.command == "info":
+        from qconvert.commands.info import run_info
+        return run_info(args)
     raise AssertionError(f"unhandled command {args.command}")
 

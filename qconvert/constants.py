@@ -142,3 +142,12 @@ class TokenType(enum.IntEnum):
     USER_DEFINED = 4
     UNUSED = 5
     BYTE = 6
+
+# Container and loader limits llama.cpp enforces (gguf.cpp, ggml.h, llama-hparams.h): a file past them is refused
+# by gguf_init (a clean error) or trips a GGML_ASSERT in the model loader (an abort), so qconvert checks them first.
+GGML_MAX_DIMS = 4  # tensor ranks 1..4
+GGML_MAX_NAME = 64  # tensor names hold at most 63 bytes
+GGUF_MAX_STRING_LENGTH = 1 << 30  # bytes
+GGUF_MAX_ARRAY_ELEMENTS = 1 << 30
+LLAMA_MAX_LAYERS = 512  # block_count must lie in 1..512 (GGML_ASSERT in llama_model::load_hparams)
+INT64_MAX = (1 << 63) - 1  # ggml's ne[] and element counts are int64

@@ -142,12 +142,12 @@ def run_layer(layer: DeviceLayer, h: torch.Tensor, dims: qwen2.Qwen2Dims, rope: 
 
 
 def read_config(model_dir: Path) -> dict[str, Any]:
-    import json
+    from qconvert.registry import read_model_config
 
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise CalibrationError(f"{model_dir} has no config.json; point at a Hugging Face checkpoint directory.")
-    return dict(json.loads(path.read_text()))
+    return read_model_config(model_dir)
 
 
 def stream_layers(ckpt: SafetensorsCheckpoint, config: Mapping[str, Any], ids: torch.Tensor,

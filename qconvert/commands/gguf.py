@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from qconvert.errors import QConvertError
 from qconvert.family import hub_id
 from qconvert.gguf.export import PlanOptions, export_gguf
 from qconvert.gguf.plan import parse_tensor_type_option, parse_type
+from qconvert.io.atomic import check_not_inside, check_writable_target, claim_output
 from qconvert.pipelines.gguf import importance_matrix, output_name, resolve_preset, seed_plan
 from qconvert.resolve import resolve_model
 
@@ -92,13 +94,20 @@ def run_gguf(args: argparse.Namespace) -> int:
         bars[0].set_postfix_str(name, refresh=False)
         bars[0].update(done - bars[0].n)
 
-    imatrix = None if out is None else _importance(args, resolved.path, resolved.repo_id or resolved.path.name)
-    try:
-        result = export_gguf(resolved.path, out, preset, options=_options(args), model_name=resolved.repo_id or resolved.path.name,
-                             force=args.force, imatrix=imatrix, progress=None if args.quiet else progress)
-    finally:
-        for bar in bars:
-            bar.close()
+    if out is not None:
+        check_writable_target(out, force=args.force)  # existing file, unwritable directory: before anything else
+    claim = contextlib.nullcontext() if out is None else claim_output(out)  # before the calibration pass, not after
+    with claim:
+        if out is not None:
+            check_not_inside(out, (resolved.path, args.imatrix, args.stats))
+        imatrix = None if out is None else _importance(args, resolved.path, resolved.repo_id or resolved.path.name)
+        try:
+            result = export_gguf(resolved.path, out, preset, options=_options(args),
+                                 model_name=resolved.repo_id or resolved.path.name, force=args.force, imatrix=imatrix,
+                                 progress=None if args.quiet else progress)
+        finally:
+            for bar in bars:
+                bar.close()
     for line in result.warnings:
         print(line, file=sys.stderr)
     plan = result.plan

@@ -32,7 +32,7 @@ def run_int4(args: argparse.Namespace) -> int:
         settings_from_args,
     )
     from qconvert.commands.gguf import model_ref
-    from qconvert.io.atomic import check_writable_target
+    from qconvert.io.atomic import check_not_inside, check_writable_target
     from qconvert.pipelines.int4 import marlin_warnings, output_dir_name, write_int4
     from qconvert.registry import spec_for_config
     from qconvert.resolve import resolve_model
@@ -49,6 +49,9 @@ def run_int4(args: argparse.Namespace) -> int:
     if args.stats is not None and args.save_stats is not None:
         raise CalibrationError("--stats reads statistics and --save-stats writes them; give one of the two.")
     out = args.out_dir / output_dir_name(model_name, args.command, cfg.bits)
+    check_not_inside(out, (resolved.path, args.stats))  # before any calibration work
+    if args.save_stats is not None:
+        check_not_inside(args.save_stats, (resolved.path,))
     if out.exists() and not args.force:
         check_writable_target(out, force=False)
     if args.save_stats is not None and args.save_stats.exists() and not args.force:

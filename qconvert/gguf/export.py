@@ -6,7 +6,6 @@ and the next tensor's read overlaps the current one's quantization.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +26,7 @@ from qconvert.io.atomic import atomic_output
 from qconvert.io.safetensors import SafetensorsCheckpoint
 from qconvert.names import quantize_order_key
 from qconvert.quant import quantize_rows
-from qconvert.registry import ArchSpec, spec_for_config
+from qconvert.registry import ArchSpec, read_model_config, spec_for_config
 
 FLOAT_PRESETS = frozenset({"F32", "F16", "BF16"})
 
@@ -52,13 +51,7 @@ class ExportResult:
 
 
 def load_config(model_dir: Path) -> dict[str, Any]:
-    path = Path(model_dir) / "config.json"
-    try:
-        config = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{model_dir} has no config.json; point --model at a Hugging Face checkpoint directory.")
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON ({e}); re-download it.")
+    config = read_model_config(Path(model_dir))
     quant = (config.get("quantization_config") or {}).get("quant_method")
     if quant:
         raise CheckpointError(f"{model_dir} is an already quantized ({quant}) checkpoint; GGUF conversion needs the "
@@ -138,7 +131,7 @@ def export_gguf(model_dir: Path, out_path: Path | None, preset: str, *, options:
     kvs = gguf_metadata(spec, config, vocab, model_name=model_name or model_dir.name, model_dir=model_dir,
                         n_params=n_params, file_type=get_preset(preset).file_type)
     start = time.perf_counter()
-    with atomic_output(Path(out_path), force=force, needed=plan.data_section_bytes()) as tmp:
+    with atomic_output(Path(out_path), force=force, needed=plan.data_section_bytes(), inputs=(model_dir,)) as tmp:
         writer = GGUFWriter(tmp)
         try:
             for kv in metadata_order(kvs, preset):

@@ -31,7 +31,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -42,12 +41,12 @@ import numpy as np
 import torch
 from safetensors.numpy import save_file
 
-from qconvert.errors import CheckpointError, OutputError, QuantTypeError
+from qconvert.errors import CheckpointError, QuantTypeError
 from qconvert.int4.formats import PACKERS, packed_shapes
 from qconvert.int4.rtn import QuantizedLinear
-from qconvert.io.atomic import check_free_space, check_writable_target
+from qconvert.io.atomic import StagedDirectory
 from qconvert.io.safetensors import INDEX_FILE, SINGLE_FILE, SafetensorsCheckpoint
-from qconvert.registry import spec_for_config
+from qconvert.registry import read_model_config, spec_for_config
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
@@ -160,16 +159,15 @@ class QuantizedCheckpointWriter:
             raise QuantTypeError(f"quant_method {self.qcfg.get('quant_method')!r} is not one qconvert writes; "
                                  f"build the config with formats.gptq_quantization_config or awq_quantization_config.")
         self.method = self.qcfg["quant_method"]
-        self.config = {**json.loads((self.src_dir / "config.json").read_text()), **(config_updates or {})}
+        self.config = {**read_model_config(self.src_dir), **(config_updates or {})}
         self.src = SafetensorsCheckpoint(self.src_dir)
         self.linears = _expected_linears(self.config)
         self.floats = self._float_names()
-        check_writable_target(self.out_dir, force=force)
-        check_free_space(self.out_dir, self.data_bytes())
         if (msg := tensor_parallel_warning(self.config, self.qcfg["group_size"], tp_sizes)) is not None:
             warnings.warn(msg, TensorParallelWarning, stacklevel=2)
         self.max_shard_bytes = max_shard_bytes
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.partial-", dir=self.out_dir.parent))
+        self.staged = StagedDirectory(self.out_dir, force=force, needed=self.data_bytes(), inputs=(self.src_dir,))
+        self.tmp = self.staged.tmp
         self.state = "open"
         self.pending: dict[str, np.ndarray] = {}
         self.pending_bytes = 0
@@ -260,14 +258,14 @@ class QuantizedCheckpointWriter:
         for f in COPIED_FILES:
             if (self.src_dir / f).exists():
                 shutil.copy2(self.src_dir / f, self.tmp / f)
-        self._move_into_place()
+        self.staged.commit()
         self.state = "finished"
         return self.out_dir
 
     def abort(self) -> None:
         """Discard everything written so far (idempotent)."""
         if self.state == "open":
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.staged.discard()
             self.state = "aborted"
 
     def __enter__(self) -> QuantizedCheckpointWriter:  # noqa: PYI034 (Python 3.10 has no typing.Self)
@@ -319,17 +317,6 @@ class QuantizedCheckpointWriter:
             config["dtype"] = "float16"
         (self.tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         (self.tmp / "quantize_config.json").write_text(json.dumps(dict(self.qcfg), indent=2) + "\n")
-
-    def _move_into_place(self) -> None:
-        old = None
-        if self.out_dir.exists():
-            if not self.force:
-                raise OutputError(f"{self.out_dir} appeared while writing; pass --force to overwrite it.")
-            old = self.out_dir.with_name(f".{self.out_dir.name}.old-{os.getpid()}")
-            os.replace(self.out_dir, old)
-        os.replace(self.tmp, self.out_dir)
-        if old is not None:
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
 
 
 def _expected_linears(config: Mapping[str, Any]) -> dict[str, tuple[int, int]]:

@@ -9,12 +9,14 @@ before any tensor is read, so a truncated download fails at open time with the s
 from __future__ import annotations
 
 import json
+import math
 import os
 import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any, TypeGuard
 
 import numpy as np
 
@@ -28,6 +30,9 @@ DTYPES: MappingProxyType[str, tuple[np.dtype, int]] = MappingProxyType({
     "I32": (np.dtype("<i4"), 4),  # packed GPTQ/AWQ weights and g_idx (read with read_raw)
 })
 FLOAT_DTYPES = frozenset({"BF16", "F16", "F32"})
+# Every dtype the safetensors format defines: another name is damage, one of these a checkpoint to convert.
+SAFETENSORS_DTYPES = frozenset({"BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2",
+                                "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64", "I64", "U64"})
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -51,11 +56,45 @@ class TensorEntry:
         return self.end - self.start
 
 
+REDOWNLOAD = "The file is corrupt or hostile: re-download it (huggingface-cli download --force-download ...) or re-create it."
+
+
+def _refuse_constant(literal: str) -> None:
+    raise ValueError(f"non-standard literal {literal} (JSON has no NaN or Infinity)")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:  # json would keep the last one silently: one tensor could hide another
+            raise ValueError(f"key {key!r} appears twice")
+        out[key] = value
+    return out
+
+
+def strict_json(raw: bytes | str, what: str) -> Any:
+    """Parse JSON as strictly as serde_json: no NaN/Infinity literals, no duplicate keys, bounded nesting.
+
+    Python's json accepts ``NaN`` and keeps the last of duplicate keys; nesting deeper than the interpreter's
+    recursion limit raises RecursionError. All of these become a ``CheckpointError`` naming ``what``.
+    """
+    try:
+        return json.loads(raw, parse_constant=_refuse_constant, object_pairs_hook=_unique_keys)
+    except RecursionError:
+        raise CheckpointError(f"{what} nests JSON arrays/objects too deeply to be a real file. {REDOWNLOAD}") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, the hooks above, over-long integers
+        raise CheckpointError(f"{what} is not valid JSON ({e}). {REDOWNLOAD}") from None
+
+
+def _check_regular(path: Path) -> None:
+    if not stat.S_ISREG(path.stat().st_mode):  # opening a FIFO or a device would block or never end
+        raise CheckpointError(f"{path} is not a regular file (a FIFO, device, socket or directory); a checkpoint's "
+                              "files must be regular files. Replace it with the downloaded file.")
+
+
 def _header(path: Path) -> tuple[dict, int]:
     """Parse a safetensors header; returns (header dict, absolute offset of the data section)."""
-    if not stat.S_ISREG(path.stat().st_mode):  # opening a FIFO or a device would block or never end
-        raise CheckpointError(f"{path} is not a regular file (a FIFO, device or socket); a checkpoint's weights must "
-                              "be regular .safetensors files. Replace it with the downloaded file.")
+    _check_regular(path)
     size = path.stat().st_size
     with path.open("rb") as f:
         raw = f.read(8)
@@ -67,55 +106,87 @@ def _header(path: Path) -> tuple[dict, int]:
                 f"{path}: header length {n} does not fit in a {size}-byte file; the file is truncated or not "
                 "safetensors. Re-download it (huggingface-cli download --force-download ...)."
             )
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path}: header is not valid JSON ({e}); the file is corrupt, re-download it.")
+        header = strict_json(f.read(n), f"{path}: header")
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: header is not a JSON object; the file is corrupt, re-download it.")
+    meta = header.get("__metadata__")
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise CheckpointError(f"{path}: __metadata__ must map strings to strings (safetensors' rule), got "
+                              f"{str(meta)[:80]}. {REDOWNLOAD}")
     return header, 8 + n
+
+
+def _ints(value: object) -> TypeGuard[list[int]]:
+    """A JSON list of non-negative integers (bools are ints in Python, floats are not sizes)."""
+    return isinstance(value, list) and all(type(v) is int and v >= 0 for v in value)
+
+
+def _entry(path: Path, name: str, info: Any, data_start: int) -> TensorEntry:
+    """One header entry, checked: a dict with a known dtype, an integer shape and offsets spanning its bytes."""
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{where} is {type(info).__name__}, not an object with dtype/shape/data_offsets. {REDOWNLOAD}")
+    dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+        raise CheckpointError(f"{where} has dtype {str(dtype)[:40]}, which is not a safetensors dtype. {REDOWNLOAD}")
+    if dtype not in DTYPES:
+        raise CheckpointError(
+            f"{where} has dtype {dtype}; qconvert reads {', '.join(sorted(FLOAT_DTYPES))} checkpoints. "
+            "Convert the checkpoint to bf16/fp16 with transformers (model.save_pretrained) first."
+        )
+    if not _ints(shape):
+        raise CheckpointError(f"{where} has shape {str(shape)[:80]}; a shape is a list of non-negative integers. "
+                              f"{REDOWNLOAD}")
+    if not (_ints(offsets) and len(offsets) == 2 and offsets[0] <= offsets[1]):
+        raise CheckpointError(f"{where} has data_offsets {str(offsets)[:80]}; they must be [begin, end] integers with "
+                              f"0 <= begin <= end. {REDOWNLOAD}")
+    begin, end = offsets
+    want = DTYPES[dtype][1] * math.prod(shape)  # Python ints: a hostile shape cannot overflow the check
+    if end - begin != want:
+        raise CheckpointError(f"{where} {dtype}{shape} needs {want} bytes but its offsets span {end - begin}; the "
+                              f"header is corrupt. {REDOWNLOAD}")
+    return TensorEntry(name, dtype, tuple(shape), path, data_start + begin, data_start + end)
+
+
+def _check_layout(path: Path, entries: list[TensorEntry], data_start: int, size: int) -> None:
+    """Tensors must tile the data section exactly, as the safetensors library checks: no byte read twice
+    (overlapping or aliased offsets), no gap, no tensor past the end of the file, no trailing bytes."""
+    pos = data_start
+    for e in sorted(entries, key=lambda e: (e.start, e.end)):
+        if e.end > size:
+            raise CheckpointError(
+                f"{path}: tensor {e.name!r} ends at byte {e.end} but the file has {size} bytes: the file is truncated "
+                "(an interrupted download?). Re-download it."
+            )
+        if e.start != pos:
+            what = "overlaps the tensor before it" if e.start < pos else f"leaves a gap of {e.start - pos} bytes"
+            raise CheckpointError(f"{path}: tensor {e.name!r} (bytes {e.start - data_start}..{e.end - data_start} of "
+                                  f"the data section) {what}; tensors must not share or skip bytes. {REDOWNLOAD}")
+        pos = e.end
+    if pos != size:
+        raise CheckpointError(f"{path}: {size - pos} bytes follow the last tensor; the header does not describe the "
+                              f"whole file. {REDOWNLOAD}")
 
 
 def _entries(path: Path) -> list[TensorEntry]:
     header, data_start = _header(path)
-    size = path.stat().st_size
-    out = []
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = info.get("dtype")
-        if dtype not in DTYPES:
-            raise CheckpointError(
-                f"{path}: tensor {name!r} has dtype {dtype}; qconvert reads {', '.join(sorted(FLOAT_DTYPES))} checkpoints. "
-                "Convert the checkpoint to bf16/fp16 with transformers (model.save_pretrained) first."
-            )
-        shape = tuple(int(d) for d in info["shape"])
-        begin, end = (int(o) for o in info["data_offsets"])
-        want = DTYPES[dtype][1] * int(np.prod(shape, dtype=np.int64))
-        if end - begin != want or begin < 0:
-            raise CheckpointError(
-                f"{path}: tensor {name!r} {dtype}{list(shape)} needs {want} bytes but its offsets span "
-                f"{end - begin}; the header is corrupt. Re-download the file."
-            )
-        if data_start + end > size:
-            raise CheckpointError(
-                f"{path}: tensor {name!r} ends at byte {data_start + end} but the file has {size} bytes: the file "
-                "is truncated (an interrupted download?). Re-download it."
-            )
-        out.append(TensorEntry(name, dtype, shape, path, data_start + begin, data_start + end))
+    out = [_entry(path, name, info, data_start) for name, info in header.items() if name != "__metadata__"]
+    _check_layout(path, out, data_start, path.stat().st_size)
     return out
 
 
 def _shard_files(model_dir: Path) -> list[Path]:
     index = model_dir / INDEX_FILE
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({e}); re-download it.")
+        _check_regular(index)
+        data = strict_json(index.read_bytes(), str(index))
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise CheckpointError(f"{index}: not a valid safetensors index ('weight_map' must map tensor names to "
+                                  "shard file names); re-download it.")
         files = sorted(set(weight_map.values()))
         root = model_dir.resolve()
-        outside = [f for f in files if not isinstance(f, str) or not (root / f).resolve().is_relative_to(root)]
+        outside = [f for f in files if not (root / f).resolve().is_relative_to(root)]
         if outside:
             raise CheckpointError(f"{index}: shard name(s) {outside[:3]} point outside {model_dir}; a shard must be "
                                   "a file inside the model directory. The index is damaged or hostile: re-download it.")

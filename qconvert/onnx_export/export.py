@@ -21,9 +21,7 @@ biases and lm_head float32 (the CPU-friendly choice; the tied embedding is one i
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -34,13 +32,13 @@ import numpy as np
 
 from qconvert import __version__
 from qconvert.card import onnx_card
-from qconvert.errors import CheckpointError, OutputError, UsageError
-from qconvert.io.atomic import check_writable_target
+from qconvert.errors import CheckpointError, UsageError
+from qconvert.io.atomic import StagedDirectory
 from qconvert.io.safetensors import SafetensorsCheckpoint
 from qconvert.onnx_export import graph, matmulnbits
 from qconvert.onnx_export.graph import Dims, FloatLinear, QuantLinear
 from qconvert.onnx_export.writer import INLINE_LIMIT, InitializerStore
-from qconvert.registry import spec_for_config
+from qconvert.registry import read_model_config, spec_for_config
 
 if TYPE_CHECKING:
     from qconvert.calibration.quantize import CalibrationSettings
@@ -150,7 +148,7 @@ def _check(model_dir: Path, precision: str, algo: str, from_dir: Path | None, bl
     config_file = src / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{src} has no config.json; is this a Hugging Face model directory?")
-    config = json.loads(config_file.read_text())
+    config = read_model_config(src)
     spec = spec_for_config(config)
     dims = Dims.from_config(config)
     shapes = qwen2_linear_shapes(config)
@@ -209,8 +207,8 @@ def export_onnx(model_dir: Path, out_dir: Path, *, precision: str, algo: str = "
         raise UsageError(f"--algo {algo} needs calibration data; pass a CalibrationSet (CLI: --calib builtin).")
     name = model_name or plan.src.name
     final = Path(out_dir) / output_dir_name(name, precision)
-    check_writable_target(final, force=force)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    staged = StagedDirectory(final, force=force, inputs=(model_dir, from_dir))
+    tmp = staged.tmp
     try:
         start = time.perf_counter()
         external = _planned_bytes(plan, precision, block_size) > inline_limit
@@ -223,10 +221,9 @@ def export_onnx(model_dir: Path, out_dir: Path, *, precision: str, algo: str = "
         store.save(model, tmp / MODEL_FILE)
         _write_side_files(tmp, plan, name, precision, algo, block_size, external, time.perf_counter() - start,
                           store.nbytes, calib, settings)
-        _move_into_place(tmp, final, force)
+        staged.commit()
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        staged.discard()
     return final
 
 
@@ -351,15 +348,3 @@ def _write_side_files(tmp: Path, plan: _Plan, name: str, precision: str, algo: s
     final = tmp.name.split(".partial-")[0].lstrip(".")
     (tmp / "README.md").write_text(onnx_card(final, name, precision, label, block_size, external, seconds, nbytes,
                                              plan.dims, calib_desc))
-
-
-def _move_into_place(tmp: Path, final: Path, force: bool) -> None:
-    old = None
-    if final.exists():
-        if not force:
-            raise OutputError(f"{final} appeared while exporting; pass --force to overwrite it.")
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old) if old.is_dir() else old.unlink()

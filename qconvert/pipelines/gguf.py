@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from qconvert.errors import UsageError
-from qconvert.io.atomic import check_writable_target
+from qconvert.io.atomic import check_not_inside, check_writable_target
 
 if TYPE_CHECKING:
     from qconvert.calibration.quantize import CalibrationSettings
@@ -85,6 +85,7 @@ def importance_matrix(model_dir: Path, *, imatrix: Path | None = None, stats: Pa
         raise UsageError("--save-imatrix needs --calib SOURCE or --stats FILE.")
     for target in (save_stats, save_imatrix):
         if target is not None:
+            check_not_inside(target, (model_dir, imatrix, stats))
             check_writable_target(target, force=force)
     if imatrix is not None:
         from qconvert.gguf.imatrix import read_imatrix

@@ -10,7 +10,6 @@ renames it when complete.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -82,7 +81,9 @@ def write_int4(model_dir: Path, model_name: str, out: Path, method: str, cfg: GP
         if stats is not None:
             raise CalibrationError("--pad-intermediate cannot use saved statistics (their shapes are unpadded); "
                                    "drop --stats.")
-        size = int(json.loads((Path(model_dir) / "config.json").read_text())["intermediate_size"])
+        from qconvert.registry import read_model_config
+
+        size = int(read_model_config(Path(model_dir))["intermediate_size"])
         pad_to = padded_intermediate_size(size, cfg.group_size)
         updates = {"intermediate_size": pad_to}
         print(f"padding intermediate_size {size} -> {pad_to} (zeros; outputs unchanged)", file=sys.stderr)

@@ -150,7 +150,9 @@ def resolve_source(recipe: Recipe, entry: ModelEntry, cache_dir: Path,
         resolved = resolve_model(entry.ref)
         path, repo_id, revision = resolved.path, resolved.repo_id, resolved.revision
     files = _hash_files(path, cache_dir / "source-hashes.json")
-    config = json.loads((path / "config.json").read_text())
+    from qconvert.registry import read_model_config
+
+    config = read_model_config(path)
     return Source(entry, path, repo_id, revision, files, source_license(path, entry.license), config)
 
 

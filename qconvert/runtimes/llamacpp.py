@@ -2,6 +2,9 @@
 
 Used as the oracle of the GGUF path: it loads what qconvert writes, tokenizes, returns logits for every
 position, generates greedily, and runs llama.cpp's own quantizer (``llama_model_quantize``) for byte comparisons.
+
+llama.cpp asserts (aborting the whole process) on some malformed files, so every GGUF passes qconvert's validating
+reader (``read_gguf``) before llama.cpp opens it; ``qconvert.runtimes.native`` makes a remaining abort say why.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from qconvert.errors import CheckpointError
+from qconvert.gguf.reader import read_gguf
 from qconvert.runtimes.native import libllama
 
 if TYPE_CHECKING:
@@ -62,6 +66,7 @@ def llama_quantize(src: Path, dst: Path, ftype: int, *, nthread: int = 0, pure: 
 
     ``imatrix`` maps tensor names to their per-column mean of x² (what llama-quantize loads from a file).
     """
+    read_gguf(src)  # refuse what llama.cpp would assert on, before it sees the file
     ffi, lib = _lib()
     params = ffi.new("llama_model_quantize_params *", lib.llama_model_quantize_default_params())
     params.nthread = nthread or (os.cpu_count() or 1)
@@ -92,8 +97,9 @@ class LlamaCppModel:
     """A GGUF loaded by llama.cpp on the CPU, with one context of ``n_ctx`` tokens."""
 
     def __init__(self, path: Path, *, n_ctx: int = 512, n_threads: int = 0, vocab_only: bool = False) -> None:
-        self.ffi, self.lib = _lib()
         self.path = Path(path)
+        read_gguf(self.path)  # refuse what llama.cpp would assert on, before it sees the file
+        self.ffi, self.lib = _lib()
         mparams = self.lib.llama_model_default_params()
         mparams.vocab_only = vocab_only
         mparams.n_gpu_layers = 0

@@ -94,12 +94,39 @@ def _in_memory(path: Path) -> str:
     return f"/proc/self/fd/{fd}"
 
 
+ABORT_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_char_p)  # ggml_abort_callback_t: void (*)(const char *)
+
+
+def _on_abort(message: bytes | None) -> None:
+    """Runs inside ``ggml_abort`` just before it calls ``abort()``: say what happened, since the process dies."""
+    text = (message or b"").decode("utf-8", errors="replace")
+    os.write(2, (f"qconvert: error: llama.cpp aborted the process: {text}\n"
+                 "qconvert validates every GGUF before llama.cpp sees it, so this is a llama.cpp check qconvert does "
+                 "not make yet; please report it with the output of `qconvert info FILE`.\n").encode())
+
+
+def _quiet_aborts(base: ctypes.CDLL) -> None:
+    """An assert in ggml/llama.cpp aborts the process (SIGABRT): make it print why first.
+
+    ``_load_all`` also sets ``GGML_NO_BACKTRACE``: without it ggml's abort forks gdb onto this process to print a
+    backtrace, which can hang for many minutes. ggml reads the variable at abort time.
+    """
+    if hasattr(base, "ggml_set_abort_callback"):  # feature check: older ggml builds lack it
+        callback = ABORT_CALLBACK(_on_abort)
+        base.ggml_set_abort_callback.restype = ctypes.c_void_p
+        base.ggml_set_abort_callback.argtypes = [ABORT_CALLBACK]
+        base.ggml_set_abort_callback(callback)
+        _LOADED["abort_callback"] = callback  # keep it alive as long as the library
+
+
 def _load_all() -> None:
+    os.environ.setdefault("GGML_NO_BACKTRACE", "1")  # before any ggml code runs; see _quiet_aborts
     root = package_dir()
     patch = _glibc_too_old(root / GGML_LIBS[0])
     for name in GGML_LIBS:
         target = _in_memory(root / name) if patch else str(root / name)
         _LOADED[name] = ctypes.CDLL(target, mode=ctypes.RTLD_GLOBAL)
+    _quiet_aborts(_LOADED[GGML_LIBS[0]])
     try:
         from llama_cpp_py_sync._cffi_bindings import get_ffi
     except ImportError as e:

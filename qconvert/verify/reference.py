@@ -105,11 +105,13 @@ def make_windows(tokens: EvalTokens, ctx: int, chunks: int | None) -> np.ndarray
 
 
 def read_config(model_dir: Path) -> dict[str, Any]:
+    from qconvert.registry import read_model_config
+
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise VerifyError(f"{model_dir} has no config.json; --reference must be a Hugging Face checkpoint directory "
                           "(or a hub id / --size that resolves to one).")
-    return json.loads(path.read_text())
+    return read_model_config(model_dir)
 
 
 def check_ctx(config: dict[str, Any], ctx: int, what: str) -> None:
