@@ -78,7 +78,14 @@ def _file_documents(path: Path) -> list[tuple[str | None, str]]:
     if not path.is_file():
         raise CalibrationDataError(f"calibration file {path} does not exist; pass a .txt or .jsonl file, or "
                                    f"'{BUILTIN}' for the built-in set.")
-    text = path.read_text(encoding="utf-8")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+        if "\x00" in text:
+            raise ValueError("NUL byte")
+    except ValueError:  # UnicodeDecodeError too: a binary file, refused before anything is tokenized
+        raise CalibrationDataError(f"calibration file {path} is not UTF-8 text (binary data or another encoding); "
+                                   "pass a UTF-8 .txt or .jsonl file.") from None
     if path.suffix == ".jsonl":
         docs: list[tuple[str | None, str]] = []
         for i, line in enumerate(text.splitlines(), 1):

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from qconvert import __version__
+from qconvert.commands.argtypes import check_output_options, int_range
 from qconvert.errors import QConvertError
 
 GGUF_EPILOG = """\
@@ -56,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(g)
     q = g.add_argument_group("quantization")
     pick = q.add_mutually_exclusive_group()
-    pick.add_argument("--bits", type=int, help="2, 3, 4, 5, 6, 8 or 16 (default 5 = Q5_K_M)")
+    pick.add_argument("--bits", type=int_range(2, 16, "GGUF presets go from 2 to 16 bits"), help="2, 3, 4, 5, 6, 8 or 16 (default 5 = Q5_K_M)")
     pick.add_argument("--type", dest="preset", help="a llama-quantize preset: Q2_K, Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M, Q6_K, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, F16, BF16, F32")
     q.add_argument("--pure", action="store_true", help="no mixture: every matrix gets the preset's base type")
     q.add_argument("--output-tensor-type", metavar="TYPE", help="type of output.weight (or of the tied embedding)")
@@ -135,6 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    check_output_options(args)  # an unwritable --json/--report/--save-stats/...: before any model work
     if args.command == "gguf":
         from qconvert.commands.gguf import run_gguf
         return run_gguf(args)

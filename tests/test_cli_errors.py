@@ -168,7 +168,7 @@ def tiny_filesystem(tmp_path):
 
 def test_too_little_space_is_refused_before_writing(model_copy, tiny_filesystem, capsys):
     code, err = _run(["gguf", "--model", model_copy, "--type", "F32", "--out-dir", tiny_filesystem, "--quiet"], capsys)
-    assert code != 0 and "GiB is free" in err and "--out-dir" in err
+    assert code != 0 and "is free" in err and "--out-dir" in err
     assert list(tiny_filesystem.iterdir()) == []
 
 

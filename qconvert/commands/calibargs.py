@@ -7,6 +7,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from qconvert.commands.argtypes import MAX_BATCH, MAX_CALIB_SAMPLES, MAX_SEQLEN, int_range, positive_int
+from qconvert.commands.argtypes import seed as seed_type
+
 if TYPE_CHECKING:
     from qconvert.calibration.quantize import CalibrationSettings
     from qconvert.calibration.stats import CalibrationStats
@@ -18,12 +21,14 @@ def add_calibration_args(p: argparse.ArgumentParser, *, default_calib: str | Non
     c.add_argument("--calib", default=default_calib, metavar="SOURCE",
                    help=("builtin" + (" (default, offline)" if default_calib else " (offline)") +
                          ", a .txt or .jsonl file; wikitext2/c4/pileval/hf:NAME need network"))
-    c.add_argument("--calib-samples", type=int, default=128, help="number of token windows (default 128)")
-    c.add_argument("--calib-seqlen", type=int, default=512, help="tokens per window (default 512)")
+    c.add_argument("--calib-samples", type=positive_int(MAX_CALIB_SAMPLES, "calibration samples are held in memory at once"),
+                    default=128, help="number of token windows (default 128)")
+    c.add_argument("--calib-seqlen", type=int_range(2, MAX_SEQLEN, "Qwen2.5's longest context"),
+                    default=512, help="tokens per window (default 512)")
     c.add_argument("--calib-format", choices=("auto", "chat", "raw"), default="auto",
                    help="render documents as conversations with the checkpoint's chat template, or use raw text "
                         "(auto: chat when the checkpoint ships a chat template)")
-    c.add_argument("--seed", type=int, default=0, help="sampling seed (same seed -> same tokens)")
+    c.add_argument("--seed", type=seed_type, default=0, help="sampling seed (same seed -> same tokens)")
     c.add_argument("--stats", type=Path, metavar="FILE", help=stats_help)
     c.add_argument("--save-stats", type=Path, metavar="FILE",
                    help="save the float model's calibration statistics (Hessians, activation means, importance "
@@ -32,7 +37,8 @@ def add_calibration_args(p: argparse.ArgumentParser, *, default_calib: str | Non
     r.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
     r.add_argument("--dtype", choices=("auto", "bfloat16", "float32"), default="auto",
                    help="forward dtype (auto: bfloat16 on GPU, float32 on CPU); float16 overflows on Qwen2")
-    r.add_argument("--batch-size", type=int, default=8, help="calibration samples per forward (default 8)")
+    r.add_argument("--batch-size", type=positive_int(MAX_BATCH, "more samples per forward only runs out of memory"),
+                    default=8, help="calibration samples per forward (default 8)")
 
 
 def settings_from_args(args: argparse.Namespace) -> CalibrationSettings:

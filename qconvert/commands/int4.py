@@ -113,6 +113,7 @@ COMMANDS = ("gptq", "awq")
 
 def add_parsers(sub: Any, add_model_args: Any) -> None:
     """Register ``gptq`` and ``awq`` on the CLI's subparsers."""
+    from qconvert.commands.argtypes import MAX_CALIB_SAMPLES, float_range, group_size, int_range, non_negative_int
     from qconvert.commands.calibargs import add_calibration_args
 
     for method, epilog in (("gptq", GPTQ_EPILOG), ("awq", AWQ_EPILOG)):
@@ -123,8 +124,8 @@ def add_parsers(sub: Any, add_model_args: Any) -> None:
         add_model_args(p)
         q = p.add_argument_group("quantization")
         if method == "gptq":
-            q.add_argument("--bits", type=int, default=4, help="2, 3, 4 or 8 (default 4)")
-        q.add_argument("--group-size", type=int, default=128,
+            q.add_argument("--bits", type=int_range(2, 8, "GPTQ packs 2, 3, 4 or 8 bits"), default=4, help="2, 3, 4 or 8 (default 4)")
+        q.add_argument("--group-size", type=group_size, default=128,
                        help="input columns sharing one scale: 32, 64, 128 (default) or -1 (one per row)")
         if method == "gptq":
             q.add_argument("--sym", action="store_true", default=True, help="symmetric grid (default; what Marlin needs)")
@@ -138,9 +139,10 @@ def add_parsers(sub: Any, add_model_args: Any) -> None:
             order.add_argument("--group-aware", action="store_true",
                                help="act-order inside whole groups (group-aware reordering, GPTQModel's default): "
                                     "the plain desc_act-false layout every loader takes")
-            q.add_argument("--damp", type=float, default=0.01, help="Hessian damping, fraction of mean diagonal (0.01)")
+            q.add_argument("--damp", type=float_range(0.0, 1.0, low_open=True, high_open=True), default=0.01, help="Hessian damping, fraction of mean diagonal (0.01)")
         else:
-            q.add_argument("--search-samples", type=int, default=0, metavar="N",
+            q.add_argument("--search-samples", type=non_negative_int(MAX_CALIB_SAMPLES, "at most the calibration samples"),
+                           default=0, metavar="N",
                            help="run the scale search's 20 trial forwards on N calibration samples (default 0: all, "
                                 "as AutoAWQ; the activation means always use all). On a CPU, 8 cuts the time ~4x")
             q.add_argument("--clip-all", action="store_true",

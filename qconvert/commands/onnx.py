@@ -33,6 +33,7 @@ The output holds genai_config.json and the tokenizer, so onnxruntime-genai loads
 
 def add_parsers(sub: Any, add_model_args: Any) -> None:
     """Register ``onnx`` on the CLI's subparsers."""
+    from qconvert.commands.argtypes import positive_int
     from qconvert.commands.calibargs import add_calibration_args
 
     p = sub.add_parser("onnx", help="export to ONNX (fp32, fp16, int4 MatMulNBits) for onnxruntime and onnxruntime-genai",
@@ -47,7 +48,7 @@ def add_parsers(sub: Any, add_model_args: Any) -> None:
                       help="int4 only: rtn (default, no data), gptq or awq (calibrated, see --calib)")
     pick.add_argument("--from", dest="from_dir", type=Path, metavar="DIR",
                       help="int4 only: convert this GPTQ/AWQ checkpoint (qconvert gptq/awq output) without requantizing")
-    q.add_argument("--block-size", type=int, choices=(32, 64, 128),
+    q.add_argument("--block-size", type=positive_int(128, "int4 blocks are 32, 64 or 128"), choices=(32, 64, 128),
                    help="int4 block (= group) size; default 128, or the --from checkpoint's group size")
     add_calibration_args(p, default_calib="builtin", stats_help="not accepted: run `qconvert gptq --stats`, then "
                          "`qconvert onnx --from` its output")

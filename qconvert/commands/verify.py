@@ -32,6 +32,7 @@ artifacts on the same tokens. Exit status 1 when any gate fails, 2 on bad input.
 
 
 def add_parsers(sub: Any, add_model_args: Any) -> None:
+    from qconvert.commands.argtypes import MAX_CHUNKS, MAX_SEQLEN, int_range, number, positive_int
     from qconvert.family import SIZES, VARIANTS
 
     p = sub.add_parser("verify", help="measure artifacts against the float reference in their own runtimes (PPL, KL, "
@@ -51,18 +52,18 @@ def add_parsers(sub: Any, add_model_args: Any) -> None:
     t.add_argument("--text", type=Path, metavar="FILE", help="a local UTF-8 text to score instead of the built-in one")
     t.add_argument("--dataset", metavar="NAME", help="wikitext2 (wikitext-2-raw-v1 test) or hf:NAME[:split]; needs "
                                                      "the datasets package and network access")
-    p.add_argument("--ctx", type=int, default=512, help="window length in tokens (default 512; half is scored)")
-    p.add_argument("--chunks", type=int, help="score at most N windows (default: all the text fills)")
+    p.add_argument("--ctx", type=int_range(2, MAX_SEQLEN, "Qwen2.5's longest context"), default=512, help="window length in tokens (default 512; half is scored)")
+    p.add_argument("--chunks", type=positive_int(MAX_CHUNKS, "more windows than any text holds"), help="score at most N windows (default: all the text fills)")
     p.add_argument("--runtime", action="append", metavar="NAME",
                    help="restrict GPTQ/AWQ to qconvert-dequant or gptqmodel (repeatable; default: every available)")
     g = p.add_argument_group("gates")
-    g.add_argument("--max-dppl", type=float, metavar="PCT", help="fail an artifact whose ΔPPL exceeds PCT percent")
-    g.add_argument("--max-kl", type=float, metavar="X", help="fail an artifact whose mean KL exceeds X nats")
+    g.add_argument("--max-dppl", type=number, metavar="PCT", help="fail an artifact whose ΔPPL exceeds PCT percent")
+    g.add_argument("--max-kl", type=number, metavar="X", help="fail an artifact whose mean KL exceeds X nats")
     g.add_argument("--baseline", type=Path, metavar="FILE", help="fail on regressions against this stored result")
     g.add_argument("--write-baseline", type=Path, metavar="FILE", help="record this run as the baseline")
-    g.add_argument("--baseline-tol-dppl", type=float, default=0.25, metavar="POINTS",
+    g.add_argument("--baseline-tol-dppl", type=number, default=0.25, metavar="POINTS",
                    help="ΔPPL may exceed the baseline by this many percentage points (default 0.25)")
-    g.add_argument("--baseline-tol-kl", type=float, default=0.10, metavar="FRAC",
+    g.add_argument("--baseline-tol-kl", type=number, default=0.10, metavar="FRAC",
                    help="mean KL may exceed the baseline by this fraction (default 0.10)")
     o = p.add_argument_group("output")
     o.add_argument("--json", type=Path, metavar="OUT", help="write the results as JSON")

@@ -41,12 +41,18 @@ def check_writable_target(final: Path, *, force: bool) -> None:
         raise OutputError(f"output directory {parent} is not writable; choose a writable --out-dir.")
 
 
+def format_size(n: float) -> str:
+    """``n`` bytes in the largest of GiB, MiB, KiB that keeps it >= 1 (``1.50 GiB``, ``12.00 MiB``, ``300 bytes``)."""
+    unit = next(((s, u) for s, u in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")) if n >= s), None)
+    return f"{n / unit[0]:.2f} {unit[1]}" if unit else f"{int(n)} bytes"
+
+
 def check_free_space(final: Path, needed: int) -> None:
     """Fail before writing when ``final``'s file system has fewer than ``needed`` bytes free (plus 1% slack)."""
     free = shutil.disk_usage(Path(final).parent).free
     if needed * 1.01 > free:
         raise OutputError(
-            f"{final} needs {needed / 2**30:.2f} GiB but only {free / 2**30:.2f} GiB is free on its file system; "
+            f"{final} needs {format_size(needed)} but only {format_size(free)} is free on its file system; "
             "free some space or choose another --out-dir."
         )
 
