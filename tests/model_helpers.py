@@ -1,4 +1,4 @@
-"""Whole-model helpers for tests on tiny fixtures: every weight in memory, one forward, perplexity.
+"""Helpers for tests on tiny fixtures: whole-model weights in memory, one forward, perplexity, directory digests.
 
 Test support only (product code streams one layer at a time through ``qconvert.calibration``). The forward is a
 plain composition of ``qconvert.model.qwen2``'s pieces, so tests can feed it weights that no checkpoint holds
@@ -59,3 +59,14 @@ def perplexity(weights: Mapping[str, torch.Tensor], config: Mapping[str, Any], i
             total += torch.nn.functional.cross_entropy(logits[0], chunk[0, 1:], reduction="sum").item()
             count += chunk.shape[1] - 1
     return math.exp(total / count)
+
+
+def tree_digest(d: Path) -> str:
+    """sha256 over every file under ``d`` (names and bytes, sorted): "this directory is untouched" in one value."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(d.rglob("*")):
+        if f.is_file():
+            h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import signal
@@ -12,16 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
+from model_helpers import tree_digest
 
 from qconvert.cli import main
-
-
-def _digest(d: Path) -> str:
-    h = hashlib.sha256()
-    for f in sorted(d.rglob("*")):
-        if f.is_file():
-            h.update(f.name.encode() + f.read_bytes())
-    return h.hexdigest()
 
 
 @pytest.fixture
@@ -101,11 +93,11 @@ DAMAGES = {
 def test_damaged_checkpoint_fails_cleanly(model_copy, tmp_path, capsys, damage):
     fn, needles = DAMAGES[damage]
     fn(model_copy)
-    before = _digest(model_copy)
+    before = tree_digest(model_copy)
     out = tmp_path / "out"
     code, err = _run(["gguf", "--model", model_copy, "--type", "Q4_K_M", "--out-dir", out], capsys)
     _assert_failed_cleanly(code, err, out, *needles)
-    assert _digest(model_copy) == before, "the source checkpoint was modified"
+    assert tree_digest(model_copy) == before, "the source checkpoint was modified"
 
 
 @pytest.mark.parametrize("args, needles", [

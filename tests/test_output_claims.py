@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -13,19 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
+from model_helpers import tree_digest
 
 from qconvert.cli import main
 from qconvert.errors import OutputError
 from qconvert.gguf.reader import read_gguf
 from qconvert.io.atomic import atomic_output, claim_output
-
-
-def _digest(d: Path) -> str:
-    h = hashlib.sha256()
-    for f in sorted(d.rglob("*")):
-        if f.is_file():
-            h.update(f.name.encode() + f.read_bytes())
-    return h.hexdigest()
 
 
 def _slow_gguf(argv: list[str], sleep: float) -> subprocess.Popen:
@@ -85,13 +77,13 @@ def test_two_runs_on_one_output_one_wins_the_other_fails_at_once(model_copy, tmp
 
 
 def test_output_that_is_an_input_file_is_refused_even_with_force(model_copy, capsys):
-    before = _digest(model_copy)
+    before = tree_digest(model_copy)
     code = main(["gguf", "--model", str(model_copy), "--type", "Q8_0", "--output", str(model_copy / "model.safetensors"),
                  "--force", "--quiet"])
     assert code == 2
     err = capsys.readouterr().err
     assert "is inside the input" in err and "outside the input" in err, err
-    assert _digest(model_copy) == before
+    assert tree_digest(model_copy) == before
     assert not [p.name for p in model_copy.iterdir() if p.name.startswith(".")]  # no lock, no temporary
 
 
@@ -104,12 +96,12 @@ def test_output_through_a_symlinked_directory_is_refused(model_copy, tmp_path, c
 
 
 def test_gptq_output_inside_its_source_is_refused(model_copy, capsys):
-    before = _digest(model_copy)
+    before = tree_digest(model_copy)
     code = main(["gptq", "--model", str(model_copy), "--out-dir", str(model_copy), "--device", "cpu", "--no-eval",
                  "--quiet"])
     assert code == 2
     assert "is inside the input" in capsys.readouterr().err
-    assert _digest(model_copy) == before
+    assert tree_digest(model_copy) == before
     assert not [p for p in model_copy.iterdir() if "gptq" in p.name or p.name.startswith(".")]
 
 
