@@ -175,6 +175,17 @@ def test_index_shards_must_stay_inside_the_model_directory(tmp_path, shard):
         SafetensorsCheckpoint(d)
 
 
+def test_shards_that_are_symlinks_out_of_the_directory_are_fine(model_dir, tmp_path):
+    """A Hugging Face cache snapshot holds symlinks into ../../blobs/: the names are inside, the targets are not."""
+    src = model_dir("tiny-untied")
+    snap = tmp_path / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    for f in src.iterdir():
+        (snap / f.name).symlink_to(f)
+    ck = SafetensorsCheckpoint(snap)
+    assert sorted(ck.names()) == sorted(SafetensorsCheckpoint(src).names())
+
+
 def test_a_fifo_named_model_safetensors_is_refused_not_waited_on(tmp_path):
     """Opening a FIFO for reading blocks until a writer comes: the reader must refuse it without opening it."""
     d = tmp_path / "model"

@@ -14,7 +14,7 @@ import os
 import stat
 import struct
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from types import MappingProxyType
 from typing import Any, TypeGuard
 
@@ -185,8 +185,10 @@ def _shard_files(model_dir: Path) -> list[Path]:
             raise CheckpointError(f"{index}: not a valid safetensors index ('weight_map' must map tensor names to "
                                   "shard file names); re-download it.")
         files = sorted(set(weight_map.values()))
-        root = model_dir.resolve()
-        outside = [f for f in files if not (root / f).resolve().is_relative_to(root)]
+        # a shard is named by a relative path without "..": checked on the name, not by resolving it, since the
+        # shards of a Hugging Face cache snapshot are symlinks into its blobs/ directory
+        outside = [f for f in files if not f or PurePosixPath(f).is_absolute() or ".." in PurePosixPath(f).parts
+                   or "\\" in f]
         if outside:
             raise CheckpointError(f"{index}: shard name(s) {outside[:3]} point outside {model_dir}; a shard must be "
                                   "a file inside the model directory. The index is damaged or hostile: re-download it.")
