@@ -72,8 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-imatrix", type=Path, metavar="FILE",
                    help="also write the importance matrix from --calib/--stats as a llama.cpp imatrix GGUF")
     o = g.add_argument_group("output")
-    o.add_argument("--out-dir", type=Path, default=Path("."), help="directory for the .gguf file (default: .)")
-    o.add_argument("--output", type=Path, help="explicit output file name (default: qwen2.5-<size>-<variant>-<preset>.gguf)")
+    o.add_argument("--out-dir", type=Path, help="directory for the .gguf file, under its default name (default: .)")
+    o.add_argument("--output", metavar="PATH",
+                   help="the output file, relative to the current directory (not to --out-dir; give one of the two). "
+                        "A PATH ending with '/' or naming a directory gets the default name "
+                        "(qwen2.5-<size>-<variant>-<preset>.gguf) inside it")
     o.add_argument("--force", action="store_true", help="overwrite an existing output file")
     o.add_argument("--dry-run", action="store_true", help="print the per-tensor plan and predicted size; write nothing")
     o.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -44,6 +44,10 @@ def resolve_model(model: str, *, allow_download: bool = True) -> ResolvedModel:
     local = Path(model).expanduser()
     if local.is_dir():
         return ResolvedModel(local.resolve(), None, None)
+    if local.exists() or local.is_symlink():  # a file (or a dangling link) is a local path, never a hub id
+        raise ModelNotFoundError(
+            f"{model!r} is a file, not a checkpoint directory: give the directory that holds config.json and the "
+            f"*.safetensors files ({local.parent.resolve() if local.parent != Path() else Path.cwd()}?).")
     if model.count("/") != 1 or model.startswith((".", "/", "~")):
         raise ModelNotFoundError(f"{model!r} is neither an existing directory nor a hub repo id like 'Qwen/Qwen2.5-1.5B-Instruct'.")
     from huggingface_hub import snapshot_download

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from qconvert.cli import main
-from qconvert.commands.argtypes import check_output_path
+from qconvert.commands.argtypes import check_output_path, output_file
 from qconvert.errors import OutputError
 from qconvert.fixtures import fixture_path
 
@@ -158,3 +158,32 @@ def test_free_space_message_uses_a_readable_unit(tmp_path: Path, monkeypatch) ->
     msg = str(e.value)
     assert "3.00 MiB" in msg and "1000 bytes" in msg and "0.00 GiB" not in msg
     assert atomic.format_size(5000) == "4.88 KiB" and atomic.format_size(2**31) == "2.00 GiB"
+
+
+def test_output_file_rules(tmp_path: Path) -> None:
+    """--output is its own path; a trailing '/' or an existing directory takes the default name; never with --out-dir."""
+    (tmp_path / "existing").mkdir()
+    assert output_file(None, None, "a.gguf") == Path("a.gguf")
+    assert output_file(None, tmp_path, "a.gguf") == tmp_path / "a.gguf"
+    assert output_file(str(tmp_path / "x.gguf"), None, "a.gguf") == tmp_path / "x.gguf"
+    assert output_file(f"{tmp_path}/new/", None, "a.gguf") == tmp_path / "new" / "a.gguf"
+    assert output_file(str(tmp_path / "existing"), None, "a.gguf") == tmp_path / "existing" / "a.gguf"
+    with pytest.raises(OutputError, match="both given.*give one of them"):
+        output_file("x.gguf", tmp_path, "a.gguf")
+    with pytest.raises(OutputError, match="empty"):
+        output_file("", None, "a.gguf")
+
+
+def test_gguf_output_directory_and_conflict(model: str, tmp_path: Path, capsys) -> None:
+    """``--output DIR/`` writes the default name inside DIR (created); ``--output`` with ``--out-dir`` exits 2
+    and writes nothing."""
+    rc = main(["gguf", "--model", model, "--bits", "8", "--output", f"{tmp_path}/made/", "--quiet"])
+    assert rc == 0
+    made = [p.name for p in (tmp_path / "made").iterdir()]
+    assert len(made) == 1 and made[0].endswith("-q8_0.gguf") and Path(model).name in made[0], made
+    capsys.readouterr()
+    rc = main(["gguf", "--model", model, "--bits", "8", "--output", str(tmp_path / "x.gguf"),
+               "--out-dir", str(tmp_path / "other"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "give one of them" in err and "Traceback" not in err, err
+    assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "other").exists()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import struct
 import subprocess
 import sys
@@ -201,21 +200,32 @@ def test_verify_exits_2_and_llamacpp_never_sees_the_file(verified, case):
 
 
 ABORT = textwrap.dedent("""
-    import ctypes
+    import ctypes, sys
+    from pathlib import Path
+    from qconvert.io.atomic import atomic_output
     from qconvert.runtimes.native import ggml_base
     abort = ggml_base().ggml_abort
     abort.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p]
-    abort(b"ggml.c", 1, b"GGML_ASSERT(n_layer > 0) failed")
+    with atomic_output(Path(sys.argv[1])) as tmp:
+        tmp.write_bytes(b"half a file")
+        print(tmp, flush=True)
+        abort(b"ggml.c", 1, b"GGML_ASSERT(n_layer > 0) failed")
 """)
 
 
-def test_a_llamacpp_abort_says_why_and_does_not_hang():
-    """The last line of defence: an assert qconvert does not pre-check kills the process at once, with a message
-    (no gdb attached: ``GGML_NO_BACKTRACE``)."""
+def test_a_llamacpp_abort_is_a_clean_exit_2(tmp_path):
+    """The last line of defence: an assert qconvert does not pre-check ends the process at once (no gdb attached:
+    ``GGML_NO_BACKTRACE``) with exit 2, a message, and no partial output or lock file left behind."""
     pytest.importorskip("llama_cpp_py_sync", reason="llama.cpp binding (llama-cpp-py-sync)")
-    proc = subprocess.run([sys.executable, "-c", ABORT], check=False, capture_output=True, text=True, timeout=60, cwd=ROOT)
-    assert proc.returncode == -signal.SIGABRT, proc.stderr
-    assert "llama.cpp aborted the process: ggml.c:1: GGML_ASSERT(n_layer > 0) failed" in proc.stderr, proc.stderr
+    final = tmp_path / "out.gguf"
+    proc = subprocess.run([sys.executable, "-c", ABORT, str(final)], check=False, capture_output=True, text=True,
+                          timeout=60, cwd=ROOT)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert "llama.cpp stopped on an internal check: ggml.c:1: GGML_ASSERT(n_layer > 0) failed" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    partial = Path(proc.stdout.split()[0])
+    assert partial.name.startswith(".out.gguf.partial-")  # the script really had a temporary open
+    assert sorted(p.name for p in tmp_path.iterdir()) == [], list(tmp_path.iterdir())
 
 
 def _small_gguf(path: Path) -> Path:

@@ -104,3 +104,14 @@ def test_output_names_follow_qwen(size, variant, preset, name):
     from qconvert.pipelines.gguf import output_name
 
     assert output_name(hub_id(size, variant), preset) == name
+
+
+def test_an_existing_file_is_not_a_hub_id(tmp_path, monkeypatch):
+    """``org/model.safetensors`` looks like a repo id; as an existing relative path it is refused as a file,
+    without asking the hub (the endpoint is a closed port: a lookup would fail differently)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ModelNotFoundError, match="is a file, not a checkpoint directory.*config.json"):
+        resolve_model("ckpt/model.safetensors")

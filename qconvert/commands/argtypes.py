@@ -137,3 +137,23 @@ def check_output_options(args: argparse.Namespace) -> None:
         value = getattr(args, attr, None)
         if value is not None:
             check_output_path(value, option=option, directory=directory)
+
+
+def output_file(output: str | None, out_dir: Path | None, default_name: str) -> Path:
+    """The file a command writes, from ``--output`` and ``--out-dir``.
+
+    ``--output`` is a path of its own (relative to the current directory, never to ``--out-dir``), so giving both
+    is refused. A ``--output`` that ends with ``/`` or names an existing directory means "this directory, the
+    default name".
+    """
+    if output is None:
+        return (out_dir if out_dir is not None else Path(".")) / default_name
+    if out_dir is not None:
+        raise OutputError(f"--output {output} and --out-dir {out_dir} were both given; --output is a path of its own "
+                          "(relative to the current directory, not to --out-dir): give one of them.")
+    if not output:
+        raise OutputError("--output is empty; give a file name, or a directory ending with '/'.")
+    path = Path(output).expanduser()
+    if output.endswith(("/", os.sep)) or path.is_dir():
+        return path / default_name
+    return path

@@ -7,6 +7,7 @@ import contextlib
 import sys
 from pathlib import Path
 
+from qconvert.commands.argtypes import output_file
 from qconvert.constants import GGMLType
 from qconvert.errors import QConvertError
 from qconvert.family import hub_id
@@ -84,7 +85,7 @@ def run_gguf(args: argparse.Namespace) -> int:
             return _dry_run_from_seed(args, preset)
     else:
         resolved = resolve_model(ref)
-    out = None if args.dry_run else (args.output if args.output else args.out_dir / output_name(resolved.repo_id or resolved.path.name, preset))
+    out = None if args.dry_run else output_file(args.output, args.out_dir, output_name(resolved.repo_id or resolved.path.name, preset))
     bars: list = []  # the progress bar appears once writing starts, after every check has passed
 
     def progress(done: int, total: int, name: str) -> None:

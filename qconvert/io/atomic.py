@@ -193,6 +193,20 @@ def remove_dead_partials(final: Path) -> None:
                     p.unlink()
 
 
+def abandon_outputs() -> None:
+    """Remove this process's temporaries and lock files for every name it holds, for a process that must end at
+    once without unwinding (llama.cpp aborting inside a native call): nothing is published, nothing is left."""
+    for owner in list(_HELD.values()):  # no _GUARD: the caller may be inside a thread that holds it
+        tmp = partial_path(owner.final)
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        with contextlib.suppress(OSError):
+            owner.lock.unlink()
+
+
 def _alive(pid: int) -> bool:
     if pid == os.getpid():
         return True

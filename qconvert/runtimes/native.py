@@ -98,15 +98,22 @@ ABORT_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_char_p)  # ggml_abort_callback_
 
 
 def _on_abort(message: bytes | None) -> None:
-    """Runs inside ``ggml_abort`` just before it calls ``abort()``: say what happened, since the process dies."""
-    text = (message or b"").decode("utf-8", errors="replace")
-    os.write(2, (f"qconvert: error: llama.cpp aborted the process: {text}\n"
+    """Runs inside ``ggml_abort`` just before it calls ``abort()``: say what happened, remove this run's partial
+    outputs and end the process with exit status 2 (the status of every refused input), since it cannot go on."""
+    text = (message or b"").decode("utf-8", errors="replace").strip()
+    os.write(2, (f"qconvert: error: llama.cpp stopped on an internal check: {text}\n"
                  "qconvert validates every GGUF before llama.cpp sees it, so this is a llama.cpp check qconvert does "
-                 "not make yet; please report it with the output of `qconvert info FILE`.\n").encode())
+                 "not make yet; nothing was written. Please report it with the output of `qconvert info FILE`.\n"
+                 ).encode())
+    try:
+        from qconvert.io.atomic import abandon_outputs
+        abandon_outputs()
+    finally:
+        os._exit(2)  # abort() would follow: the process cannot return into llama.cpp
 
 
 def _quiet_aborts(base: ctypes.CDLL) -> None:
-    """An assert in ggml/llama.cpp aborts the process (SIGABRT): make it print why first.
+    """An assert in ggml/llama.cpp would abort the process (SIGABRT): make it say why, clean up and exit 2 instead.
 
     ``_load_all`` also sets ``GGML_NO_BACKTRACE``: without it ggml's abort forks gdb onto this process to print a
     backtrace, which can hang for many minutes. ggml reads the variable at abort time.
