@@ -24,7 +24,10 @@ from pathlib import Path
 
 DEFAULT_MODEL = Path.home() / ".cache/qconvert-real/hf/qwen2.5-coder-0.5b-tied"
 DEFAULT_METHODS = ("rtn", "rtn-asym", "gptq", "gptq-stats", "awq", "gptq-int8")
-METHODS = (*DEFAULT_METHODS, "awq-clip-all", "awq-no-clip", "awq-clip-only")
+METHODS = (*DEFAULT_METHODS, "awq-clip-all", "awq-no-clip", "awq-clip-only", "gptq-noguard", "awq-noguard",
+           "gptq-damp10", "gptq-damp10-noguard", "gptq-ga", "gptq-ga-noguard")
+# -noguard: the held-out guard off (every window fitted, the algorithm's result kept everywhere);
+# -damp10: GPTQ damping 0.1 instead of 0.01; -ga: group-aware reordering
 # AWQ ablations: q/k clipped too (--clip-all), scale search without clipping, clipping without scale search
 AWQ_VARIANTS = {"awq": {}, "awq-clip-all": {"clip_all": True}, "awq-no-clip": {"max_shrink": 0.0},
                 "awq-clip-only": {"n_grid": 0}}
@@ -34,7 +37,8 @@ EXTERNAL = ("gptqmodel-gptq", "gptqmodel-awq")
 HERE = Path(__file__).resolve().parent
 
 
-def run_one(model: Path, method: str, out: Path, samples: int, seqlen: int, search_samples: int) -> dict:
+def run_one(model: Path, method: str, out: Path, samples: int, seqlen: int, search_samples: int,
+            holdout: float) -> dict:
     """Child process: quantize, return time and peak RSS (the linears are kept for the parent's evaluation)."""
     import torch
 
@@ -48,6 +52,7 @@ def run_one(model: Path, method: str, out: Path, samples: int, seqlen: int, sear
     calib = load_calibration("builtin", model, chat=False, n_samples=samples, seq_len=seqlen, seed=0)
     settings = CalibrationSettings("cpu", torch.float32, 8)
     start = time.perf_counter()
+    kept: dict[str, int] = {}
     if method in ("rtn", "rtn-asym"):  # rtn-asym: zero points, i.e. AWQ's quantizer without its scales and clips
         # written as a GPTQ-format checkpoint (v1 stores zero points too), so it is scored like every other output
         cfg = GPTQConfig(sym=method == "rtn")
@@ -55,13 +60,17 @@ def run_one(model: Path, method: str, out: Path, samples: int, seqlen: int, sear
             calibrate(model, calib.ids, "rtn", cfg, writer.add_linear, writer.add_float, settings)
             writer.finish()
     else:
-        cfg = AWQConfig(search_samples=search_samples, **AWQ_VARIANTS[method]) if method in AWQ_VARIANTS else \
-            GPTQConfig(bits=8 if method == "gptq-int8" else 4)
+        base = method.removesuffix("-noguard")
+        gptq_opts = {"damp_percent": 0.1 if "damp10" in base else 0.01, "group_aware": base.endswith("-ga"),
+                     "bits": 8 if base == "gptq-int8" else 4}
+        cfg = AWQConfig(search_samples=search_samples, **AWQ_VARIANTS[base]) if base in AWQ_VARIANTS else \
+            GPTQConfig(**gptq_opts)
         stats = collect_stats(model, calib.ids, settings) if method == "gptq-stats" else None
-        write_int4(model, model.name, out / method, "awq" if method in AWQ_VARIANTS else "gptq", cfg, calib, settings,
-                   force=True, stats=stats, evaluate=False)
+        kept = write_int4(model, model.name, out / method, "awq" if base in AWQ_VARIANTS else "gptq", cfg, calib, settings,
+                   force=True, stats=stats, evaluate=False,
+                   holdout=None if method.endswith("-noguard") else holdout).kept
     seconds = time.perf_counter() - start
-    return {"method": method, "seconds": seconds, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+    return {"method": method, "kept": dict(kept), "seconds": seconds, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
             "tokens": calib.n_tokens}
 
 
@@ -72,6 +81,7 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--awq-search-samples", type=int, default=0, help="AWQ scale-search samples (0: all)")
+    ap.add_argument("--holdout", type=float, default=0.25, help="the held-out guard's fraction (methods without -noguard)")
     ap.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
                     help=f"any of {', '.join(METHODS)} (default: the first six), or {', '.join(EXTERNAL)} with --anchor-python; --eval-only: "
                          "also any output directory name in --workdir")
@@ -93,7 +103,7 @@ def main() -> None:
                  ".venv-oracle/bin/python after scripts/test-oracles.sh)")
     if args.child:
         print(json.dumps(run_one(args.model, args.child, args.workdir, args.samples, args.seqlen,
-                                 args.awq_search_samples)))
+                                 args.awq_search_samples, args.holdout)))
         return
     import torch
 
@@ -116,20 +126,21 @@ def main() -> None:
         else:
             cmd = [sys.executable, __file__, str(args.model), "--child", method, "--samples", str(args.samples),
                    "--seqlen", str(args.seqlen), "--workdir", str(args.workdir), "--awq-search-samples",
-                   str(args.awq_search_samples)]
+                   str(args.awq_search_samples), "--holdout", str(args.holdout)]
         r = subprocess.run(cmd, capture_output=True, text=True, check=True)
         runs.append(json.loads(r.stdout.strip().splitlines()[-1]))
         print(f"  {method}: {runs[-1]['seconds']:.0f} s", file=sys.stderr)
     print(f"model {args.model.name}; calibration: built-in set, {args.samples} x {args.seqlen} tokens; "
           f"AWQ search samples {args.awq_search_samples or args.samples}; evaluation: {reference.windows.size} held-out "
           "tokens, windows of 512 (qconvert verify's method); CPU threads 2")
-    print(f"{'method':<14} {'time s':>8} {'peak RSS GB':>12} {'PPL':>9} {'dPPL %':>8} {'KL':>9} {'top-1 %':>8}")
+    print(f"{'method':<20} {'time s':>8} {'peak RSS GB':>12} {'PPL':>9} {'dPPL %':>8} {'KL':>9} {'top-1 %':>8}  kept")
     for i, r in enumerate(runs):
         q = verify_artifact(args.workdir / r["method"], reference, progress=False)
         if i == 0:
-            print(f"{'float':<14} {'':>8} {'':>12} {q.ppl_ref:>9.3f}")
-        print(f"{r['method']:<14} {r['seconds']:>8.1f} {r['peak_rss_gb']:>12.2f} {q.ppl:>9.3f} "
-              f"{q.dppl_pct:>+8.2f} {q.kl_mean:>9.5f} {100 * q.top1:>8.1f}")
+            print(f"{'float':<20} {'':>8} {'':>12} {q.ppl_ref:>9.3f}")
+        kept = ", ".join(f"{k} {v}" for k, v in sorted(r.get("kept", {}).items()))
+        print(f"{r['method']:<20} {r['seconds']:>8.1f} {r['peak_rss_gb']:>12.2f} {q.ppl:>9.3f} "
+              f"{q.dppl_pct:>+8.2f} {q.kl_mean:>9.5f} {100 * q.top1:>8.1f}  {kept}")
 
 
 if __name__ == "__main__":

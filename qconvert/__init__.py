@@ -25,6 +25,7 @@ _API = {
     # GPTQ / AWQ checkpoints
     "write_int4": "qconvert.pipelines.int4",
     "output_dir_name": "qconvert.pipelines.int4",
+    "convert_format": "qconvert.pipelines.int4",
     "GPTQConfig": "qconvert.int4",
     "AWQConfig": "qconvert.int4",
     "CalibrationSettings": "qconvert.calibration.quantize",
@@ -40,7 +41,8 @@ _API = {
 }
 
 __all__ = [  # the names of _API, spelled out for linters and `from qconvert import *`
-    "AWQConfig", "CalibrationSettings", "GPTQConfig", "PlanOptions", "__version__", "export_gguf", "export_onnx",
+    "AWQConfig", "CalibrationSettings", "GPTQConfig", "PlanOptions", "__version__", "convert_format", "export_gguf",
+    "export_onnx",
     "importance_matrix", "load_calibration", "load_recipe", "output_dir_name", "output_name", "resolve_model",
     "run_release", "verify_artifacts", "write_int4",
 ]

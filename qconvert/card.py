@@ -79,7 +79,8 @@ def settings_rows(settings: Mapping[str, Any]) -> list[tuple[str, str]]:
 # -- GPTQ / AWQ --------------------------------------------------------------------------------------------------
 
 def int4_card(name: str, source: str, method: str, qcfg: Mapping[str, Any], calib: str, *, n_tokens: int,
-              seconds: float, device: str, dtype: str, from_stats: bool = False, search: str = "") -> str:
+              seconds: float, device: str, dtype: str, from_stats: bool = False, search: str = "",
+              guard: str = "") -> str:
     """README.md of a GPTQ/AWQ checkpoint: settings (``quantization_config``), calibration data and forward."""
     forward = ("none: GPTQ from saved float-model Hessians (one float pass, not true-sequential)" if from_stats else
                f"{device}, {dtype}; layer-by-layer (quantized outputs propagated), statistics in float32")
@@ -95,7 +96,7 @@ def int4_card(name: str, source: str, method: str, qcfg: Mapping[str, Any], cali
         sections=[
             (None, table(("setting", "value"), rows)),
             ("Calibration", (f"- data: {calib}\n- tokens used: {n_tokens:,}\n- forward: {forward}\n"
-                            f"- time: {seconds:.1f} s")),
+                            + (f"- {guard}\n" if guard else "") + f"- time: {seconds:.1f} s")),
             (None, ("Load with transformers (`AutoModelForCausalLM.from_pretrained`; GPTQ and AWQ both need "
                    "gptqmodel + optimum,\nthe combination qconvert's oracle tests load them with) or vLLM "
                    f"(`--quantization {kernel}`).")),

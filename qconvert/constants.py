@@ -151,3 +151,8 @@ GGUF_MAX_STRING_LENGTH = 1 << 30  # bytes
 GGUF_MAX_ARRAY_ELEMENTS = 1 << 30
 LLAMA_MAX_LAYERS = 512  # block_count must lie in 1..512 (GGML_ASSERT in llama_model::load_hparams)
 INT64_MAX = (1 << 63) - 1  # ggml's ne[] and element counts are int64
+
+# The held-out guard of GPTQ/AWQ (qconvert.int4.guard): the fraction of calibration windows held out (at least
+# one), and the most that may be (more leaves the algorithm fewer tokens than it is judged on).
+DEFAULT_HOLDOUT = 0.25
+MAX_HOLDOUT = 0.5

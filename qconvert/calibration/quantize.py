@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -55,9 +56,11 @@ from qconvert.int4.awq import (
     apply_clip,
     apply_scales,
     quantize_awq,
+    scaled_fake_quant,
     search_clip,
     search_scales,
 )
+from qconvert.int4.guard import holdout_count, reconstruction_error, windows_needed
 from qconvert.int4.rtn import check_scheme
 from qconvert.io.safetensors import SafetensorsCheckpoint
 from qconvert.model import qwen2
@@ -81,6 +84,17 @@ class CalibrationReport:
     seconds: float
     device: str
     dtype: str
+    holdout: int = 0  # windows held out for the guard (the last ones); 0: no guard
+    kept: Mapping[str, int] = field(default_factory=dict)  # linears per result kept: {"gptq": 160, "rtn": 8}
+    rank_warnings: tuple[str, ...] = ()  # input sites the fitted tokens cannot span (GPTQ)
+
+    def guard_summary(self) -> str:
+        """One line for the model card and the terminal: the split and what the guard kept."""
+        if not self.holdout:
+            return "held-out guard: off"
+        kept = ", ".join(f"{k} {v}" for k, v in sorted(self.kept.items(), key=lambda kv: -kv[1]))
+        return (f"held-out guard: the last {self.holdout} of {self.n_samples} calibration windows judged each result "
+                f"against round-to-nearest (fitted on the first {self.n_samples - self.holdout}); linears kept: {kept}")
 
 
 class _GroupDone(Exception):
@@ -113,18 +127,37 @@ class _SiteHessian:
         return self.H
 
 
+def _guarded(q: QuantizedLinear, r: QuantizedLinear, W: torch.Tensor, H_out: torch.Tensor, method: str
+             ) -> QuantizedLinear:
+    """``q`` (the algorithm's) or ``r`` (round-to-nearest), whichever reconstructs ``W`` better on the held-out
+    tokens behind ``H_out``; ``info`` records the choice and both errors."""
+    e_q = reconstruction_error(W, q.dequantize(), H_out)
+    e_r = reconstruction_error(W, r.dequantize(), H_out)
+    kept = q if e_q <= e_r else r
+    return replace(kept, info=MappingProxyType({**q.info, "kept": method if kept is q else "rtn",
+                                                "heldout_error": e_q, "rtn_heldout_error": e_r}))
+
+
 def _gptq_layer(layer: DeviceLayer, h: torch.Tensor, dims: qwen2.Qwen2Dims, rope: tuple[torch.Tensor, torch.Tensor],
-                spec: ArchSpec, cfg: GPTQConfig, settings: CalibrationSettings) -> dict[str, QuantizedLinear]:
+                spec: ArchSpec, cfg: GPTQConfig, settings: CalibrationSettings, n_out: int = 0
+                ) -> dict[str, QuantizedLinear]:
     """True-sequential GPTQ of one layer: each group's Hessians see the already quantized earlier groups.
 
     Each group's forward stops as soon as the group's input is captured (q/k/v need only the input norm, o_proj
     the attention), and the linears of a group (q/k/v, gate/up) read one input, so they share one Hessian.
+    ``n_out`` > 0: the last ``n_out`` windows are held out (the guard): GPTQ fits the others, and each linear keeps
+    GPTQ's result only where it beats symmetric round-to-nearest on the held-out windows.
     """
     out: dict[str, QuantizedLinear] = {}
+    n_fit = h.shape[0] - n_out
     for group in spec.sequential:
-        H = _SiteHessian(group[0]).collect(layer, h, dims, rope, settings.batch_size)  # group[0] names the site
+        H = _SiteHessian(group[0]).collect(layer, h[:n_fit], dims, rope, settings.batch_size)  # group[0]: the site
+        H_out = _SiteHessian(group[0]).collect(layer, h[n_fit:], dims, rope, settings.batch_size) if n_out else None
         for name in group:
-            q = gptq(layer.weight(name).float(), H, cfg)
+            W = layer.weight(name).float()
+            q = gptq(W, H, cfg)
+            if H_out is not None:
+                q = _guarded(q, rtn(W, cfg.bits, cfg.group_size, cfg.sym, cfg.min_zero), W, H_out, "gptq")
             layer.p[f"{name}.weight"] = q.dequantize().to(settings.dtype)
             out[name] = q
     return out
@@ -157,31 +190,59 @@ def _inspect_forward(layer: DeviceLayer, inspect: str, names: Sequence[str], x: 
     return forward
 
 
+def _layer_output(p: Mapping[str, torch.Tensor], h: torch.Tensor, dims: qwen2.Qwen2Dims,
+                  rope: tuple[torch.Tensor, torch.Tensor], batch: int) -> torch.Tensor:
+    """The decoder layer with tensors ``p`` on windows ``h`` (float32)."""
+    with torch.no_grad():
+        return torch.cat([qwen2.decoder_layer(p, h[i:i + batch], dims, rope) for i in range(0, h.shape[0], batch)]).float()
+
+
+def _mse(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).pow(2).mean())
+
+
 def _awq_layer(layer: DeviceLayer, h: torch.Tensor, dims: qwen2.Qwen2Dims, rope: tuple[torch.Tensor, torch.Tensor],
-               spec: ArchSpec, cfg: AWQConfig, settings: CalibrationSettings
+               spec: ArchSpec, cfg: AWQConfig, settings: CalibrationSettings, n_out: int = 0
                ) -> tuple[dict[str, QuantizedLinear], dict[str, torch.Tensor]]:
     """AWQ of one layer (AutoAWQ's order): search every scale on the float layer, apply all, clip, quantize.
 
+    ``n_out`` > 0: the last ``n_out`` windows are held out (the guard). The searches see only the others; a
+    mapping keeps its scales, and a linear its clip, only where that lowers the error on the held-out windows;
+    and the whole layer falls back to zero-point round-to-nearest when its output on the held-out windows is
+    further from the float layer's than round-to-nearest's is.
     Returns the quantized linears and the rescaled float tensors (norm gains), names relative to the layer.
     """
     mappings, no_clip = AWQ_TABLES[spec.hf_arch]
     site_of = spec.input_sites  # q/k/v read one input, gate/up another: cache each input once
+    float_p = dict(layer.p)  # the float layer (entries are replaced below, never modified in place)
     cached: dict[str, list[torch.Tensor]] = {}
     run_layer(layer, h, dims, rope, settings.batch_size,
               lambda n, x: cached.setdefault(n, []).append(x) if site_of[n] == n else None)
     inputs = {site: torch.cat(xs) for site, xs in cached.items()}  # input site -> [n, t, in]
+    n_fit = h.shape[0] - n_out
     linears = [s for group in spec.sequential for s in group]
     shapes = {n: tuple(layer.weight(n).shape) for n in linears}
     sites = active_mappings(mappings, shapes)
-    scales = []
-    k = cfg.search_samples or h.shape[0]  # the grid's forwards run on the first k samples (random windows)
+    scales, scaled_sites = [], 0
+    k = min(cfg.search_samples or n_fit, n_fit)  # the grid's forwards run on the first k samples (random windows)
     for m in sites:  # searched on the unscaled layer, like AutoAWQ's auto_scale
         if len({site_of[n] for n in m.layers}) != 1:
             raise CalibrationError(f"AWQ mapping {m.prev} -> {m.layers} spans several input sites of "
                                    f"{spec.hf_arch}'s registry groups; its layers must read one input.")
         x = inputs[site_of[m.layers[0]]]
+        ws = [layer.weight(n).float() for n in m.layers]
         fwd = _inspect_forward(layer, m.inspect, m.layers, x[:k], dims, rope, settings.batch_size)
-        scales.append(search_scales(x, [layer.weight(n).float() for n in m.layers], fwd, cfg).scales)
+        found = search_scales(x[:n_fit], ws, fwd, cfg)
+        s = found.scales
+        if n_out and found.alpha is not None:  # the searched scales against s = 1, on the held-out windows
+            held = _inspect_forward(layer, m.inspect, m.layers, x[n_fit:], dims, rope, settings.batch_size)
+            reference = held(ws)
+            ones = torch.ones_like(s)
+            if _mse(held([scaled_fake_quant(w, s, cfg) for w in ws]), reference) >= \
+                    _mse(held([scaled_fake_quant(w, ones, cfg) for w in ws]), reference):
+                s = ones
+        scaled_sites += int(not bool((s == 1).all()))
+        scales.append(s)
     changed: set[str] = set()
     for m, s in zip(sites, scales):
         prev = f"{m.prev}.weight"
@@ -198,12 +259,36 @@ def _awq_layer(layer: DeviceLayer, h: torch.Tensor, dims: qwen2.Qwen2Dims, rope:
         site = site_of[m.layers[0]]  # a mapping's layers are one group: their shared input is rescaled once
         inputs[site] = inputs[site] / s.to(inputs[site].dtype)
     out = {}
+    held_H: dict[str, torch.Tensor] = {}
     for n in linears:
         w = layer.weight(n).float()
+        q = quantize_awq(w, cfg)
+        clipped = 0.0
         if cfg.clip_all or n not in no_clip:
-            w = apply_clip(w, search_clip(inputs[site_of[n]], w, cfg))
-        out[n] = quantize_awq(w, cfg)
+            qc = quantize_awq(apply_clip(w, search_clip(inputs[site_of[n]][:n_fit], w, cfg)), cfg)
+            if n_out:  # the clip against none, on the held-out windows (both judged against the unclipped w)
+                site = site_of[n]
+                if site not in held_H:
+                    held_H[site] = add_to_hessian(None, 0, inputs[site][n_fit:])[0]
+                if reconstruction_error(w, qc.dequantize(), held_H[site]) < \
+                        reconstruction_error(w, q.dequantize(), held_H[site]):
+                    q, clipped = qc, 1.0
+            else:
+                q, clipped = qc, 1.0
+        out[n] = replace(q, info=MappingProxyType({"kept": "awq", "clipped": clipped,
+                                                   "scaled_sites": float(scaled_sites)}))
         layer.p[f"{n}.weight"] = out[n].dequantize().to(settings.dtype)
+    if n_out:  # the layer against plain zero-point round-to-nearest, on the held-out windows
+        h_out = h[n_fit:]
+        reference = _layer_output(float_p, h_out, dims, rope, settings.batch_size)
+        base = {n: rtn(float_p[f"{n}.weight"].float(), cfg.bits, cfg.group_size, sym=False) for n in linears}
+        base_p = {**float_p, **{f"{n}.weight": q.dequantize().to(settings.dtype) for n, q in base.items()}}
+        e_awq = _mse(_layer_output(layer.p, h_out, dims, rope, settings.batch_size), reference)
+        e_rtn = _mse(_layer_output(base_p, h_out, dims, rope, settings.batch_size), reference)
+        if e_awq > e_rtn:
+            layer.p.clear()
+            layer.p.update(base_p)
+            return {n: replace(q, info=MappingProxyType({"kept": "rtn"})) for n, q in base.items()}, {}
     floats = {n: layer.p[n] for n in changed if not any(n == f"{q}.weight" for q in linears)}
     return out, floats
 
@@ -221,19 +306,23 @@ def check_model_scheme(config: Mapping[str, Any], spec: ArchSpec, bits: int, gro
 class _QuantizePass:
     """The layer pass of ``calibrate``: quantize one layer's linears in place and hand the results on."""
 
-    def __init__(self, method: str, cfg: GPTQConfig | AWQConfig, on_linear: OnLinear, on_float: OnFloat | None) -> None:
-        self.method, self.cfg, self.on_linear, self.on_float = method, cfg, on_linear, on_float
+    def __init__(self, method: str, cfg: GPTQConfig | AWQConfig, on_linear: OnLinear, on_float: OnFloat | None,
+                 n_out: int = 0) -> None:
+        self.method, self.cfg, self.on_linear, self.on_float, self.n_out = method, cfg, on_linear, on_float, n_out
+        self.kept: dict[str, int] = {}
 
     def __call__(self, layer: DeviceLayer, h: torch.Tensor, ctx: LayerContext) -> None:
         floats: dict[str, torch.Tensor] = {}
         cfg = self.cfg
         if isinstance(cfg, AWQConfig):
-            qs, floats = _awq_layer(layer, h, ctx.dims, ctx.rope, ctx.spec, cfg, ctx.settings)
+            qs, floats = _awq_layer(layer, h, ctx.dims, ctx.rope, ctx.spec, cfg, ctx.settings, self.n_out)
         elif self.method == "gptq":
-            qs = _gptq_layer(layer, h, ctx.dims, ctx.rope, ctx.spec, cfg, ctx.settings)
+            qs = _gptq_layer(layer, h, ctx.dims, ctx.rope, ctx.spec, cfg, ctx.settings, self.n_out)
         else:
             qs = _rtn_layer(layer, ctx.spec, cfg, ctx.settings)
         for name, q in qs.items():
+            kept = str(q.info.get("kept", self.method))
+            self.kept[kept] = self.kept.get(kept, 0) + 1
             self.on_linear(ctx.prefix + name, q)
         for name, t in floats.items():
             if self.on_float is None:
@@ -242,15 +331,37 @@ class _QuantizePass:
         # the driver runs the layer with its quantized weights
 
 
+def rank_warnings(config: Mapping[str, Any], spec: ArchSpec, n_fit: int, seq_len: int, n_out: int) -> list[str]:
+    """One line per input site whose Hessian the fitted calibration tokens cannot make full-rank (tokens < inputs):
+    GPTQ then extrapolates along directions it never saw; says how many windows would cover it."""
+    from qconvert.int4.writer import qwen2_linear_shapes
+
+    shapes = qwen2_linear_shapes(config)
+    tokens = n_fit * seq_len
+    lines = []
+    for group in spec.sequential:
+        n_in = shapes[group[0]][1]
+        if n_in > tokens:
+            lines.append(f"{spec.block_prefix}.*.{'/'.join(group)}: {n_in} inputs but {tokens} fitted calibration "
+                         f"tokens (Hessian rank <= {tokens}); {windows_needed(n_in, seq_len, n_out)} windows of "
+                         f"{seq_len} would cover it. The held-out guard keeps round-to-nearest where GPTQ does worse.")
+    return lines
+
+
 def calibrate(model_dir: str | Path, ids: torch.Tensor, method: str, cfg: GPTQConfig | AWQConfig, on_linear: OnLinear,
               on_float: OnFloat | None = None, settings: CalibrationSettings = CalibrationSettings(),
-              progress: Progress | None = None, pad_to: int | None = None) -> CalibrationReport:
+              progress: Progress | None = None, pad_to: int | None = None,
+              holdout: float | None = None) -> CalibrationReport:
     """Quantize every decoder linear of the checkpoint in ``model_dir`` with calibration tokens ``ids`` [n, t].
 
     ``method``: ``gptq`` (``cfg`` a GPTQConfig), ``awq`` (an AWQConfig) or ``rtn`` (a GPTQConfig; no statistics,
     the baseline). Results go to ``on_linear(full module name, q)`` layer by layer; AWQ's rescaled norm gains go to
     ``on_float(full tensor name, tensor)``. ``pad_to`` zero-pads every MLP's intermediate size first (Qwen's
-    recipe for vLLM tensor parallelism; outputs unchanged). Returns what was used (token count, time).
+    recipe for vLLM tensor parallelism; outputs unchanged). ``holdout``: the fraction of the windows (the last
+    ones, at least one) held out for the guard (``qconvert.int4.guard``); None (the driver's default, so the
+    algorithms stay exactly the published ones here) turns it off. The product paths (``write_int4``, the ONNX
+    export, the release) pass ``DEFAULT_HOLDOUT``.
+    Returns what was used (token count, time, the guard's split and choices).
     """
     if method not in METHODS:
         raise CalibrationError(f"unknown calibration method {method!r}; use one of {', '.join(METHODS)}.")
@@ -260,8 +371,13 @@ def calibrate(model_dir: str | Path, ids: torch.Tensor, method: str, cfg: GPTQCo
     start = time.perf_counter()
     model_dir = Path(model_dir)
     config = read_config(model_dir)
-    check_model_scheme(config, spec_for_config(config), cfg.bits, cfg.group_size)
-    stream_layers(SafetensorsCheckpoint(model_dir), config, ids, _QuantizePass(method, cfg, on_linear, on_float),
+    spec = spec_for_config(config)
+    check_model_scheme(config, spec, cfg.bits, cfg.group_size)
+    n_out = holdout_count(ids.shape[0], holdout) if holdout is not None and method != "rtn" else 0
+    layer_pass = _QuantizePass(method, cfg, on_linear, on_float, n_out)
+    warnings = rank_warnings(config, spec, ids.shape[0] - n_out, ids.shape[1], n_out) if method == "gptq" else []
+    stream_layers(SafetensorsCheckpoint(model_dir), config, ids, layer_pass,
                   settings, pad_to=pad_to, propagate=method != "rtn", progress=progress)
     return CalibrationReport(ids.shape[0], ids.shape[1], ids.numel(), time.perf_counter() - start, settings.device,
-                             str(settings.dtype).removeprefix("torch."))
+                             str(settings.dtype).removeprefix("torch."), n_out, dict(layer_pass.kept),
+                             tuple(warnings))

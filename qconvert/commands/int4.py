@@ -32,8 +32,9 @@ def run_int4(args: argparse.Namespace) -> int:
         settings_from_args,
     )
     from qconvert.commands.gguf import model_ref
+    from qconvert.int4.guard import holdout_count
     from qconvert.io.atomic import check_not_inside, check_writable_target
-    from qconvert.pipelines.int4 import marlin_warnings, output_dir_name, write_int4
+    from qconvert.pipelines.int4 import int4_quantization_config, marlin_warnings, output_dir_name, write_int4
     from qconvert.registry import spec_for_config
     from qconvert.resolve import resolve_model
 
@@ -48,7 +49,8 @@ def run_int4(args: argparse.Namespace) -> int:
                                "activations, which a statistics file does not hold. Drop --stats.")
     if args.stats is not None and args.save_stats is not None:
         raise CalibrationError("--stats reads statistics and --save-stats writes them; give one of the two.")
-    out = args.out_dir / output_dir_name(model_name, args.command, cfg.bits)
+    int4_quantization_config(cfg, args.format)  # a scheme the layout cannot hold: refused before any work
+    out = args.out_dir / output_dir_name(model_name, args.command, cfg.bits, args.format)
     check_not_inside(out, (resolved.path, args.stats))  # before any calibration work
     if args.save_stats is not None:
         check_not_inside(args.save_stats, (resolved.path,))
@@ -58,6 +60,9 @@ def run_int4(args: argparse.Namespace) -> int:
         check_writable_target(args.save_stats, force=False)
     stats = load_stats(args.stats, resolved.path) if args.stats is not None else None
     calib = calibration_from_args(args, resolved.path, model_name) if stats is None else None
+    holdout = None if args.no_guard or stats is not None else args.holdout
+    if holdout is not None and calib is not None:
+        holdout_count(calib.ids.shape[0], holdout)  # too few windows for the split: refused before any forward
     for line in marlin_warnings(cfg):
         print(f"qconvert: warning: {line}", file=sys.stderr)
     if args.save_stats is not None:
@@ -67,11 +72,13 @@ def run_int4(args: argparse.Namespace) -> int:
     try:
         report = write_int4(resolved.path, model_name, out, args.command, cfg, calib, settings, force=args.force,
                             progress=progress, stats=stats, evaluate=not args.no_eval,
-                            pad_intermediate=args.pad_intermediate)
+                            pad_intermediate=args.pad_intermediate, holdout=holdout, layout=args.format)
     finally:
         for bar in bars:
             bar.close()
     print(f"used {report.n_tokens:,} calibration tokens ({report.n_samples} x {report.seq_len})")
+    if report.holdout:
+        print(report.guard_summary())
     print(f"wrote {out} ({report.seconds:.1f} s on {report.device}, {report.dtype})")
     return 0
 
@@ -109,12 +116,14 @@ Calibration data as for `qconvert gptq --help`.
 
 
 COMMANDS = ("gptq", "awq")
+LAYOUT_HELP = {"gptq": "GPTQ v1, what AutoGPTQ/GPTQModel wrote", "awq": "AutoAWQ GEMM"}
 
 
 def add_parsers(sub: Any, add_model_args: Any) -> None:
     """Register ``gptq`` and ``awq`` on the CLI's subparsers."""
     from qconvert.commands.argtypes import MAX_CALIB_SAMPLES, float_range, group_size, int_range, non_negative_int
     from qconvert.commands.calibargs import add_calibration_args
+    from qconvert.constants import DEFAULT_HOLDOUT, MAX_HOLDOUT
 
     for method, epilog in (("gptq", GPTQ_EPILOG), ("awq", AWQ_EPILOG)):
         p = sub.add_parser(method, help=f"quantize to {'an' if method == 'awq' else 'a'} {method.upper()} checkpoint with calibration (preview: checked with transformers and GPTQModel on CPU)",
@@ -148,6 +157,14 @@ def add_parsers(sub: Any, add_model_args: Any) -> None:
             q.add_argument("--clip-all", action="store_true",
                            help="also search clipping thresholds for q_proj and k_proj, which AutoAWQ leaves "
                                 "unclipped (on Qwen2.5-Coder-0.5B: KL to float -3%%, same perplexity)")
+        g = p.add_argument_group("held-out guard (never worse than round-to-nearest)")
+        g.add_argument("--holdout", type=float_range(0.0, MAX_HOLDOUT, low_open=True), default=DEFAULT_HOLDOUT,
+                       metavar="FRACTION",
+                       help=f"fraction of the calibration windows (the last ones, at least one) that {method.upper()} "
+                            "does not fit; each result is kept only where it beats round-to-nearest on them "
+                            f"(default {DEFAULT_HOLDOUT}; at most {MAX_HOLDOUT})")
+        g.add_argument("--no-guard", action="store_true",
+                       help=f"fit every window and keep {method.upper()}'s result everywhere (no held-out check)")
         q.add_argument("--pad-intermediate", action="store_true",
                        help="zero-pad the MLP intermediate size so vLLM can shard it 2/4/8 ways (Qwen's 72B recipe: "
                             "29568 -> 29696); the model's outputs do not change")
@@ -156,6 +173,10 @@ def add_parsers(sub: Any, add_model_args: Any) -> None:
             "no forward pass (faster; not true-sequential)" if method == "gptq" else
             "not accepted: AWQ searches its scales on each layer's own activations"))
         o = p.add_argument_group("output")
+        o.add_argument("--format", choices=(method, "compressed-tensors"), default=method,
+                       help=f"checkpoint layout: {method} (default; {LAYOUT_HELP[method]}) or compressed-tensors "
+                            "(llm-compressor's pack-quantized, what vLLM now expects; same codes and scales, output "
+                            "name gets -ct; 4/8-bit, no --act-order)")
         o.add_argument("--out-dir", type=Path, default=Path("."), help="parent directory of the output (default .)")
         o.add_argument("--force", action="store_true", help="replace an existing output directory")
         o.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -8,8 +8,10 @@ except the writer):
     gptq.py     ``add_to_hessian(H, n, x)`` while calibrating, then ``gptq(W, H, GPTQConfig) -> QuantizedLinear``
     awq.py      ``search_scales`` / ``apply_scales`` / ``search_clip`` / ``apply_clip`` / ``quantize_awq`` and the
                 Qwen2 scaling map ``QWEN2_SCALE_MAPPINGS``
-    formats.py  ``pack_gptq`` / ``pack_awq`` (and unpack / dequantize) into the GPTQ v1 and AWQ GEMM layouts;
-                the ``quantization_config`` dicts
+    guard.py    the held-out guard: a result is kept only where it beats round-to-nearest on held-out windows
+    formats.py  ``pack_gptq`` / ``pack_awq`` / ``pack_compressed`` (and unpack / dequantize) into the GPTQ v1,
+                AWQ GEMM and compressed-tensors pack-quantized layouts; the ``quantization_config`` dicts; ``LAYOUTS``
+                and ``layout_scheme`` (which layout and scheme a checkpoint's config declares)
     writer.py   ``QuantizedCheckpointWriter`` (streaming, atomic, sharded), ``pad_intermediate`` and vLLM
                 tensor-parallel shape checks
 
@@ -29,14 +31,20 @@ from qconvert.int4.awq import (
     search_scales,
 )
 from qconvert.int4.formats import (
+    LAYOUTS,
     awq_quantization_config,
+    compressed_quantization_config,
     dequantize_awq,
+    dequantize_compressed,
     dequantize_gptq,
     dequantized_tensors,
     gptq_quantization_config,
+    layout_scheme,
     pack_awq,
+    pack_compressed,
     pack_gptq,
     unpack_awq,
+    unpack_compressed,
     unpack_gptq,
 )
 from qconvert.int4.gptq import GPTQConfig, HessianError, add_to_hessian, gptq
@@ -51,6 +59,7 @@ from qconvert.int4.writer import (
 )
 
 __all__ = [
+    "LAYOUTS",
     "QWEN2_NO_CLIP",
     "QWEN2_SCALE_MAPPINGS",
     "AWQConfig",
@@ -65,12 +74,16 @@ __all__ = [
     "apply_clip",
     "apply_scales",
     "awq_quantization_config",
+    "compressed_quantization_config",
     "dequantize_awq",
+    "dequantize_compressed",
     "dequantize_gptq",
     "dequantized_tensors",
     "gptq",
     "gptq_quantization_config",
+    "layout_scheme",
     "pack_awq",
+    "pack_compressed",
     "pack_gptq",
     "pad_intermediate",
     "padded_intermediate_size",
@@ -80,6 +93,7 @@ __all__ = [
     "search_scales",
     "tensor_parallel_problems",
     "unpack_awq",
+    "unpack_compressed",
     "unpack_gptq",
     "write_quantized_checkpoint",
 ]

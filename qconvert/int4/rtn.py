@@ -62,7 +62,8 @@ class QuantizedLinear:
     scales  f32   [out, groups]   values exactly representable in float16
     zeros   uint8 [out, groups]   integer zero points (the true ``z``, not GPTQ v1's ``z - 1``)
     g_idx   int32 [in]            group of each input column
-    info    diagnostics of the algorithm that made it (GPTQ: ``damp_percent``, ``loss``)
+    info    diagnostics of the algorithm that made it (GPTQ: ``damp_percent``, ``loss``; the held-out guard's
+            ``kept`` and errors)
     """
 
     codes: torch.Tensor
@@ -72,7 +73,7 @@ class QuantizedLinear:
     bits: int
     group_size: int
     sym: bool
-    info: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
+    info: Mapping[str, float | str] = field(default_factory=lambda: MappingProxyType({}))
 
     @property
     def shape(self) -> tuple[int, int]:

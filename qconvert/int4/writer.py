@@ -1,4 +1,4 @@
-"""Write a GPTQ or AWQ checkpoint directory that transformers, vLLM and GPTQModel load; Qwen's intermediate padding.
+"""Write a GPTQ, AWQ or compressed-tensors checkpoint directory that transformers and vLLM load; Qwen's padding.
 
 ``QuantizedCheckpointWriter`` is a strict streaming state machine: the calibration driver hands it one quantized
 linear at a time (``add_linear``), optionally replaced float tensors (``add_float``: AWQ's rescaled RMSNorm
@@ -11,11 +11,14 @@ The directory is built in a temporary sibling (``.<name>.partial-*``) and rename
 failed run leaves nothing under the final name. Layout (anchor §2.2, §3.2, §10.4)::
 
     config.json              source config + quantization_config, torch_dtype float16
-    quantize_config.json     the same quantization_config dict (AutoGPTQ/GPTQModel/vLLM fallback read it)
+    quantize_config.json     the same quantization_config dict (AutoGPTQ/GPTQModel/vLLM fallback read it; GPTQ and
+                             AWQ only: llm-compressor writes none for compressed-tensors)
     model.safetensors | model-0000i-of-0000N.safetensors + model.safetensors.index.json
     tokenizer files, generation_config.json (copied)
 
-Quantized linears become ``<module>.qweight/.qzeros/.scales(/.g_idx)``; embeddings, norms, biases and
+Quantized linears become ``<module>.qweight/.qzeros/.scales(/.g_idx)`` (GPTQ, AWQ) or ``<module>.weight_packed/
+.weight_scale/.weight_shape(/.weight_zero_point)`` (compressed-tensors; ``int4.formats.LAYOUTS`` has every
+layout's packer and shapes); embeddings, norms, biases and
 ``lm_head`` are float16. With ``tie_word_embeddings`` no ``lm_head.weight`` is written, so the tie survives.
 
 vLLM's Marlin kernels shard GPTQ/AWQ weights under tensor parallelism only when each partition keeps whole
@@ -42,7 +45,7 @@ import torch
 from safetensors.numpy import save_file
 
 from qconvert.errors import CheckpointError, QuantTypeError
-from qconvert.int4.formats import PACKERS, packed_shapes
+from qconvert.int4.formats import PACKED_SUFFIXES, layout_scheme
 from qconvert.int4.rtn import QuantizedLinear
 from qconvert.io.atomic import StagedDirectory
 from qconvert.io.safetensors import INDEX_FILE, SINGLE_FILE, SafetensorsCheckpoint
@@ -145,9 +148,11 @@ def pad_intermediate(gate: Array, up: Array, down: Array, new_size: int) -> tupl
 class QuantizedCheckpointWriter:
     """Streams a quantized checkpoint of ``src_dir`` into ``out_dir`` (see the module docstring).
 
-    ``quantization_config`` comes from ``formats.gptq_quantization_config`` / ``awq_quantization_config``; its
-    ``quant_method`` picks the packer. ``config_updates`` are merged into config.json (e.g. a padded
-    ``intermediate_size``). Use as a context manager: an exception inside the block removes the partial output.
+    ``quantization_config`` comes from ``formats.gptq_quantization_config`` / ``awq_quantization_config`` /
+    ``compressed.compressed_quantization_config``; its ``quant_method`` picks the layout (packer and shapes).
+    ``src_dir`` may itself be quantized (``qconvert convert-format``): its packed tensors are never copied.
+    ``config_updates`` are merged into config.json (e.g. a padded ``intermediate_size``). Use as a context manager:
+    an exception inside the block removes the partial output.
     """
 
     def __init__(self, src_dir: str | Path, out_dir: str | Path, quantization_config: Mapping[str, Any], *,
@@ -155,15 +160,13 @@ class QuantizedCheckpointWriter:
                  config_updates: Mapping[str, Any] | None = None, tp_sizes: Sequence[int] = (2, 4, 8)) -> None:
         self.src_dir, self.out_dir, self.force = Path(src_dir), Path(out_dir), force
         self.qcfg = MappingProxyType(dict(quantization_config))
-        if self.qcfg.get("quant_method") not in PACKERS:
-            raise QuantTypeError(f"quant_method {self.qcfg.get('quant_method')!r} is not one qconvert writes; "
-                                 f"build the config with formats.gptq_quantization_config or awq_quantization_config.")
-        self.method = self.qcfg["quant_method"]
+        self.layout, self.scheme = layout_scheme(self.qcfg, "the quantization_config to write")
+        self.method = self.layout.name
         self.config = {**read_model_config(self.src_dir), **(config_updates or {})}
         self.src = SafetensorsCheckpoint(self.src_dir)
         self.linears = _expected_linears(self.config)
         self.floats = self._float_names()
-        if (msg := tensor_parallel_warning(self.config, self.qcfg["group_size"], tp_sizes)) is not None:
+        if (msg := tensor_parallel_warning(self.config, self.scheme.group_size, tp_sizes)) is not None:
             warnings.warn(msg, TensorParallelWarning, stacklevel=2)
         self.max_shard_bytes = max_shard_bytes
         self.staged = StagedDirectory(self.out_dir, force=force, needed=self.data_bytes(), inputs=(self.src_dir,))
@@ -175,18 +178,16 @@ class QuantizedCheckpointWriter:
         self.done: set[str] = set()
 
     def _float_names(self) -> dict[str, tuple[int, ...]]:
-        """Source tensors written as fp16: everything but the quantized weights (and a tied lm_head)."""
-        quantized = {f"{m}.weight" for m in self.linears}
+        """Source tensors written as fp16: everything but the quantized weights (and a tied lm_head); a quantized
+        source's packed tensors of those linears are skipped too."""
+        quantized = {f"{m}.{s}" for m in self.linears for s in ("weight", *PACKED_SUFFIXES)}
         tied = bool(self.config.get("tie_word_embeddings"))
         return {n: self.src.entries[n].shape for n in self.src.names()
                 if n not in quantized and not (tied and n == "lm_head.weight")}
 
     def data_bytes(self) -> int:
         """Bytes of tensor data the finished checkpoint holds (packed linears, fp16 floats; headers aside)."""
-        bits, group = self.qcfg["bits"], self.qcfg["group_size"]
-        packed = sum(math.prod(shape) * (2 if part == "scales" else 4)  # fp16 scales, int32 everything else
-                     for out_f, in_f in self.linears.values()
-                     for part, shape in packed_shapes(self.method, out_f, in_f, bits, group).items())
+        packed = sum(self.layout.nbytes(out_f, in_f, self.scheme) for out_f, in_f in self.linears.values())
         return packed + 2 * sum(math.prod(shape) for shape in self.floats.values())
 
     # -- calls the driver makes ------------------------------------------------------------------------------
@@ -194,9 +195,8 @@ class QuantizedCheckpointWriter:
     def add_linear(self, module: str, q: QuantizedLinear) -> None:
         """Pack and buffer the quantized weight of ``module`` (e.g. ``model.layers.3.mlp.down_proj``)."""
         self._check_linear(module, q)
-        packer, _ = PACKERS[self.method]
-        packed = {k: v.detach().cpu().numpy() for k, v in packer(q).items()}
-        shapes = packed_shapes(self.method, *q.shape, q.bits, q.group_size)
+        packed = {k: v.detach().cpu().numpy() for k, v in self.layout.pack(q).items()}
+        shapes = self.layout.shapes(*q.shape, self.scheme)
         if {k: v.shape for k, v in packed.items()} != shapes:
             raise QuantTypeError(f"{module}: packed tensors {({k: v.shape for k, v in packed.items()})} do not "
                                  f"have the {self.method} layout {shapes}; this is a qconvert bug, please report it.")
@@ -215,11 +215,11 @@ class QuantizedCheckpointWriter:
         if q.shape != self.linears[module]:
             raise CheckpointError(f"{module}: quantized weight is {list(q.shape)} but config.json implies "
                                   f"{list(self.linears[module])}; was the model padded without config_updates?")
-        want = (self.qcfg["bits"], self.qcfg["group_size"], self.qcfg.get("sym", not self.qcfg.get("zero_point")))
+        want = (self.scheme.bits, self.scheme.group_size, self.scheme.sym)
         if (q.bits, q.group_size, q.sym) != want:
             raise QuantTypeError(f"{module}: quantized as (bits, group_size, sym) = {(q.bits, q.group_size, q.sym)} "
                                  f"but the checkpoint declares {want}; quantize every linear with one config.")
-        if q.act_order and not self.qcfg.get("desc_act"):
+        if self.method == "gptq" and q.act_order and not self.qcfg.get("desc_act"):  # other layouts' packers refuse
             raise QuantTypeError(f"{module} uses act-order group indices but quantization_config has desc_act "
                                  "false; set desc_act=True (or use static_groups) consistently.")
 
@@ -316,7 +316,8 @@ class QuantizedCheckpointWriter:
         if "dtype" in config:
             config["dtype"] = "float16"
         (self.tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        (self.tmp / "quantize_config.json").write_text(json.dumps(dict(self.qcfg), indent=2) + "\n")
+        if self.layout.sidecar:
+            (self.tmp / "quantize_config.json").write_text(json.dumps(dict(self.qcfg), indent=2) + "\n")
 
 
 def _expected_linears(config: Mapping[str, Any]) -> dict[str, tuple[int, int]]:

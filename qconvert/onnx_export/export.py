@@ -268,6 +268,7 @@ def _calibrated(plan: _Plan, store: InitializerStore, algo: str, block_size: int
                 floats: dict[str, np.ndarray]) -> None:
     """GPTQ (symmetric, no act-order) or AWQ (zero points) through the streaming calibration driver."""
     from qconvert.calibration.quantize import CalibrationSettings, calibrate
+    from qconvert.constants import DEFAULT_HOLDOUT
     from qconvert.int4 import AWQConfig, GPTQConfig
 
     assert calib is not None
@@ -279,7 +280,8 @@ def _calibrated(plan: _Plan, store: InitializerStore, algo: str, block_size: int
     def on_float(name: str, t: Any) -> None:
         floats[name] = t.detach().float().cpu().numpy()
 
-    calibrate(plan.src, calib.ids, algo, cfg, on_linear, on_float, settings or CalibrationSettings(), progress)
+    calibrate(plan.src, calib.ids, algo, cfg, on_linear, on_float, settings or CalibrationSettings(), progress,
+              holdout=DEFAULT_HOLDOUT)  # the held-out guard, as for the GPTQ/AWQ checkpoints
 
 
 # ------------------------------------------------------------------------------------------------------------

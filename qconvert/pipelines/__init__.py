@@ -3,7 +3,8 @@
     gguf.py     output_name, resolve_preset, seed_plan (``--dry-run`` from published shapes), importance_matrix
                 (--imatrix / --stats / --calib -> the K-quants' weights); the export itself is
                 ``qconvert.gguf.export.export_gguf``
-    int4.py     write_int4: calibrate (or quantize from saved statistics) and write a GPTQ/AWQ checkpoint + card
+    int4.py     write_int4: calibrate (or quantize from saved statistics) and write a GPTQ/AWQ checkpoint + card,
+                in the method's own layout or compressed-tensors; convert_format: re-pack one layout into another
     verify.py   verify_artifacts: the float reference once, every artifact in its own runtime, gates, baseline
 
 ONNX export is ``qconvert.onnx_export.export_onnx`` and a release ``qconvert.release.run_release``.

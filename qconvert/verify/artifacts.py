@@ -4,6 +4,8 @@
     ONNX file or directory   -> onnxruntime (qconvert.runtimes.onnxrt: CPU EP, CUDA EP with --device cuda)
     GPTQ / AWQ directory     -> qconvert-dequant: qconvert's exact dequantize-then-matmul forward (always there)
                                 gptqmodel: transformers with GPTQModel's kernels (only where gptqmodel imports)
+    compressed-tensors dir   -> qconvert-dequant (as GPTQ/AWQ); transformers: with the compressed-tensors package
+                                (only where it imports), weights decompressed while loading
     float HF directory       -> transformers (same as the reference)
 
 The kind is read from the content (GGUF magic, config.json's quantization_config, ONNX protobuf), never from a
@@ -40,9 +42,10 @@ if TYPE_CHECKING:
     import torch
 
 GGUF_MAGIC = b"GGUF"
-KINDS = ("gguf", "onnx", "gptq", "awq", "hf")
+CT_KIND = "compressed-tensors"
+KINDS = ("gguf", "onnx", "gptq", "awq", CT_KIND, "hf")
 DEFAULT_RUNTIME = {"gguf": "llama.cpp", "onnx": "onnxruntime", "gptq": "qconvert-dequant", "awq": "qconvert-dequant",
-                   "hf": "transformers"}
+                   CT_KIND: "qconvert-dequant", "hf": "transformers"}
 ORACLE_HINT = ("GPTQModel is not importable here (it lives in a separate environment, e.g. .venv-oracle); run "
                "qconvert verify from that environment for the kernel path. qconvert's dequantize-then-matmul path "
                "still verifies the checkpoint.")
@@ -59,7 +62,15 @@ class Artifact:
 
 def runtimes_for(kind: str) -> tuple[str, ...]:
     """Every runtime that can verify ``kind``, default first."""
+    if kind == CT_KIND:
+        return ("qconvert-dequant", "transformers") if compressed_tensors_available() else ("qconvert-dequant",)
     return ("qconvert-dequant", "gptqmodel") if kind in ("gptq", "awq") else (DEFAULT_RUNTIME[kind],)
+
+
+def compressed_tensors_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("compressed_tensors") is not None
 
 
 def gptqmodel_available() -> bool:
@@ -118,8 +129,15 @@ def _detect_dir(path: Path) -> Artifact:
     method = q.get("quant_method")
     if method in ("gptq", "awq"):
         return Artifact(path, method, f"int{q.get('bits')}-g{q.get('group_size')}", config)
+    if method == CT_KIND:
+        from qconvert.int4.formats import layout_scheme
+
+        _, scheme = layout_scheme(q, f"{cfg_path}")  # refuses schemes qconvert cannot run, saying which
+        group = "channel" if scheme.group_size == -1 else f"g{scheme.group_size}"
+        return Artifact(path, CT_KIND, f"w{scheme.bits}a16-{group}{'' if scheme.sym else '-zp'}", config)
     if method:
-        raise VerifyError(f"{path} is a {method} checkpoint; qconvert verify knows GPTQ and AWQ directories.")
+        raise VerifyError(f"{path} is a {method} checkpoint; qconvert verify knows GPTQ, AWQ and compressed-tensors "
+                          "(pack-quantized) directories.")
     return Artifact(path, "hf", str(config.get("torch_dtype") or config.get("dtype") or "float"), config)
 
 
@@ -235,15 +253,17 @@ class LlamaCppRunner(Runner):
         self.model.close()
 
 
-def load_hf(model_dir: Path, device: str, dtype: Any) -> Any:  # a transformers PreTrainedModel
+def load_hf(model_dir: Path, device: str, dtype: Any, **options: Any) -> Any:  # a transformers PreTrainedModel
     """The checkpoint in transformers, after qconvert's own reader has checked that its weights are safetensors
-    (a pickle-only directory is refused before transformers could unpickle anything)."""
+    (a pickle-only directory is refused before transformers could unpickle anything). ``options`` go to
+    ``from_pretrained`` (e.g. a ``quantization_config`` with loading attributes)."""
     import transformers
 
     from qconvert.io.safetensors import SafetensorsCheckpoint
 
     SafetensorsCheckpoint(Path(model_dir))  # validates every header; refuses .bin/.pt-only checkpoints
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, use_safetensors=True)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, use_safetensors=True,
+                                                              **options)
     model.eval()
     return model.to(device)  # type: ignore[arg-type]  # transformers' stubs type .to() for modules, not devices
 
@@ -261,10 +281,10 @@ def hf_scored_logits(model: Any, window: np.ndarray, first: int, device: str) ->
 class TransformersRunner(Runner):
     name = "transformers"
 
-    def __init__(self, path: Path, device: str, dtype: Any) -> None:
+    def __init__(self, path: Path, device: str, dtype: Any, **options: Any) -> None:
         super().__init__()
         self.device = device
-        self.model = load_hf(path, device, dtype)
+        self.model = load_hf(path, device, dtype, **options)
 
     def window(self, ids: np.ndarray, first: int) -> Any:
         import torch
@@ -343,6 +363,18 @@ class DequantRunner(Runner):
             yield out
 
 
+def compressed_tensors_options() -> dict[str, Any]:
+    """transformers' compressed-tensors route that decompresses each weight while loading (``dequantize=True``):
+    its default route drops asymmetric checkpoints' packed zero points as a size mismatch (transformers 5.23 with
+    compressed-tensors 0.20; llm-compressor#1618)."""
+    if not compressed_tensors_available():
+        raise RuntimeMissingError("transformers needs the compressed-tensors package for these checkpoints: pip "
+                                  "install compressed-tensors==0.20.0 (or use --runtime qconvert-dequant).")
+    from transformers import CompressedTensorsConfig
+
+    return {"quantization_config": CompressedTensorsConfig(dequantize=True)}
+
+
 def open_runner(art: Artifact, runtime: str, reference: Reference, device: str) -> Runner:
     if runtime == "llama.cpp":
         return LlamaCppRunner(art.path, reference.ctx, int(os.environ.get("QCONVERT_THREADS", "0")))
@@ -353,8 +385,10 @@ def open_runner(art: Artifact, runtime: str, reference: Reference, device: str) 
     if runtime == "gptqmodel":
         return GPTQModelRunner(art.path, device)
     if runtime == "transformers":
-        return TransformersRunner(art.path, device, reference_dtype(device, reference.dtype if
-                                                                    reference.device == device else None))
+        dtype = reference_dtype(device, reference.dtype if reference.device == device else None)
+        if art.kind == CT_KIND:
+            return TransformersRunner(art.path, device, dtype, **compressed_tensors_options())
+        return TransformersRunner(art.path, device, dtype)
     raise VerifyError(f"unknown runtime {runtime!r}; one of llama.cpp, onnxruntime, qconvert-dequant, gptqmodel, "
                       "transformers.")
 
@@ -374,6 +408,8 @@ def bits_per_weight(art: Artifact, reference: Reference) -> float:
     if art.kind == "gguf":
         ts = [t for t in art.gguf.tensors.values() if t.name.startswith("blk.") and len(t.shape) == 2]
         return 8.0 * sum(t.nbytes for t in ts) / max(1, sum(int(np.prod(t.shape)) for t in ts))
+    if art.kind == CT_KIND:
+        return _compressed_bits_per_weight(art)
     if art.kind in ("gptq", "awq", "hf"):
         from qconvert.io.safetensors import SafetensorsCheckpoint
 
@@ -394,6 +430,26 @@ def bits_per_weight(art: Artifact, reference: Reference) -> float:
                 n_bytes += e.nbytes
         return 8.0 * n_bytes / max(1, n_weights)
     return _onnx_bits_per_weight(art.path, reference.n_vocab)
+
+
+def _compressed_bits_per_weight(art: Artifact) -> float:
+    """Stored bits per weight of a compressed-tensors checkpoint's decoder matrices (packed codes, scales, zero
+    points and shapes over the weights they hold)."""
+    from qconvert.int4.formats import CT_TENSORS, layout_scheme
+    from qconvert.io.safetensors import SafetensorsCheckpoint
+
+    entries = SafetensorsCheckpoint(art.path).entries
+    _, scheme = layout_scheme((art.config or {}).get("quantization_config"))
+    n_bytes = n_weights = 0
+    for name, e in entries.items():
+        if name.startswith("model.layers.") and name.endswith(".weight_packed"):
+            module = name[: -len(".weight_packed")]
+            n_weights += e.shape[0] * e.shape[1] * 32 // scheme.bits
+            n_bytes += sum(entries[f"{module}.{k}"].nbytes for k in CT_TENSORS if f"{module}.{k}" in entries)
+        elif name.startswith("model.layers.") and name.endswith(".weight") and len(e.shape) == 2:
+            n_weights += int(np.prod(e.shape))
+            n_bytes += e.nbytes
+    return 8.0 * n_bytes / max(1, n_weights)
 
 
 def _onnx_bits_per_weight(path: Path, n_vocab: int) -> float:

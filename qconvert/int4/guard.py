@@ -1,0 +1,66 @@
+"""The held-out guard: GPTQ and AWQ keep their result only where it beats round-to-nearest on unseen tokens.
+
+GPTQ's error feedback and AWQ's searches fit the calibration tokens. With few tokens they can overfit: a
+``down_proj`` with 4,864 inputs and a Hessian from 2,048 tokens has rank at most 2,048, so the error feedback
+may move weights along directions the calibration never saw, and AWQ's clip and scale searches pick what helps
+the tokens they saw. The guard splits the calibration windows (the last ``holdout_count`` windows, a
+deterministic choice that the model card records), lets the algorithm see only the rest, and measures every
+candidate on the held-out windows:
+
+* the error of a linear ``W [out, in]`` with reconstruction ``Ŵ`` on inputs ``X [n, in]`` is
+  ``‖(Ŵ - W) Xᵀ‖² / n = tr(Δ H Δᵀ) / 2`` with ``H = 2/n Σ x xᵀ`` (the GPTQ Hessian of the held-out tokens), so
+  one held-out Hessian per input site judges any number of candidates without a forward;
+* GPTQ: per linear, the GPTQ result or symmetric round-to-nearest in the same format, whichever is lower;
+* AWQ: per scaling site, the searched scales or ``s = 1``; per linear, the searched clip or none; per decoder
+  layer, the result or plain zero-point round-to-nearest, by the layer's output error (the calibration driver).
+
+So neither method is worse than round-to-nearest on the held-out tokens, by construction, at every level the
+guard decides. Pure functions; the driver (``qconvert.calibration.quantize``) decides where they run.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from qconvert.constants import DEFAULT_HOLDOUT, MAX_HOLDOUT
+from qconvert.errors import QuantTypeError
+
+
+def holdout_count(n_samples: int, fraction: float) -> int:
+    """Windows held out of ``n_samples``: ``round(fraction · n)``, at least 1, leaving at least 1 to fit."""
+    if not 0 < fraction <= MAX_HOLDOUT or not math.isfinite(fraction):
+        raise QuantTypeError(f"held-out fraction {fraction} must be in (0, {MAX_HOLDOUT}]; "
+                             f"{DEFAULT_HOLDOUT} is the default.")
+    n_out = max(1, round(fraction * n_samples))
+    if n_samples - n_out < 1:
+        raise QuantTypeError(
+            f"the held-out guard needs at least 2 calibration windows (one to fit, one to judge) but there "
+            f"{'is' if n_samples == 1 else 'are'} {n_samples}: give more calibration text or --calib-samples >= 2, "
+            "or turn the guard off with --no-guard.")
+    return n_out
+
+
+def reconstruction_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
+    """``tr((Ŵ - W) H (Ŵ - W)ᵀ)``: twice the mean squared output error of ``Ŵ`` on the tokens behind ``H``.
+
+    ``W``, ``W_hat`` [out, in]; ``H`` [in, in] from ``add_to_hessian``. Rows in chunks: peak memory stays
+    about one ``[chunk, in]`` product.
+    """
+    total = 0.0
+    for r in range(0, W.shape[0], 1024):
+        d = W_hat[r:r + 1024].float() - W[r:r + 1024].float()
+        total += float(((d @ H) * d).sum())
+    return total
+
+
+def rank_shortfall(n_inputs: int, n_tokens: int) -> float:
+    """How far the calibration tokens are from spanning a linear's inputs: ``inputs / tokens`` when above 1
+    (the Hessian's rank is at most the token count), else 1."""
+    return max(1.0, n_inputs / max(n_tokens, 1))
+
+
+def windows_needed(n_inputs: int, seq_len: int, holdout: int) -> int:
+    """Calibration windows of ``seq_len`` tokens for a full-rank Hessian of ``n_inputs``, plus the held-out ones."""
+    return math.ceil(n_inputs / seq_len) + holdout

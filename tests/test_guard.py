@@ -1,0 +1,201 @@
+"""Issue 20: the held-out guard keeps GPTQ's / AWQ's result only where it beats round-to-nearest on held-out windows.
+
+The held-out errors here are computed independently of the guard's Hessian shortcut: the finished quantized model
+is run on the held-out window (``tests.model_helpers``' whole-model forward), each linear's actual input is captured
+with the forward hook, and the squared output error ``‖(Ŵ - W) xᵀ‖²`` is summed directly.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from qconvert.calibration.quantize import CalibrationSettings, calibrate
+from qconvert.cli import main
+from qconvert.errors import QuantTypeError
+from qconvert.int4 import AWQConfig, GPTQConfig, add_to_hessian, gptq, rtn
+from qconvert.int4.guard import holdout_count, reconstruction_error
+from qconvert.io.safetensors import SafetensorsCheckpoint
+from qconvert.model import qwen2
+from qconvert.model.dims import Qwen2Dims
+from qconvert.registry import read_model_config
+from tests.model_helpers import quantized_weights
+
+# ---------------------------------------------------------------- pure functions
+
+
+@pytest.mark.parametrize(("n", "fraction", "expected"), [(2, 0.25, 1), (4, 0.25, 1), (8, 0.25, 2), (32, 0.25, 8),
+                                                           (10, 0.5, 5), (3, 0.01, 1)])
+def test_holdout_count(n: int, fraction: float, expected: int) -> None:
+    assert holdout_count(n, fraction) == expected
+
+
+@pytest.mark.parametrize(("n", "fraction", "message"), [(1, 0.25, "at least 2 calibration windows"),
+                                                        (8, 0.0, r"in \(0, 0.5\]"), (8, 0.6, r"in \(0, 0.5\]"),
+                                                        (8, math.nan, r"in \(0, 0.5\]"), (8, -0.1, r"in \(0, 0.5\]")])
+def test_holdout_count_refuses(n: int, fraction: float, message: str) -> None:
+    with pytest.raises(QuantTypeError, match=message):
+        holdout_count(n, fraction)
+
+
+def test_reconstruction_error_is_the_output_error() -> None:
+    """tr(Δ H Δᵀ) with the GPTQ Hessian H = 2/n Σ x xᵀ equals 2/n ‖Δ Xᵀ‖², summed directly."""
+    g = torch.Generator().manual_seed(0)
+    W, W_hat = torch.randn(70, 48, generator=g), torch.randn(70, 48, generator=g)
+    X = torch.randn(3, 11, 48, generator=g)
+    H, n = add_to_hessian(None, 0, X[:1])
+    H, n = add_to_hessian(H, n, X[1:])
+    direct = 2 / n * float(((W_hat - W) @ X.reshape(-1, 48).T).pow(2).sum())
+    assert reconstruction_error(W, W_hat, H) == pytest.approx(direct, rel=1e-4)
+
+
+def test_gptq_overfits_few_tokens_and_the_guard_choice_catches_it() -> None:
+    """A linear with 256 correlated inputs fitted on 24 tokens: GPTQ beats round-to-nearest on those tokens but
+    loses on 512 fresh tokens of the same distribution — the case the guard exists for."""
+    g = torch.Generator().manual_seed(1)
+    k = 256
+    mix = torch.randn(k, k, generator=g) / math.sqrt(k) + torch.eye(k) * 0.3
+    X_fit, X_out = torch.randn(24, k, generator=g) @ mix, torch.randn(512, k, generator=g) @ mix
+    W = torch.randn(96, k, generator=g) * 0.05
+    q = gptq(W, add_to_hessian(None, 0, X_fit)[0], GPTQConfig(group_size=128)).dequantize()
+    r = rtn(W, 4, 128, True).dequantize()
+
+    def err(W_hat: torch.Tensor, X: torch.Tensor) -> float:
+        return float(((W_hat - W) @ X.T).pow(2).sum())
+
+    assert err(q, X_fit) < err(r, X_fit)  # in-sample GPTQ wins ...
+    assert err(q, X_out) > err(r, X_out)  # ... and overfits: worse than round-to-nearest on unseen tokens
+    H_out = add_to_hessian(None, 0, X_out)[0]
+    assert reconstruction_error(W, q, H_out) > reconstruction_error(W, r, H_out)  # the guard's measure agrees
+
+
+# ---------------------------------------------------------------- the driver, on the trained fixture
+
+
+def _calibration(model: Path, n: int, t: int) -> torch.Tensor:
+    from qconvert.calibset import load_calibration
+
+    return load_calibration("builtin", model, chat=False, n_samples=n, seq_len=t, seed=0).ids
+
+
+def _run(model: Path, ids: torch.Tensor, method: str, cfg: GPTQConfig | AWQConfig, holdout: float | None):
+    linears, floats = {}, {}
+    report = calibrate(model, ids, method, cfg, linears.__setitem__, floats.__setitem__, CalibrationSettings(),
+                       holdout=holdout)
+    return linears, floats, report
+
+
+def _heldout_errors(model: Path, linears, window: torch.Tensor) -> dict[str, tuple[float, float]]:
+    """(error of the quantized linear, error of round-to-nearest of the float weight in the same format) per GPTQ
+    linear, on the inputs each linear actually sees when the quantized model runs ``window`` [1, t]."""
+    config = read_model_config(model)
+    ckpt = SafetensorsCheckpoint(model)
+    weights = quantized_weights(model, linears)
+    dims = Qwen2Dims.from_config(config)
+    rope = qwen2.rope_tables(dims, window.shape[1], torch.device("cpu"), torch.float32)
+    h = qwen2.embed(weights["model.embed_tokens.weight"], window)
+    out: dict[str, tuple[float, float]] = {}
+    for i in range(int(config["num_hidden_layers"])):
+        prefix = f"model.layers.{i}."
+        seen: dict[str, torch.Tensor] = {}
+        p = {n[len(prefix):]: t for n, t in weights.items() if n.startswith(prefix)}
+        def capture(name: str, x: torch.Tensor, seen: dict[str, torch.Tensor] = seen) -> None:
+            seen[name] = x.reshape(-1, x.shape[-1])
+
+        with torch.no_grad():
+            h = qwen2.decoder_layer(p, h, dims, rope, capture)
+        for name, x in seen.items():
+            module = prefix + name
+            q = linears[module]
+            W = torch.from_numpy(ckpt.read_f32(f"{module}.weight"))
+            r = rtn(W, q.bits, q.group_size, q.sym).dequantize()
+            out[module] = (float(((q.dequantize() - W) @ x.T).pow(2).sum()), float(((r - W) @ x.T).pow(2).sum()))
+    return out
+
+
+@pytest.fixture(scope="module")
+def demo(model_dir) -> Path:
+    return model_dir("demo")
+
+
+def test_gptq_guard_never_worse_than_rtn_on_the_heldout_window(demo: Path) -> None:
+    """Too few calibration tokens (2 windows of 4): without the guard, GPTQ fitted on the first window is worse
+    than round-to-nearest on the second for some linears; with the guard (the same window held out) no linear is."""
+    ids = _calibration(demo, 2, 4)
+    unguarded, _, _ = _run(demo, ids[:1], "gptq", GPTQConfig(), None)
+    before = _heldout_errors(demo, unguarded, ids[1:])
+    worse = [m for m, (e_q, e_r) in before.items() if e_q > e_r * (1 + 1e-6)]
+    assert worse, "the setting must make GPTQ overfit somewhere, or this test proves nothing"
+
+    guarded, _, report = _run(demo, ids, "gptq", GPTQConfig(), 0.25)
+    assert report.holdout == 1 and report.kept.get("rtn", 0) >= 1 and report.kept.get("gptq", 0) >= 1, report.kept
+    after = _heldout_errors(demo, guarded, ids[1:])
+    assert all(e_q <= e_r * (1 + 1e-4) for e_q, e_r in after.values()), \
+        {m: v for m, v in after.items() if v[0] > v[1] * (1 + 1e-4)}
+    ckpt = SafetensorsCheckpoint(demo)
+    for module, q in guarded.items():  # a linear the guard gave to round-to-nearest is exactly RTN of the float W
+        if q.info["kept"] == "rtn":
+            expected = rtn(torch.from_numpy(ckpt.read_f32(f"{module}.weight")), 4, 128, True)
+            assert torch.equal(q.codes, expected.codes) and torch.equal(q.scales, expected.scales)
+        assert q.info["heldout_error"] >= 0 and q.info["rtn_heldout_error"] >= 0
+
+
+def test_the_guard_off_keeps_every_gptq_result(demo: Path) -> None:
+    linears, _, report = _run(demo, _calibration(demo, 2, 4), "gptq", GPTQConfig(), None)
+    assert report.holdout == 0 and report.kept == {"gptq": len(linears)}
+    assert "off" in report.guard_summary()
+
+
+def test_awq_guard_layer_output_not_worse_than_zero_point_rtn(demo: Path) -> None:
+    """AWQ with the guard: on the held-out window, each decoder layer of the result (fed the quantized model's own
+    activations) is at least as close to the float layer as zero-point round-to-nearest of the float weights."""
+    ids = _calibration(demo, 4, 16)
+    linears, floats, report = _run(demo, ids, "awq", AWQConfig(), 0.25)
+    assert report.holdout == 1 and sum(report.kept.values()) == len(linears)
+    assert "the last 1 of 4 calibration windows" in report.guard_summary()
+    config = read_model_config(demo)
+    ckpt = SafetensorsCheckpoint(demo)
+    quant = quantized_weights(demo, linears, floats)
+    floatw = quantized_weights(demo, {})
+    base = quantized_weights(demo, {m: rtn(torch.from_numpy(ckpt.read_f32(f"{m}.weight")), 4, 128, False)
+                                    for m in linears})
+    dims = Qwen2Dims.from_config(config)
+    window = ids[3:]
+    rope = qwen2.rope_tables(dims, window.shape[1], torch.device("cpu"), torch.float32)
+    h = qwen2.embed(quant["model.embed_tokens.weight"], window)
+
+    def layer(weights, i, x):
+        prefix = f"model.layers.{i}."
+        with torch.no_grad():
+            return qwen2.decoder_layer({n[len(prefix):]: t for n, t in weights.items() if n.startswith(prefix)},
+                                       x, dims, rope)
+
+    for i in range(int(config["num_hidden_layers"])):
+        ref, got, rtn_out = layer(floatw, i, h), layer(quant, i, h), layer(base, i, h)
+        assert float((got - ref).pow(2).mean()) <= float((rtn_out - ref).pow(2).mean()) * (1 + 1e-4), i
+        h = got
+    for module, q in linears.items():
+        if q.info["kept"] == "rtn":  # a fallen-back layer: zero-point RTN of the float weight, norms untouched
+            expected = rtn(torch.from_numpy(ckpt.read_f32(f"{module}.weight")), 4, 128, False)
+            assert torch.equal(q.codes, expected.codes)
+            assert not any(n.startswith(module.rsplit(".", 2)[0] + ".") for n in floats)
+
+
+# ---------------------------------------------------------------- the command line
+
+
+@pytest.mark.parametrize(("extra", "message"), [(["--holdout", "0.7"], "must be <= 0.5"),
+                                                (["--holdout", "0"], "must be > 0"),
+                                                (["--calib-samples", "1"], "at least 2 calibration windows")])
+def test_bad_holdout_is_a_clear_error(demo: Path, tmp_path: Path, capsys, extra: list[str], message: str) -> None:
+    try:
+        rc = main(["gptq", "--model", str(demo), "--out-dir", str(tmp_path), "--device", "cpu", "--quiet",
+                   "--no-eval", "--calib-seqlen", "16", *extra])
+    except SystemExit as e:  # argparse refuses a bad number before the command runs
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and "Traceback" not in err, err
+    assert list(tmp_path.iterdir()) == []
