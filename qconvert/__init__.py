@@ -26,6 +26,8 @@ _API = {
     "write_int4": "qconvert.pipelines.int4",
     "output_dir_name": "qconvert.pipelines.int4",
     "convert_format": "qconvert.pipelines.int4",
+    # W8A8 INT8 (compressed-tensors int-quantized): int8 weights, per-token int8 activations, optional SmoothQuant
+    "write_w8a8": "qconvert.pipelines.int4",
     "GPTQConfig": "qconvert.int4",
     "AWQConfig": "qconvert.int4",
     "CalibrationSettings": "qconvert.calibration.quantize",
@@ -44,7 +46,7 @@ __all__ = [  # the names of _API, spelled out for linters and `from qconvert imp
     "AWQConfig", "CalibrationSettings", "GPTQConfig", "PlanOptions", "__version__", "convert_format", "export_gguf",
     "export_onnx",
     "importance_matrix", "load_calibration", "load_recipe", "output_dir_name", "output_name", "resolve_model",
-    "run_release", "verify_artifacts", "write_int4",
+    "run_release", "verify_artifacts", "write_int4", "write_w8a8",
 ]
 
 

@@ -2,6 +2,9 @@
 
     Card.render()   title, intro, optional Hugging Face front matter, then sections (heading + markdown body)
     int4_card       GPTQ / AWQ checkpoint directories (``qconvert gptq|awq``, ``qconvert.write_int4``)
+    compressed_card compressed-tensors directories: pack-quantized W4A16/W8A16 (``--format compressed-tensors``)
+                    and int-quantized W8A8 (``qconvert w8a8``); ``compressed_layout`` is its layout section, also
+                    used by ``qconvert convert-format``
     onnx_card       ONNX model directories (``qconvert onnx``, ``qconvert.export_onnx``)
     release_card    every artifact of a release (GGUF, GPTQ, AWQ, ONNX): front matter, hashes, measured quality
 
@@ -26,6 +29,7 @@ USAGE = {
     "gguf": "llama-cli -m {file} -cnv    # or: ollama / LM Studio / llama-cpp-python",
     "gptq": "vllm serve ./{name} --quantization gptq_marlin    # transformers: needs gptqmodel + optimum",
     "awq": "vllm serve ./{name} --quantization awq_marlin    # transformers: needs gptqmodel + optimum",
+    "compressed-tensors": "vllm serve ./{name}    # transformers: needs the compressed-tensors package",
     "onnx": "python -c \"import onnxruntime_genai as og; og.Model('./{name}')\"",
 }
 
@@ -103,6 +107,54 @@ def int4_card(name: str, source: str, method: str, qcfg: Mapping[str, Any], cali
         ]).render()
 
 
+# -- compressed-tensors -----------------------------------------------------------------------------------------
+
+# quantization_config.format -> what the layout stores and what runs it (the card's "Layout" section)
+CT_LAYOUTS = {
+    "pack-quantized": ("The codes, scales and zero points are those of the {origin} result above, stored in the "
+                       "`pack-quantized` layout\nthat llm-compressor writes (`quantization_config.quant_method = "
+                       "\"compressed-tensors\"`, one config group of\n{bits}-bit int weights on every Linear but "
+                       "`lm_head`). Activations stay in floating point ({scheme})."),
+    "int-quantized": ("Weights are int8 with one scale per output row ({origin}), stored unpacked in the "
+                      "`int-quantized` layout\nthat llm-compressor writes for W8A8 (`weight` int8, `weight_scale`); "
+                      "every Linear but `lm_head` also quantizes its\ninput to int8 per token at run time "
+                      "(`input_activations`: dynamic, strategy `token`), so the matmuls run on\nint8 kernels."),
+}
+CT_LOADING = ("vLLM detects it from config.json (`vllm serve ./{name}`); transformers loads it with the "
+              "`compressed-tensors` package\ninstalled (no GPTQ/AWQ kernel package needed).")
+
+
+def compressed_layout(fmt: str, origin: str, scheme: str, bits: int, name: str) -> tuple[str, str]:
+    """The (heading, body) of a compressed-tensors card's layout section: ``fmt`` is ``quantization_config.format``,
+    ``origin`` what made the weights (``GPTQ``, ``AWQ``, ``RTN + SmoothQuant α=0.5``), ``scheme`` e.g. ``W4A16``."""
+    body = CT_LAYOUTS[fmt].format(origin=origin, bits=bits, scheme=scheme)
+    return f"Layout: compressed-tensors {fmt}", body + "\n\n" + CT_LOADING.format(name=name)
+
+
+def compressed_card(name: str, source: str, fmt: str, origin: str, scheme: str, bits: int,
+                    settings: Mapping[str, Any], calib: str, *, n_tokens: int, seconds: float, device: str,
+                    dtype: str, forward: str | None = None, from_stats: bool = False, search: str = "",
+                    guard: str = "") -> str:
+    """README.md of a compressed-tensors checkpoint: settings, calibration, the layout and how to load it.
+
+    ``forward`` overrides the calibration forward line (e.g. round-to-nearest weights that needed none)."""
+    rows = settings_rows({k: v for k, v in settings.items() if k != "meta"})
+    if search:
+        rows.append(("AWQ search", search))
+    if forward is None:
+        forward = ("none: GPTQ from saved float-model Hessians (one float pass, not true-sequential)" if from_stats
+                   else f"{device}, {dtype}; layer-by-layer (quantized outputs propagated), statistics in float32")
+    return Card(
+        title=f"{name} — {scheme} ({origin}, compressed-tensors)",
+        intro=f"Quantized with qconvert {__version__} from `{source}`.",
+        sections=[
+            (None, table(("setting", "value"), rows)),
+            ("Calibration", (f"- data: {calib}\n- tokens used: {n_tokens:,}\n- forward: {forward}\n"
+                             + (f"- {guard}\n" if guard else "") + f"- time: {seconds:.1f} s")),
+            compressed_layout(fmt, origin, scheme, bits, name),
+        ]).render()
+
+
 # -- ONNX --------------------------------------------------------------------------------------------------------
 
 class DecoderShape(Protocol):
@@ -153,14 +205,16 @@ def onnx_card(name: str, source: str, precision: str, algo: str, block_size: int
 # -- release artifacts -------------------------------------------------------------------------------------------
 
 def artifact_title(model_name: str, kind: str, settings: Mapping[str, Any]) -> str:
-    """``Qwen2.5-7B-Instruct — GGUF Q4_K_M`` / ``— GPTQ Int4`` / ``— AWQ`` / ``— ONNX int4``."""
+    """``Qwen2.5-7B-Instruct — GGUF Q4_K_M`` / ``— GPTQ Int4`` / ``— AWQ`` / ``— ONNX int4``; a GPTQ/AWQ result in
+    the compressed-tensors layout (``format``) adds `` (compressed-tensors)``."""
     base = model_name.split("/")[-1]
     if kind == "gguf":
         return f"{base} — GGUF {settings.get('preset')}"
+    layout = " (compressed-tensors)" if settings.get("format") == "compressed-tensors" else ""
     if kind == "gptq":
-        return f"{base} — GPTQ Int{settings.get('bits', 4)}"
+        return f"{base} — GPTQ Int{settings.get('bits', 4)}{layout}"
     if kind == "awq":
-        return f"{base} — AWQ"
+        return f"{base} — AWQ{layout}"
     return f"{base} — ONNX {settings.get('precision', 'int4')}"
 
 
@@ -197,6 +251,6 @@ def release_card(entry: Mapping[str, Any], *, model_name: str, artifact: str, li
                 f"Against the float source on {ev['n_tokens']:,} tokens of held-out text ({ev['source']},\n"
                 f"sha256 `{ev['sha256']}`), {ev['windows']} windows of {ev['ctx']} tokens, run in\n{m['runtime']}:\n\n"
                 f"{quality}\n\nGate: ΔPPL ≤ {th['max_dppl_pct']:.3f}%, mean KL ≤ {th['max_kl']:.5f}: **{verdict}**.")),
-            ("Use", "```\n" + USAGE[kind].format(file=Path(next(iter(entry["files"]))).name, name=artifact)
-             + "\n```"),
+            ("Use", "```\n" + USAGE[settings.get("format") if settings.get("format") in USAGE else kind]
+             .format(file=Path(next(iter(entry["files"]))).name, name=artifact) + "\n```"),
         ]).render()

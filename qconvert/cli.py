@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Subcommands that live in their own module: each module has COMMANDS (names), add_parsers(sub, add_model_args)
 # and run(args) -> exit code. Importing them must stay cheap (no torch at import time).
 COMMAND_MODULES = ("qconvert.commands.int4", "qconvert.commands.onnx", "qconvert.commands.verify",
-                   "qconvert.commands.release", "qconvert.commands.convert_format")
+                   "qconvert.commands.release", "qconvert.commands.convert_format", "qconvert.commands.w8a8")
 
 
 def _command_modules() -> list[Any]:

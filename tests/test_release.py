@@ -104,6 +104,14 @@ def test_shipped_recipes_validate_and_expand() -> None:
      "max_dppl_pct = -1.0 is not a usable gate"),
     (('[[models]]\nfixture = "demo"\n[[formats]]\nkind = "gptq"\ngroup_size = 64\n[[formats]]\nkind = "onnx"\n'
       'from = "gptq-int4"\nblock_size = 128\n'), 9, "block_size 128 differs from the group size 64"),
+    ('[[models]]\nfixture = "demo"\n[[formats]]\nkind = "gptq"\nformat = "marlin"\n', 5,
+     "--format marlin is not a layout of gptq results"),
+    ('[[models]]\nfixture = "demo"\n[[formats]]\nkind = "gptq"\nact_order = true\nformat = "compressed-tensors"\n', 6,
+     "--act-order writes permuted group indices"),
+    ('[[models]]\nfixture = "demo"\n[[formats]]\nkind = "gptq"\nbits = 3\nformat = "compressed-tensors"\n', 6,
+     "not 3-bit; use --format gptq"),
+    (('[[models]]\nfixture = "demo"\n[[formats]]\nkind = "gptq"\nformat = "compressed-tensors"\n[[formats]]\n'
+      'kind = "onnx"\nfrom = "gptq-int4-ct"\n'), 8, "names a compressed-tensors GPTQ format"),
 ])
 def test_recipe_errors_point_at_the_line(tmp_path: Path, body: str, line: int, needle: str) -> None:
     path = write_recipe(tmp_path, body)
@@ -111,6 +119,63 @@ def test_recipe_errors_point_at_the_line(tmp_path: Path, body: str, line: int, n
         load_recipe(path)
     assert str(e.value).startswith(f"{path}:{line}: "), str(e.value)
     assert needle in str(e.value)
+
+
+def test_compressed_tensors_format_key_names_and_ids(tmp_path: Path) -> None:
+    """``format = "compressed-tensors"`` on gptq/awq formats: ids and artifact names get ``-ct``, so one recipe can
+    ship both layouts of one method."""
+    from qconvert.release.plan import expand
+
+    recipe = load_recipe(write_recipe(tmp_path, '''
+        [[models]]
+        fixture = "demo"
+        name = "qconvert/Qwen2.5-Demo-Instruct"
+        [[formats]]
+        kind = "gptq"
+        [[formats]]
+        kind = "gptq"
+        format = "compressed-tensors"
+        [[formats]]
+        kind = "awq"
+        format = "compressed-tensors"
+        '''))
+    assert [f.id for f in recipe.formats] == ["gptq-int4", "gptq-int4-ct", "awq-ct"]
+    assert [j.rel.rsplit("/", 1)[-1] for j in expand(recipe)] == [
+        "qwen2.5-demo-instruct-gptq-int4", "qwen2.5-demo-instruct-gptq-int4-ct", "qwen2.5-demo-instruct-awq-ct"]
+
+
+def test_compressed_tensors_release_artifact(tmp_path: Path) -> None:
+    """A release with a compressed-tensors GPTQ format: the checkpoint is pack-quantized, passes the release's
+    verification, and its card serves it without a GPTQ --quantization flag."""
+    recipe = write_recipe(tmp_path, '''
+        [release]
+        threads = 1
+        device = "cpu"
+        [calibration]
+        samples = 4
+        seq_len = 64
+        [evaluation]
+        ctx = 64
+        chunks = 4
+        [[models]]
+        fixture = "demo"
+        name = "qconvert/Qwen2.5-Demo-Instruct"
+        [[formats]]
+        kind = "gptq"
+        format = "compressed-tensors"
+        from_stats = false
+        ''')
+    out = tmp_path / "rel"
+    assert main(["release", str(recipe), "--out", str(out), "--quiet"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    (entry,) = manifest["artifacts"].values()
+    assert entry["passed"] and entry["settings"]["format"] == "compressed-tensors"
+    art = out / entry["path"]
+    assert art.name.endswith("-gptq-int4-ct")
+    qcfg = json.loads((art / "config.json").read_text())["quantization_config"]
+    assert qcfg["quant_method"] == "compressed-tensors" and qcfg["format"] == "pack-quantized"
+    card = (art / "README.md").read_text()
+    assert "GPTQ Int4 (compressed-tensors)" in card and "vllm serve ./" in card and "gptq_marlin" not in card
 
 
 def test_pure_k_quant_on_a_fallback_shape_is_refused_before_any_work(tmp_path: Path, capsys) -> None:

@@ -11,6 +11,11 @@ a plain torch matmul over the weights *as vLLM has loaded and repacked them* (16
 vLLM's own int32 packing, uint4b8 = value - 8 without zero points, value - zero point with them). Everything else
 is vLLM's: config parsing, the GPTQ/AWQ weight loaders and repacking (AWQ's interleaved order included), its
 Qwen2 model, attention and sampler. The JSON says which kernel ran.
+
+W8A8 INT8 checkpoints (compressed-tensors int-quantized) need no stand-in: vLLM's CPU int8 kernel
+(``CPUInt8ScaledMMLinearKernel``) runs SGLang's AVX-512 ``int8_scaled_mm_with_quant`` where the CPU has it and oneDNN's
+int8 matmul otherwise, both vLLM's own. The JSON's ``linear`` names the compressed-tensors scheme, the kernel class
+and the path it chose, read from the loaded model.
 """
 
 from __future__ import annotations
@@ -63,7 +68,21 @@ def main() -> None:
         (out,) = llm.generate([{"prompt_token_ids": window}], params, use_tqdm=False)
         result.append([out.prompt_logprobs[i][tok].logprob for i, tok in enumerate(window) if i > 0])
     quant = llm.llm_engine.vllm_config.model_config.quantization
-    print(json.dumps({"kernel": kernel, "quantization": quant, "logprobs": result}))
+    (linear,) = llm.apply_model(describe_linear)
+    print(json.dumps({"kernel": kernel, "quantization": quant, "linear": linear, "logprobs": result}))
+
+
+def describe_linear(model: torch.nn.Module) -> dict:
+    """The compressed-tensors scheme of the first quantized linear, its kernel class and the path the kernel chose
+    (e.g. CompressedTensorsW8A8Int8, CPUInt8ScaledMMLinearKernel, _apply_weights_sgl); empty for other methods."""
+    for module in model.modules():
+        scheme = getattr(module, "scheme", None)
+        if scheme is not None:
+            kernel = getattr(scheme, "kernel", None)
+            method = getattr(kernel, "linear_method", None)
+            return {"scheme": type(scheme).__name__, "kernel": type(kernel).__name__ if kernel is not None else None,
+                    "path": getattr(method, "__name__", None)}
+    return {}
 
 
 if __name__ == "__main__":

@@ -9,8 +9,10 @@ except the writer):
     awq.py      ``search_scales`` / ``apply_scales`` / ``search_clip`` / ``apply_clip`` / ``quantize_awq`` and the
                 Qwen2 scaling map ``QWEN2_SCALE_MAPPINGS``
     guard.py    the held-out guard: a result is kept only where it beats round-to-nearest on held-out windows
-    formats.py  ``pack_gptq`` / ``pack_awq`` / ``pack_compressed`` (and unpack / dequantize) into the GPTQ v1,
-                AWQ GEMM and compressed-tensors pack-quantized layouts; the ``quantization_config`` dicts; ``LAYOUTS``
+    smoothquant.py  W8A8: per-token dynamic int8 activations (``fake_quantize_tokens``) and SmoothQuant's scale
+                migration (``smooth_scales``, the Qwen2 sites ``SMOOTH_TABLES``; folded with ``apply_scales``)
+    formats.py  ``pack_gptq`` / ``pack_awq`` / ``pack_compressed`` / ``pack_int8`` (and unpack / dequantize) into
+                the GPTQ v1, AWQ GEMM, compressed-tensors pack-quantized and int-quantized (W8A8) layouts; the ``quantization_config`` dicts; ``LAYOUTS``
                 and ``layout_scheme`` (which layout and scheme a checkpoint's config declares)
     writer.py   ``QuantizedCheckpointWriter`` (streaming, atomic, sharded), ``pad_intermediate`` and vLLM
                 tensor-parallel shape checks
@@ -43,9 +45,12 @@ from qconvert.int4.formats import (
     pack_awq,
     pack_compressed,
     pack_gptq,
+    pack_int8,
     unpack_awq,
     unpack_compressed,
     unpack_gptq,
+    unpack_int8,
+    w8a8_quantization_config,
 )
 from qconvert.int4.gptq import GPTQConfig, HessianError, add_to_hessian, gptq
 from qconvert.int4.rtn import QuantizedLinear, rtn
@@ -85,6 +90,7 @@ __all__ = [
     "pack_awq",
     "pack_compressed",
     "pack_gptq",
+    "pack_int8",
     "pad_intermediate",
     "padded_intermediate_size",
     "quantize_awq",
@@ -95,5 +101,7 @@ __all__ = [
     "unpack_awq",
     "unpack_compressed",
     "unpack_gptq",
+    "unpack_int8",
+    "w8a8_quantization_config",
     "write_quantized_checkpoint",
 ]

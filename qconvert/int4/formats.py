@@ -34,7 +34,15 @@ and packs ``q_s + 2^(b−1)`` (and ``zp_s + 2^(b−1)``). qconvert's unsigned co
 exactly those offset values, so they are stored as they are: ``q_s − zp_s = (u − 2^(b−1)) − (z − 2^(b−1)) = u − z``.
 Symmetric means ``zp_s = 0``, i.e. every ``z = 2^(b−1)``, and no ``weight_zero_point`` tensor is written.
 
-What the layout cannot hold, and qconvert refuses rather than approximates:
+compressed-tensors ``int-quantized`` (llm-compressor's W8A8 INT8: ``compressors/naive_quantized``, the
+``INT8_W8A8`` preset of ``quantization/quant_scheme``)::
+
+    weight             int8  [N, K]        q_s = u − 128: signed codes, one per weight (no packing)
+    weight_scale       fp16  [N, 1]        one scale per output row (strategy ``channel``, symmetric)
+    W[n, k] = weight_scale[n, 0] · weight[n, k]
+    y = W · Q_tok(x)                       Q_tok: per-token dynamic int8 of the input, at run time (``smoothquant``)
+
+What the pack-quantized layout cannot hold, and qconvert refuses rather than approximates:
 
 * widths other than 4 and 8 bits: vLLM's compressed-tensors WNA16 kernels load ``uint4b8``/``uint8b128`` only;
 * act-order group indices (GPTQ ``desc_act`` without static groups): compressed-tensors 0.20 removed ``actorder
@@ -42,8 +50,8 @@ What the layout cannot hold, and qconvert refuses rather than approximates:
 
 Packers take a ``QuantizedLinear`` and return ``{suffix: tensor}`` on its device (the writer prefixes
 ``model.layers.{i}.self_attn.q_proj.`` etc.); unpackers invert them exactly. ``LAYOUTS`` (keyed on
-``quantization_config.quant_method``) gives each layout's packer, unpacker and shapes; ``layout_scheme`` reads a
-checkpoint's config into (layout, bits/group/sym).
+``quantization_config.quant_method``; compressed-tensors' int-quantized W8A8 on its ``format``) gives each layout's
+packer, unpacker and shapes; ``layout_scheme`` reads a checkpoint's config into (layout, bits/group/sym).
 """
 
 from __future__ import annotations
@@ -85,8 +93,18 @@ CT_TENSORS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shap
 # (qconvert.io.safetensors.DTYPES) has no I64 yet and must read these checkpoints back (verify, convert-format).
 CT_SHAPE_DTYPE = torch.int32
 CT_STRATEGIES = ("group", "channel")  # weights.strategy: group_size > 0, or one scale per output row (-1)
-# bytes per element of every packed tensor qconvert writes (scales fp16, weight_shape CT_SHAPE_DTYPE, the rest int32)
-ITEMSIZE = MappingProxyType({"scales": 2, "weight_scale": 2, "weight_shape": CT_SHAPE_DTYPE.itemsize})
+CT_INT_FORMAT = "int-quantized"  # quantization_config.format of W8A8 INT8 (weights stored unpacked as int8)
+INT8_TENSORS = ("weight", "weight_scale")
+INT8_OFFSET = 128  # qconvert's unsigned 8-bit code u is the signed int8 value u - 128 (zero point 128 = symmetric)
+# W8A8's schemes, as compressed-tensors' QuantizationArgs: int8 weights per output channel, int8 activations per
+# token computed at run time (no input_scale tensor); the INT8_W8A8 preset of compressed-tensors 0.20
+W8A8_WEIGHTS = MappingProxyType({"num_bits": 8, "type": "int", "symmetric": True, "group_size": None,
+                                 "strategy": "channel", "dynamic": False})
+W8A8_ACTIVATIONS = MappingProxyType({"num_bits": 8, "type": "int", "symmetric": True, "group_size": None,
+                                     "strategy": "token", "dynamic": True})
+# bytes per element of every packed tensor qconvert writes (scales fp16, weight_shape CT_SHAPE_DTYPE, W8A8's weight
+# int8, the rest int32)
+ITEMSIZE = MappingProxyType({"scales": 2, "weight_scale": 2, "weight_shape": CT_SHAPE_DTYPE.itemsize, "weight": 1})
 
 
 @dataclass(frozen=True)
@@ -312,6 +330,80 @@ def compressed_shapes(out_features: int, in_features: int, bits: int, group_size
 
 
 # ------------------------------------------------------------------------------------------------------------
+# compressed-tensors int-quantized (W8A8 INT8)
+
+
+def check_int8(q: QuantizedLinear, where: str = "this layer") -> None:
+    """Raise ``QuantTypeError`` unless ``q`` is 8-bit, symmetric, one scale per output row (W8A8's weights)."""
+    if (q.bits, q.group_size, q.sym) != (8, -1, True) or q.act_order:
+        raise QuantTypeError(f"{where} is {q.bits}-bit, group size {q.group_size}, "
+                             f"{'symmetric' if q.sym else 'with zero points'}; W8A8 (int-quantized) stores symmetric "
+                             "8-bit weights with one scale per output row. Quantize with bits=8, group_size=-1, "
+                             "sym=True (qconvert w8a8 does), or write a weight-only layout (--format gptq).")
+    if not bool((q.zeros.long() == INT8_OFFSET).all()):
+        raise QuantTypeError(f"{where} is marked symmetric but has zero points other than {INT8_OFFSET}; the "
+                             "result is inconsistent: requantize it.")
+
+
+def pack_int8(q: QuantizedLinear) -> dict[str, torch.Tensor]:
+    """``QuantizedLinear`` (8-bit, per channel, symmetric) -> ``weight`` int8 [N, K], ``weight_scale`` fp16 [N, 1]."""
+    check_int8(q)
+    return {"weight": (q.codes.to(torch.int16) - INT8_OFFSET).to(torch.int8).contiguous(),
+            "weight_scale": q.scales.to(SCALE_DTYPE).contiguous()}
+
+
+def int8_shapes(out_features: int, in_features: int) -> dict[str, tuple[int, ...]]:
+    """Shapes of the int-quantized tensors of one linear."""
+    return {"weight": (out_features, in_features), "weight_scale": (out_features, 1)}
+
+
+def unpack_int8(t: Mapping[str, torch.Tensor]) -> QuantizedLinear:
+    """int-quantized tensors -> ``QuantizedLinear`` (exact inverse of ``pack_int8``); refuses other shapes/dtypes."""
+    w, scale = t["weight"], t["weight_scale"]
+    want = int8_shapes(*w.shape) if w.ndim == 2 else {}
+    if w.dtype != torch.int8 or tuple(scale.shape) != want.get("weight_scale"):
+        raise CheckpointError(f"int-quantized tensors weight {w.dtype}{list(w.shape)}, weight_scale "
+                              f"{list(scale.shape)} are not W8A8's int8 [N, K] and [N, 1] (one scale per output "
+                              "row); the tensors and quantization_config disagree: re-export the checkpoint.")
+    codes = (w.to(torch.int16) + INT8_OFFSET).to(torch.uint8)
+    scales = scale.float().contiguous()
+    return QuantizedLinear(codes.contiguous(), scales, torch.full_like(scales, INT8_OFFSET).to(torch.uint8),
+                           default_g_idx(w.shape[1], -1, w.device), 8, -1, True)
+
+
+def w8a8_quantization_config(provenance: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The ``quantization_config`` llm-compressor writes for W8A8 INT8 (``int-quantized``): int8 weights per output
+    channel, dynamic per-token int8 activations, every ``Linear`` but ``lm_head``. ``provenance`` (how the weights
+    were made: RTN or GPTQ, SmoothQuant's alpha) goes under the top-level ``qconvert`` key."""
+    return {
+        "quant_method": CT_METHOD, "format": CT_INT_FORMAT, "quantization_status": "compressed",
+        "version": CT_VERSION,
+        "config_groups": {"group_0": {"targets": list(CT_TARGETS), "weights": dict(W8A8_WEIGHTS),
+                                      "input_activations": dict(W8A8_ACTIVATIONS), "output_activations": None,
+                                      "format": CT_INT_FORMAT}},
+        "ignore": list(CT_IGNORE), "kv_cache_scheme": None, "global_compression_ratio": None,
+        "sparsity_config": {}, "transform_config": {},
+        "qconvert": {"quantizer": QUANTIZER_TAG, **(provenance or {})},
+    }
+
+
+def _int8_scheme(qcfg: Mapping[str, Any]) -> Scheme:
+    """The scheme of an int-quantized config: only W8A8 INT8 as written above (else a ``QuantTypeError``)."""
+    groups = qcfg.get("config_groups")
+    group = next(iter(groups.values())) if isinstance(groups, dict) and len(groups) == 1 else None
+    if not isinstance(group, dict):
+        raise QuantTypeError("an int-quantized quantization_config needs exactly one config group; qconvert reads "
+                             "W8A8 INT8 (llm-compressor's W8A8 preset) only.")
+    w, a = group.get("weights") or {}, group.get("input_activations") or {}
+    keys = ("num_bits", "type", "symmetric", "strategy", "dynamic")
+    if any(w.get(k) != W8A8_WEIGHTS[k] for k in keys) or any(a.get(k) != W8A8_ACTIVATIONS[k] for k in keys):
+        raise QuantTypeError(f"config group {group!r} is not W8A8 INT8 (weights: 8-bit symmetric int per channel; "
+                             "activations: 8-bit symmetric int per token, dynamic); qconvert reads and writes only "
+                             "that int-quantized scheme (static or per-tensor activation scales are not supported).")
+    return Scheme(8, -1, True)
+
+
+# ------------------------------------------------------------------------------------------------------------
 # Reading any layout back; quantization_config dicts (written to config.json and quantize_config.json)
 
 
@@ -330,7 +422,7 @@ def dequantized_tensors(ckpt: SafetensorsCheckpoint, prefix: str, quantization_c
         module, _, suffix = name.rpartition(".")
         if not name.startswith(prefix):
             continue
-        if suffix not in PACKED_SUFFIXES:
+        if not is_packed(name, names):
             out[name[len(prefix):]] = torch.from_numpy(ckpt.read_f32(name)).to(device)
             continue
         if quantization_config is None:
@@ -394,7 +486,8 @@ def _compressed_scheme(qcfg: Mapping[str, Any]) -> Scheme:
     fix = ("qconvert reads one config group of int weights (W4A16/W8A16, group or channel strategy, no activation "
            "quantization) in the pack-quantized format, as llm-compressor's W4A16/W8A16 recipes write.")
     if qcfg.get("format") != CT_FORMAT:
-        raise QuantTypeError(f"compressed-tensors format {qcfg.get('format')!r} is not {CT_FORMAT!r}. {fix}")
+        raise QuantTypeError(f"compressed-tensors format {qcfg.get('format')!r} is neither {CT_FORMAT!r} nor "
+                             f"{CT_INT_FORMAT!r} (W8A8 INT8). {fix}")
     groups = qcfg.get("config_groups")
     if not isinstance(groups, dict) or len(groups) != 1:
         raise QuantTypeError(f"quantization_config has {len(groups) if isinstance(groups, dict) else 'no'} config "
@@ -440,6 +533,7 @@ class Layout:
     suffixes: tuple[str, ...]
     shapes: Callable[[int, int, Scheme], dict[str, tuple[int, ...]]]
     sidecar: bool  # also write quantize_config.json (AutoGPTQ/GPTQModel/vLLM's fallback for GPTQ and AWQ)
+    dynamic_activations: bool = False  # inputs are quantized per token at run time (W8A8): verify must do the same
 
     def nbytes(self, out_features: int, in_features: int, scheme: Scheme) -> int:
         """Bytes of the packed tensors of one linear."""
@@ -455,8 +549,19 @@ LAYOUTS: MappingProxyType[str, Layout] = MappingProxyType({
     CT_METHOD: Layout(CT_METHOD, pack_compressed,
                       lambda t, s: unpack_compressed(t, s.bits, s.group_size, s.sym),
                       CT_TENSORS, lambda n, k, s: compressed_shapes(n, k, s.bits, s.group_size, s.sym), False),
+    CT_INT_FORMAT: Layout(CT_INT_FORMAT, pack_int8, lambda t, s: unpack_int8(t), INT8_TENSORS,
+                          lambda n, k, s: int8_shapes(n, k), False, dynamic_activations=True),
 })
-PACKED_SUFFIXES = tuple(dict.fromkeys(s for layout in LAYOUTS.values() for s in layout.suffixes))
+# suffixes that only packed linears have ("weight" is every float tensor's too: W8A8's int8 weight is told apart by
+# its module's weight_scale, see ``is_packed``)
+QUANT_METHODS = ("gptq", "awq", CT_METHOD)  # quantization_config.quant_method values (CT: two layouts by format)
+PACKED_SUFFIXES = tuple(dict.fromkeys(s for layout in LAYOUTS.values() for s in layout.suffixes if s != "weight"))
+
+
+def is_packed(name: str, names: Container[str]) -> bool:
+    """Whether tensor ``name`` of a checkpoint holding ``names`` is part of a quantized linear (any layout)."""
+    module, _, suffix = name.rpartition(".")
+    return suffix in PACKED_SUFFIXES or (suffix == "weight" and f"{module}.weight_scale" in names)
 
 
 def read_linear(read: Callable[[str], torch.Tensor], names: Container[str], module: str, layout: Layout,
@@ -474,11 +579,14 @@ def read_linear(read: Callable[[str], torch.Tensor], names: Container[str], modu
 
 
 def layout_scheme(qcfg: Mapping[str, Any] | None, where: str = "quantization_config") -> tuple[Layout, Scheme]:
-    """The layout (by ``quant_method``) and weight scheme a checkpoint's ``quantization_config`` declares."""
+    """The layout (by ``quant_method``, and ``format`` for compressed-tensors) and weight scheme a checkpoint's
+    ``quantization_config`` declares."""
     method = None if not isinstance(qcfg, Mapping) else qcfg.get("quant_method")
-    if qcfg is None or method not in LAYOUTS:
+    if qcfg is None or method not in QUANT_METHODS:
         raise QuantTypeError(f"{where}: quant_method {method!r} is not a layout qconvert reads or writes "
-                             f"({', '.join(LAYOUTS)}); a float checkpoint has no quantization_config.")
+                             f"({', '.join(QUANT_METHODS)}); a float checkpoint has no quantization_config.")
+    if method == CT_METHOD and qcfg.get("format") == CT_INT_FORMAT:
+        return LAYOUTS[CT_INT_FORMAT], _int8_scheme(qcfg)
     try:
         if method == CT_METHOD:
             scheme = _compressed_scheme(qcfg)

@@ -16,9 +16,9 @@ failed run leaves nothing under the final name. Layout (anchor §2.2, §3.2, §1
     model.safetensors | model-0000i-of-0000N.safetensors + model.safetensors.index.json
     tokenizer files, generation_config.json (copied)
 
-Quantized linears become ``<module>.qweight/.qzeros/.scales(/.g_idx)`` (GPTQ, AWQ) or ``<module>.weight_packed/
-.weight_scale/.weight_shape(/.weight_zero_point)`` (compressed-tensors; ``int4.formats.LAYOUTS`` has every
-layout's packer and shapes); embeddings, norms, biases and
+Quantized linears become ``<module>.qweight/.qzeros/.scales(/.g_idx)`` (GPTQ, AWQ), ``<module>.weight_packed/
+.weight_scale/.weight_shape(/.weight_zero_point)`` (compressed-tensors pack-quantized) or int8 ``<module>.weight``
++ ``.weight_scale`` (int-quantized W8A8; ``int4.formats.LAYOUTS`` has every layout's packer and shapes); embeddings, norms, biases and
 ``lm_head`` are float16. With ``tie_word_embeddings`` no ``lm_head.weight`` is written, so the tie survives.
 
 vLLM's Marlin kernels shard GPTQ/AWQ weights under tensor parallelism only when each partition keeps whole
@@ -166,7 +166,8 @@ class QuantizedCheckpointWriter:
         self.src = SafetensorsCheckpoint(self.src_dir)
         self.linears = _expected_linears(self.config)
         self.floats = self._float_names()
-        if (msg := tensor_parallel_warning(self.config, self.scheme.group_size, tp_sizes)) is not None:
+        if not self.layout.dynamic_activations and \
+                (msg := tensor_parallel_warning(self.config, self.scheme.group_size, tp_sizes)) is not None:
             warnings.warn(msg, TensorParallelWarning, stacklevel=2)
         self.max_shard_bytes = max_shard_bytes
         self.staged = StagedDirectory(self.out_dir, force=force, needed=self.data_bytes(), inputs=(self.src_dir,))

@@ -28,6 +28,7 @@ DTYPES: MappingProxyType[str, tuple[np.dtype, int]] = MappingProxyType({
     "F16": (np.dtype("<f2"), 2),
     "F32": (np.dtype("<f4"), 4),
     "I32": (np.dtype("<i4"), 4),  # packed GPTQ/AWQ weights and g_idx (read with read_raw)
+    "I8": (np.dtype("<i1"), 1),  # W8A8 (compressed-tensors int-quantized) weights (read with read_raw)
 })
 FLOAT_DTYPES = frozenset({"BF16", "F16", "F32"})
 # Every dtype the safetensors format defines: another name is damage, one of these a checkpoint to convert.

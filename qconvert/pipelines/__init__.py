@@ -4,7 +4,9 @@
                 (--imatrix / --stats / --calib -> the K-quants' weights); the export itself is
                 ``qconvert.gguf.export.export_gguf``
     int4.py     write_int4: calibrate (or quantize from saved statistics) and write a GPTQ/AWQ checkpoint + card,
-                in the method's own layout or compressed-tensors; convert_format: re-pack one layout into another
+                in the method's own layout or compressed-tensors; convert_format: re-pack one layout into another;
+                write_w8a8: W8A8 INT8 (RTN or GPTQ int8 weights, optional SmoothQuant) as compressed-tensors
+                int-quantized
     verify.py   verify_artifacts: the float reference once, every artifact in its own runtime, gates, baseline
 
 ONNX export is ``qconvert.onnx_export.export_onnx`` and a release ``qconvert.release.run_release``.

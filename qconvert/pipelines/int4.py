@@ -19,7 +19,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-from qconvert.card import QUALITY_SECTION, int4_card
+from qconvert.card import QUALITY_SECTION, compressed_card, int4_card
 from qconvert.constants import DEFAULT_HOLDOUT
 
 if TYPE_CHECKING:  # torch is imported only when a pipeline runs
@@ -28,8 +28,8 @@ if TYPE_CHECKING:  # torch is imported only when a pipeline runs
     from qconvert.calibset import CalibrationSet
     from qconvert.int4 import AWQConfig, GPTQConfig
 
-__all__ = ["LAYOUT_SUFFIX", "QUALITY_SECTION", "awq_search_summary", "int4_quantization_config", "marlin_warnings",
-           "output_dir_name", "write_int4"]
+__all__ = ["LAYOUT_SUFFIX", "QUALITY_SECTION", "W8A8_WEIGHTS", "awq_search_summary", "int4_quantization_config",
+           "marlin_warnings", "output_dir_name", "w8a8_output_name", "write_int4", "write_w8a8"]
 
 # --format -> suffix of the output directory name (the native GPTQ/AWQ layouts keep Qwen's names)
 LAYOUT_SUFFIX = MappingProxyType({"gptq": "", "awq": "", "compressed-tensors": "-ct"})
@@ -87,16 +87,6 @@ def marlin_warnings(cfg: GPTQConfig | AWQConfig) -> list[str]:
     return out
 
 
-COMPRESSED_LOAD_NOTE = """
-## Layout: compressed-tensors pack-quantized
-
-The codes, scales and zero points are those of the {method} result above, stored in the `pack-quantized` layout
-that llm-compressor writes (`quantization_config.quant_method = "compressed-tensors"`, one config group of
-{bits}-bit int weights on every Linear but `lm_head`). vLLM detects it from config.json (`vllm serve ./{name}`);
-transformers loads it with the `compressed-tensors` package installed (no GPTQ/AWQ kernel package needed).
-"""
-
-
 def card_settings(qcfg: Mapping[str, Any]) -> dict[str, Any]:
     """The settings table of a model card: the ``quantization_config`` itself for GPTQ/AWQ; for compressed-tensors
     its scheme plus the GPTQ/AWQ settings it came from (the card reads ``bits`` at the top level)."""
@@ -107,22 +97,22 @@ def card_settings(qcfg: Mapping[str, Any]) -> dict[str, Any]:
     _, scheme = layout_scheme(qcfg)
     layout_keys = ("meta", "format", "checkpoint_format", "pack_dtype", "version")  # the source layout's, not this
     source = {k: v for k, v in qcfg.get("qconvert", {}).get("settings", {}).items() if k not in layout_keys}
-    return {"layout": f"{CT_METHOD} pack-quantized", **source, "bits": scheme.bits, "group_size": scheme.group_size,
+    return {"layout": f"{CT_METHOD} {qcfg.get('format')}", **source, "bits": scheme.bits, "group_size": scheme.group_size,
             "sym": scheme.sym}
 
 
-def with_layout_note(card: str, qcfg: Mapping[str, Any], name: str) -> str:
-    """``card`` of checkpoint ``name`` with the loading note of a compressed-tensors checkpoint (GPTQ/AWQ cards are
-    returned as they are): ``int4_card``'s GPTQ/AWQ loading paragraph does not apply to it and is replaced (a card
-    builder for every layout belongs in ``qconvert.card``)."""
-    from qconvert.int4.formats import CT_METHOD, layout_scheme
+def compressed_card_values(qcfg: Mapping[str, Any]) -> tuple[str, str, str, int]:
+    """(format, origin, scheme, bits) of a compressed-tensors ``quantization_config`` for ``card.compressed_card``:
+    ``("pack-quantized", "GPTQ", "W4A16", 4)``, ``("int-quantized", "RTN + SmoothQuant α=0.5", "W8A8", 8)``."""
+    from qconvert.int4.formats import CT_INT_FORMAT, layout_scheme
 
-    if qcfg.get("quant_method") != CT_METHOD:
-        return card
-    _, scheme = layout_scheme(qcfg)
-    method = str(qcfg.get("qconvert", {}).get("method", "quantized")).upper()
-    head, _, _ = card.partition("\nLoad with transformers")
-    return head.rstrip("\n") + "\n" + COMPRESSED_LOAD_NOTE.format(method=method, bits=scheme.bits, name=name)
+    layout, scheme = layout_scheme(qcfg)
+    meta = qcfg.get("qconvert", {})
+    origin = str(meta.get("method", "quantized")).upper()
+    if meta.get("smoothquant_alpha") is not None:
+        origin += f" + SmoothQuant α={meta['smoothquant_alpha']}"
+    act = 8 if layout.name == CT_INT_FORMAT else 16
+    return str(qcfg.get("format")), origin, f"W{scheme.bits}A{act}", scheme.bits
 
 
 def awq_search_summary(cfg: AWQConfig) -> str:
@@ -186,12 +176,16 @@ def write_int4(model_dir: Path, model_name: str, out: Path, method: str, cfg: GP
             report = CalibrationReport(n[0], n[1], n[0] * n[1], time.perf_counter() - start, settings.device,
                                        str(settings.dtype).removeprefix("torch."))
         desc = calib.describe() if calib is not None else f"{stats.source} (saved statistics)" if stats else ""
-        card = int4_card(out.name, model_name, method, card_settings(qcfg), desc, n_tokens=report.n_tokens,
-                         seconds=report.seconds, device=report.device, dtype=report.dtype,
-                         from_stats=stats is not None,
-                         search=awq_search_summary(cfg) if isinstance(cfg, AWQConfig) else "",
-                         guard=report.guard_summary() if stats is None else "")
-        card = with_layout_note(card, qcfg, out.name)
+        search = awq_search_summary(cfg) if isinstance(cfg, AWQConfig) else ""
+        guard = report.guard_summary() if stats is None else ""
+        if layout == "compressed-tensors":
+            card = compressed_card(out.name, model_name, *compressed_card_values(qcfg), card_settings(qcfg), desc,
+                                   n_tokens=report.n_tokens, seconds=report.seconds, device=report.device,
+                                   dtype=report.dtype, from_stats=stats is not None, search=search, guard=guard)
+        else:
+            card = int4_card(out.name, model_name, method, card_settings(qcfg), desc, n_tokens=report.n_tokens,
+                             seconds=report.seconds, device=report.device, dtype=report.dtype,
+                             from_stats=stats is not None, search=search, guard=guard)
         (writer.tmp / "README.md").write_text(card)
         writer.finish()
     if evaluate:
@@ -202,6 +196,113 @@ def write_int4(model_dir: Path, model_name: str, out: Path, method: str, cfg: GP
         tmp = out / ".README.md.partial"
         tmp.write_text(card + QUALITY_SECTION.format(quality=quality))
         os.replace(tmp, out / "README.md")
+    return report
+
+
+# ------------------------------------------------------------------------------------------------------------
+# W8A8 INT8 (``qconvert w8a8``): int8 weights per channel (RTN or GPTQ), dynamic per-token int8 activations
+
+W8A8_WEIGHTS = ("rtn", "gptq")  # how the int8 weights are chosen
+W8A8_QUALITY_NOTE = ("For W8A8 that forward also quantizes every linear input per token to int8 (max|x| / 127, as "
+                     "vLLM's kernels do).\n")
+
+
+def w8a8_output_name(model: str) -> str:
+    """``Qwen/Qwen2.5-7B-Instruct`` -> ``qwen2.5-7b-instruct-w8a8``."""
+    return model.rstrip("/").split("/")[-1].lower() + "-w8a8"
+
+
+def w8a8_quantization_config_for(weights: str, alpha: float | None, damp: float = 0.01) -> dict[str, Any]:
+    """The W8A8 ``quantization_config`` (``formats.w8a8_quantization_config``) with how its weights were made under
+    the ``qconvert`` key; refuses an unknown weight method."""
+    from qconvert.errors import QuantTypeError
+    from qconvert.int4.formats import w8a8_quantization_config
+
+    if weights not in W8A8_WEIGHTS:
+        raise QuantTypeError(f"W8A8 weights come from {' or '.join(W8A8_WEIGHTS)}, not {weights!r}.")
+    settings: dict[str, Any] = {"bits": 8, "group_size": -1, "sym": True, "activations": "int8 per token, dynamic"}
+    if weights == "gptq":
+        settings["damp_percent"] = damp
+    return w8a8_quantization_config({"method": weights, "smoothquant_alpha": alpha, "settings": settings})
+
+
+def int8_readable() -> bool:
+    """Whether qconvert's own safetensors reader reads int8 tensors (W8A8's ``weight``): a feature check."""
+    from qconvert.io.safetensors import DTYPES
+
+    return "I8" in DTYPES
+
+
+def write_w8a8(model_dir: Path, model_name: str, out: Path, weights: str, calib: CalibrationSet | None,
+               settings: CalibrationSettings, *, alpha: float | None = None, damp: float = 0.01,
+               force: bool = False, progress: Callable[[int, int], None] | None = None, evaluate: bool = True,
+               holdout: float | None = DEFAULT_HOLDOUT) -> CalibrationReport:
+    """Write the W8A8 INT8 checkpoint ``out`` (compressed-tensors ``int-quantized``; atomic like ``write_int4``).
+
+    ``weights``: ``rtn`` (no calibration forward) or ``gptq`` (8-bit per channel through ``calibrate``; ``holdout``
+    as in ``write_int4``). ``alpha``: SmoothQuant's migration strength, or None for no smoothing. With smoothing, the
+    float model's per-channel activation maxima are collected on ``calib`` (one pass), folded into a smoothed copy
+    of the checkpoint beside ``out`` (removed at the end; ~1.7x a bf16 source), and that copy is quantized; the
+    rescaled RMSNorm gains go into the checkpoint. ``calib`` is needed for ``gptq`` or ``alpha``.
+    """
+    import contextlib
+    import math
+    import tempfile
+
+    import torch
+
+    from qconvert.calibration.quantize import CalibrationError, calibrate
+    from qconvert.int4 import GPTQConfig, QuantizedCheckpointWriter
+    from qconvert.io.atomic import check_free_space
+    from qconvert.io.safetensors import SafetensorsCheckpoint
+    from qconvert.w8a8 import activation_maxima, write_smoothed_checkpoint
+
+    qcfg = w8a8_quantization_config_for(weights, alpha, damp)
+    if calib is None and (weights == "gptq" or alpha is not None):
+        raise CalibrationError("W8A8 with GPTQ weights or SmoothQuant needs calibration data (--calib).")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        writer = QuantizedCheckpointWriter(model_dir, out, qcfg, force=force)
+    for w in caught:
+        print(f"qconvert: warning: {w.message}", file=sys.stderr)
+    cfg = GPTQConfig(bits=8, group_size=-1, sym=True, damp_percent=damp)
+    ids = calib.ids if calib is not None else torch.zeros((1, 1), dtype=torch.long)  # RTN runs no forward
+    with writer, contextlib.ExitStack() as scratch:
+        src = Path(model_dir)
+        start = time.perf_counter()
+        if alpha is not None:
+            source = SafetensorsCheckpoint(Path(model_dir))  # the copy: at most every tensor widened to float32
+            check_free_space(out, writer.data_bytes() + sum(4 * math.prod(e.shape) for e in source.entries.values()))
+            src = Path(scratch.enter_context(tempfile.TemporaryDirectory(dir=Path(out).parent,
+                                                                         prefix=f".{Path(out).name}.smoothed-")))
+            maxima = activation_maxima(model_dir, ids, settings, progress)
+            smoothed = write_smoothed_checkpoint(model_dir, src, maxima, alpha)
+            gains = SafetensorsCheckpoint(src)
+            for name in smoothed:
+                writer.add_float(name, gains.read_f32(name))
+        report = calibrate(src, ids, weights, cfg, writer.add_linear, None, settings, progress,
+                           holdout=holdout if weights == "gptq" else None)
+        seconds = time.perf_counter() - start
+        desc = calib.describe() if calib is not None else "none (round-to-nearest weights, no smoothing)"
+        forward = None if calib is not None else "none (round-to-nearest needs no activations)"
+        card = compressed_card(out.name, model_name, *compressed_card_values(qcfg), card_settings(qcfg), desc,
+                               n_tokens=0 if calib is None else report.n_tokens, seconds=seconds,
+                               device=report.device, dtype=report.dtype, forward=forward,
+                               guard=report.guard_summary() if weights == "gptq" else "")
+        (writer.tmp / "README.md").write_text(card)
+        writer.finish()
+    if evaluate and not int8_readable():
+        print("qconvert: note: no measured quality in the model card: qconvert's safetensors reader does not read "
+              "int8 tensors yet (qconvert.io.safetensors.DTYPES has no I8), so neither the card's measurement nor "
+              "qconvert verify can read this checkpoint back; transformers and vLLM load it.", file=sys.stderr)
+    elif evaluate:
+        from qconvert.quality import describe, measure
+
+        quality = describe(measure(model_dir, out, device=settings.device))
+        print(f"quality: {quality}", file=sys.stderr)
+        tmp_card = out / ".README.md.partial"
+        tmp_card.write_text(card + QUALITY_SECTION.format(quality=quality) + W8A8_QUALITY_NOTE)
+        os.replace(tmp_card, out / "README.md")
     return report
 
 
@@ -219,6 +320,17 @@ def convert_output_name(src: Path, to: str) -> str:
     if to == "compressed-tensors":
         return base + LAYOUT_SUFFIX[to] if base != name or "-gptq-" in name or name.endswith("-awq") else f"{name}-ct"
     return base if base != name else f"{name}-{to}"
+
+
+def check_weight_only(layout: Any) -> None:
+    """Refuse a W8A8 source (``Layout.dynamic_activations``): every target of convert-format is weight-only."""
+    from qconvert.errors import QuantTypeError
+
+    if layout.dynamic_activations:
+        raise QuantTypeError("the source is W8A8 (int-quantized: int8 weights and per-token int8 activations); "
+                             "convert-format re-packs weight-only layouts, and writing its weights as W8A16, GPTQ or "
+                             "AWQ would silently drop the activation quantization. Quantize the float model with "
+                             "qconvert gptq --bits 8 --group-size -1 for a weight-only 8-bit checkpoint.")
 
 
 def target_quantization_config(source: Mapping[str, Any], to: str, act_order: bool) -> dict[str, Any]:
@@ -241,6 +353,7 @@ def target_quantization_config(source: Mapping[str, Any], to: str, act_order: bo
     )
 
     layout, scheme = layout_scheme(source)
+    check_weight_only(layout)
     origin: dict[str, Any] = dict(source.get("qconvert", {})) if layout.name == CT_METHOD else \
         {"method": layout.name, "settings": {k: v for k, v in source.items() if k != "quant_method"}}
     if to == CT_METHOD:
@@ -283,7 +396,7 @@ def convert_format(src: Path, out: Path, to: str, *, force: bool = False) -> Pat
 
     import torch
 
-    from qconvert.card import USAGE, Card, settings_rows, table
+    from qconvert.card import USAGE, Card, compressed_layout, settings_rows, table
     from qconvert.errors import CheckpointError, QuantTypeError
     from qconvert.int4 import QuantizedCheckpointWriter
     from qconvert.int4.formats import layout_scheme, read_linear
@@ -297,6 +410,7 @@ def convert_format(src: Path, out: Path, to: str, *, force: bool = False) -> Pat
                               "convert-format re-packs GPTQ, AWQ and compressed-tensors checkpoints. Quantize a float "
                               "model with qconvert gptq or qconvert awq.")
     layout, scheme = layout_scheme(source, f"{src}/config.json")
+    check_weight_only(layout)  # before its tensors are opened
     ckpt = SafetensorsCheckpoint(Path(src))
     act_order = _source_act_order(ckpt, layout.name, source)
     qcfg = target_quantization_config(source, to, act_order)
@@ -317,14 +431,15 @@ def convert_format(src: Path, out: Path, to: str, *, force: bool = False) -> Pat
                                      "stores z - 1 and cannot hold it. Convert to compressed-tensors instead (it "
                                      "stores zero points as they are).")
             writer.add_linear(module, q)
-        load = "" if to not in USAGE else f"Serve it with `{USAGE[to].format(name=Path(out).name)}`."
-        card = Card(title=f"{Path(out).name} — {layout.name} re-packed as {to}",
+        name = Path(out).name
+        last = compressed_layout(*(compressed_card_values(qcfg) + (name,))) if to == "compressed-tensors" else \
+            (None, f"Serve it with `{USAGE[to].format(name=name)}`.")
+        card = Card(title=f"{name} — {layout.name} re-packed as {to}",
                     intro=f"Re-packed by qconvert convert-format from `{Path(src).resolve().name}` without "
                           "requantizing: the codes, scales and zero points are the source's, so both checkpoints "
                           "dequantize to the same weights bit for bit.",
-                    sections=[(None, table(("setting", "value"), settings_rows(card_settings(qcfg)))),
-                              (None, load)]).render()
-        (writer.tmp / "README.md").write_text(with_layout_note(card, qcfg, Path(out).name))
+                    sections=[(None, table(("setting", "value"), settings_rows(card_settings(qcfg)))), last]).render()
+        (writer.tmp / "README.md").write_text(card)
         writer.finish()
     return Path(out)
 

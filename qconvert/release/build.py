@@ -142,7 +142,7 @@ def _build_int4(ctx: ModelContext, job: Job, out: Path, settings: Any, deps: dic
     cfg = int4_config(job.fmt.kind, job.fmt.settings)
     stats = _stats(ctx) if job.needs_stats else None
     write_int4(ctx.source.path, job.model.name, out, job.fmt.kind, cfg, ctx.calib, settings, stats=stats,
-               evaluate=False)
+               evaluate=False, layout=job.fmt.settings.get("format"))
     (out / "README.md").unlink(missing_ok=True)  # its card records wall times; the release writes its own
     return out
 

@@ -71,7 +71,7 @@ def artifact_name(model: ModelEntry, fmt: FormatEntry, preset: str | None) -> st
         assert preset is not None
         return f"{model.slug}-gguf-{preset.lower()}"
     if fmt.kind in ("gptq", "awq"):
-        return output_dir_name(model.name, fmt.kind, fmt.settings.get("bits", 4))
+        return output_dir_name(model.name, fmt.kind, fmt.settings.get("bits", 4), fmt.settings.get("format"))
     return f"{model.slug}-onnx-{fmt.settings.get('precision', 'int4')}"
 
 

@@ -6,7 +6,8 @@
     [thresholds]   max_dppl_pct, max_kl, min_top1                      (defaults; a format may override them)
     [output]       layout = "by-model" | "flat"
     [[models]]     sizes + variants | hub | path | fixture; name, license
-    [[formats]]    kind = "gguf" | "gptq" | "awq" | "onnx" and that kind's keys (``FORMAT_KEYS``)
+    [[formats]]    kind = "gguf" | "gptq" | "awq" | "onnx" and that kind's keys (``FORMAT_KEYS``); gptq and awq take
+                   format = "gptq" | "awq" (default: the kind's own layout) or "compressed-tensors" (pack-quantized)
 
 tomllib reports no positions, so ``Recipe.where`` finds a key's line in the text itself; every error names
 ``file:line``. Checks that need the model's shapes (a K-quant that must fall back under ``pure = true``, a group
@@ -53,9 +54,9 @@ FORMAT_KEYS: MappingProxyType[str, MappingProxyType[str, str]] = MappingProxyTyp
                               "token_embedding_type": _STR}),
     "gptq": MappingProxyType({"bits": _INT, "group_size": _INT, "sym": _BOOL, "act_order": _BOOL,
                               "static_groups": _BOOL, "group_aware": _BOOL, "damp": _FLOAT,
-                              "from_stats": _BOOL}),
+                              "from_stats": _BOOL, "format": _STR}),
     "awq": MappingProxyType({"bits": _INT, "group_size": _INT, "n_grid": _INT, "clip_grid": _INT,
-                             "search_samples": _INT, "clip_all": _BOOL}),
+                             "search_samples": _INT, "clip_all": _BOOL, "format": _STR}),
     "onnx": MappingProxyType({"precision": _STR, "algo": _STR, "block_size": _INT, "from": _STR}),
 })
 ONNX_PRECISIONS = ("fp32", "fp16", "int4")
@@ -288,8 +289,11 @@ def _format(recipe: Recipe, table: dict, i: int) -> FormatEntry:
 
 
 def _default_id(kind: str, s: dict) -> str:
+    suffix = "-ct" if s.get("format") == "compressed-tensors" else ""  # both layouts may sit in one recipe
     if kind == "gptq":
-        return f"gptq-int{s.get('bits', 4)}"
+        return f"gptq-int{s.get('bits', 4)}{suffix}"
+    if kind == "awq":
+        return f"awq{suffix}"
     if kind == "onnx":
         return f"onnx-{s.get('precision', 'int4')}"
     return kind
@@ -299,6 +303,7 @@ def _check_formats(recipe: Recipe) -> None:
     """Combinations that can never work, whatever the model (model-dependent checks are in ``plan``)."""
     from qconvert.gguf.plan import get_preset, parse_type
     from qconvert.int4.options import int4_config
+    from qconvert.pipelines.int4 import int4_quantization_config
 
     ids: dict[str, FormatEntry] = {}
     for f in recipe.formats:
@@ -317,19 +322,19 @@ def _check_formats(recipe: Recipe) -> None:
                     if key in s:
                         parse_type(s[key])
             elif f.kind == "gptq":
-                int4_config("gptq", s)
+                int4_quantization_config(int4_config("gptq", s), s.get("format"))
             elif f.kind == "awq":
                 if s.get("bits", 4) != 4:
                     raise recipe.error("formats", f.index, "bits", f"AWQ {s['bits']}-bit is not a format: AWQ "
                                        "checkpoints (GEMM layout) are 4-bit only. Use kind = \"gptq\" with bits = "
                                        f"{s['bits']} for {s['bits']}-bit weights, or bits = 4")
-                int4_config("awq", s)
+                int4_quantization_config(int4_config("awq", s), s.get("format"))
             elif f.kind == "onnx":
                 _check_onnx(recipe, f, ids)
         except RecipeError:
             raise
         except QConvertError as e:
-            bad_key = next((str(k) for k in ("presets", "bits", "group_size", "damp", "output_tensor_type",
+            bad_key = next((str(k) for k in ("format", "presets", "bits", "group_size", "damp", "output_tensor_type",
                                              "token_embedding_type") if k in s), None)
             raise recipe.error("formats", f.index, bad_key, str(e)) from None
 
@@ -344,6 +349,10 @@ def _check_onnx(recipe: Recipe, f: FormatEntry, ids: dict[str, FormatEntry]) -> 
         if src not in ids or ids[src].kind != "gptq":
             raise recipe.error("formats", f.index, "from", f"from = {src!r} must name the id of a gptq format listed "
                                "before this one (the ONNX int4 model reuses its weights, no requantization)")
+        if ids[src].settings.get("format") == "compressed-tensors":
+            raise recipe.error("formats", f.index, "from", f"from = {src!r} names a compressed-tensors GPTQ format; "
+                               "the ONNX export reuses GPTQ-layout checkpoints. Add a gptq format without format = "
+                               "\"compressed-tensors\" and build from that one")
         if s.get("precision", "int4") != "int4" or ids[src].settings.get("bits", 4) != 4:
             raise recipe.error("formats", f.index, "from", "from = a GPTQ format works only for precision = "
                                "\"int4\" from a 4-bit GPTQ format")

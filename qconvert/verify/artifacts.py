@@ -132,9 +132,16 @@ def _detect_dir(path: Path) -> Artifact:
     if method == CT_KIND:
         from qconvert.int4.formats import layout_scheme
 
-        _, scheme = layout_scheme(q, f"{cfg_path}")  # refuses schemes qconvert cannot run, saying which
+        layout, scheme = layout_scheme(q, f"{cfg_path}")  # refuses schemes qconvert cannot run, saying which
+        from qconvert.io.safetensors import DTYPES
+
+        if layout.dynamic_activations and "I8" not in DTYPES:  # a feature check on the reader's dtype table
+            raise VerifyError(f"{path} is W8A8 (int8 weights), and qconvert's safetensors reader does not read int8 "
+                              "tensors yet (qconvert.io.safetensors.DTYPES has no I8); load it with transformers + "
+                              "compressed-tensors or vLLM instead.")
         group = "channel" if scheme.group_size == -1 else f"g{scheme.group_size}"
-        return Artifact(path, CT_KIND, f"w{scheme.bits}a16-{group}{'' if scheme.sym else '-zp'}", config)
+        acts = "a8" if layout.dynamic_activations else "a16"
+        return Artifact(path, CT_KIND, f"w{scheme.bits}{acts}-{group}{'' if scheme.sym else '-zp'}", config)
     if method:
         raise VerifyError(f"{path} is a {method} checkpoint; qconvert verify knows GPTQ, AWQ and compressed-tensors "
                           "(pack-quantized) directories.")
@@ -327,7 +334,9 @@ class OnnxRunner(Runner):
 
 
 class DequantRunner(Runner):
-    """GPTQ/AWQ through qconvert's streaming driver with each linear's exact dequantized weight (float32).
+    """GPTQ/AWQ through qconvert's streaming driver with each linear's exact dequantized weight (float32); a W8A8
+    checkpoint (compressed-tensors int-quantized) also quantizes every linear's input per token to int8, as its
+    kernels do (``qconvert.w8a8.w8a8_logits``).
 
     Streams layer by layer over all windows at once (one layer's weights in memory, plus the hidden states
     [n_windows, ctx, hidden]), so ``scored`` runs every layer before it yields the first window.
@@ -347,13 +356,20 @@ class DequantRunner(Runner):
         import torch
 
         from qconvert.calibration.driver import CalibrationSettings, streamed_logits
+        from qconvert.int4.formats import layout_scheme
+        from qconvert.w8a8 import w8a8_logits
 
         config = self.art.config
         assert config is not None
         ids = torch.from_numpy(windows.astype(np.int64))
-        logits = streamed_logits(self.ckpt, config, ids, first, CalibrationSettings(self.device, torch.float32, 4),
-                                 quantization_config=config["quantization_config"],
-                                 progress=self.name if progress else None)
+        settings = CalibrationSettings(self.device, torch.float32, 4)
+        layout, _ = layout_scheme(config["quantization_config"])
+        if layout.dynamic_activations:
+            logits = w8a8_logits(self.ckpt, config, ids, first, settings, progress=self.name if progress else None)
+        else:
+            logits = streamed_logits(self.ckpt, config, ids, first, settings,
+                                     quantization_config=config["quantization_config"],
+                                     progress=self.name if progress else None)
         while True:
             start = time.perf_counter()
             out = next(logits, None)
@@ -363,15 +379,21 @@ class DequantRunner(Runner):
             yield out
 
 
-def compressed_tensors_options() -> dict[str, Any]:
-    """transformers' compressed-tensors route that decompresses each weight while loading (``dequantize=True``):
-    its default route drops asymmetric checkpoints' packed zero points as a size mismatch (transformers 5.23 with
-    compressed-tensors 0.20; llm-compressor#1618)."""
+def compressed_tensors_options(art: Artifact | None = None) -> dict[str, Any]:
+    """How transformers loads a compressed-tensors checkpoint. Weight-only (pack-quantized): the route that
+    decompresses each weight while loading (``dequantize=True``), since the default route drops asymmetric
+    checkpoints' packed zero points as a size mismatch (transformers 5.23 with compressed-tensors 0.20;
+    llm-compressor#1618). W8A8 (int-quantized): the default route, the only one that keeps the per-token activation
+    quantization (``dequantize=True`` removes the scheme and would run W8A16)."""
     if not compressed_tensors_available():
         raise RuntimeMissingError("transformers needs the compressed-tensors package for these checkpoints: pip "
                                   "install compressed-tensors==0.20.0 (or use --runtime qconvert-dequant).")
     from transformers import CompressedTensorsConfig
 
+    from qconvert.int4.formats import layout_scheme
+
+    if art is not None and layout_scheme((art.config or {}).get("quantization_config"))[0].dynamic_activations:
+        return {}
     return {"quantization_config": CompressedTensorsConfig(dequantize=True)}
 
 
@@ -387,7 +409,7 @@ def open_runner(art: Artifact, runtime: str, reference: Reference, device: str) 
     if runtime == "transformers":
         dtype = reference_dtype(device, reference.dtype if reference.device == device else None)
         if art.kind == CT_KIND:
-            return TransformersRunner(art.path, device, dtype, **compressed_tensors_options())
+            return TransformersRunner(art.path, device, dtype, **compressed_tensors_options(art))
         return TransformersRunner(art.path, device, dtype)
     raise VerifyError(f"unknown runtime {runtime!r}; one of llama.cpp, onnxruntime, qconvert-dequant, gptqmodel, "
                       "transformers.")
@@ -448,6 +470,9 @@ def _compressed_bits_per_weight(art: Artifact) -> float:
             n_bytes += sum(entries[f"{module}.{k}"].nbytes for k in CT_TENSORS if f"{module}.{k}" in entries)
         elif name.startswith("model.layers.") and name.endswith(".weight") and len(e.shape) == 2:
             n_weights += int(np.prod(e.shape))
+            n_bytes += e.nbytes
+        elif name.startswith("model.layers.") and name.endswith(".weight_scale") and \
+                name.removesuffix("_scale") in entries:  # W8A8: an int8 weight's scales
             n_bytes += e.nbytes
     return 8.0 * n_bytes / max(1, n_weights)
 
