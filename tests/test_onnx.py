@@ -201,13 +201,15 @@ def test_calibrated_int4_matches_its_own_quantization(model_dir, tmp_path, algo:
     """The export carries exactly what the calibration driver produced (codes, scales, AWQ's rescaled norms)."""
     from qconvert.calibration.quantize import calibrate
     from qconvert.calibset import load_calibration
+    from qconvert.constants import DEFAULT_HOLDOUT
 
     path = model_dir("tiny-tied")
     calib = load_calibration("builtin", path, chat=False, n_samples=2, seq_len=32)
     linears: dict = {}
     floats: dict = {}
     cfg = GPTQConfig(group_size=64) if algo == "gptq" else AWQConfig(group_size=64)
-    calibrate(path, calib.ids, algo, cfg, linears.__setitem__, floats.__setitem__)
+    # the export calibrates with the held-out guard on, as every product path does
+    calibrate(path, calib.ids, algo, cfg, linears.__setitem__, floats.__setitem__, holdout=DEFAULT_HOLDOUT)
     replace = {f"{m}.weight": q.dequantize() for m, q in linears.items()} | floats
     ids = prompt()
     out = export_onnx(path, tmp_path, precision="int4", algo=algo, block_size=64, calib=calib)
