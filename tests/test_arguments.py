@@ -187,3 +187,13 @@ def test_gguf_output_directory_and_conflict(model: str, tmp_path: Path, capsys) 
     err = capsys.readouterr().err
     assert rc == 2 and "give one of them" in err and "Traceback" not in err, err
     assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "other").exists()
+
+
+@pytest.mark.parametrize("cmd", ["gguf", "gptq", "awq", "w8a8", "onnx", "verify", "release", "info",
+                                 "convert-format", "demo"])
+def test_every_help_renders(cmd: str, capsys) -> None:
+    """--help exits 0 and prints plain text (a stray % in a help string makes argparse print its internals)."""
+    with pytest.raises(SystemExit) as e:
+        main([cmd, "--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "option_strings" not in out and f"qconvert {cmd}" in out, out[-500:]

@@ -50,7 +50,7 @@ def add_parsers(sub: Any, add_model_args: Any) -> None:
     q.add_argument("--damp", type=float_range(0.0, 1.0, low_open=True, high_open=True), default=0.01,
                    help="GPTQ Hessian damping, fraction of mean diagonal (0.01)")
     q.add_argument("--no-guard", action="store_true",
-                   help=f"GPTQ: fit every calibration window (default: the last {DEFAULT_HOLDOUT:.0%} are held out "
+                   help=f"GPTQ: fit every calibration window (default: the last {DEFAULT_HOLDOUT * 100:.0f}%% are held out "
                         "and GPTQ's result is kept only where it beats round-to-nearest on them)")
     add_calibration_args(p, default_calib="builtin", stats_help="not accepted: W8A8 needs activation maxima, which "
                                                                 "a statistics file does not hold")
