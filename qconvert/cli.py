@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = g.add_argument_group("quantization")
     pick = q.add_mutually_exclusive_group()
     pick.add_argument("--bits", type=int_range(2, 16, "GGUF presets go from 2 to 16 bits"), help="2, 3, 4, 5, 6, 8 or 16 (default 5 = Q5_K_M)")
-    pick.add_argument("--type", dest="preset", help="a llama-quantize preset: Q2_K, Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M, Q6_K, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, F16, BF16, F32")
+    pick.add_argument("--type", dest="preset", help="a llama-quantize preset: Q2_K, Q2_K_S (needs an imatrix), Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M, Q6_K, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, IQ4_NL, IQ4_XS, IQ3_S, IQ3_M; with an imatrix also IQ3_XS, IQ3_XXS, IQ2_M, IQ2_S, IQ2_XS, IQ2_XXS, IQ1_M, IQ1_S; F16, BF16, F32")
     q.add_argument("--pure", action="store_true", help="no mixture: every matrix gets the preset's base type")
     q.add_argument("--output-tensor-type", metavar="TYPE", help="type of output.weight (or of the tied embedding)")
     q.add_argument("--token-embedding-type", metavar="TYPE", help="type of token_embd.weight")

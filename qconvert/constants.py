@@ -33,6 +33,15 @@ class GGMLType(enum.IntEnum):
     Q4_K = 12
     Q5_K = 13
     Q6_K = 14
+    IQ2_XXS = 16
+    IQ2_XS = 17
+    IQ3_XXS = 18
+    IQ1_S = 19
+    IQ4_NL = 20
+    IQ3_S = 21
+    IQ2_S = 22
+    IQ4_XS = 23
+    IQ1_M = 29
     BF16 = 30
 
     @property
@@ -90,7 +99,19 @@ TYPE_LAYOUT: MappingProxyType[GGMLType, Layout] = MappingProxyType({
     GGMLType.Q4_K: Layout(QK_K, 2 * F16_BYTES + 12 + QK_K // 2),  # d, dmin, scales, qs
     GGMLType.Q5_K: Layout(QK_K, 2 * F16_BYTES + 12 + QK_K // 8 + QK_K // 2),  # d, dmin, scales, qh, qs
     GGMLType.Q6_K: Layout(QK_K, QK_K // 2 + QK_K // 4 + QK_K // 16 + F16_BYTES),  # ql, qh, scales, d
+    GGMLType.IQ2_XXS: Layout(QK_K, F16_BYTES + QK_K // 4),  # d, u32[16]: grid indices, signs + scales
+    GGMLType.IQ2_XS: Layout(QK_K, F16_BYTES + QK_K // 4 + QK_K // 32),  # d, u16[32] (index | signs << 9), scales
+    GGMLType.IQ3_XXS: Layout(QK_K, F16_BYTES + QK_K // 4 + QK_K // 8),  # d, grid indices, scales+signs u32[8]
+    GGMLType.IQ1_S: Layout(QK_K, F16_BYTES + QK_K // 8 + QK_K // 16),  # d, qs[32], qh u16[8]
+    GGMLType.IQ4_NL: Layout(32, F16_BYTES + 16),  # d, qs[16] (indices into IQ4_NL_VALUES)
+    GGMLType.IQ3_S: Layout(QK_K, F16_BYTES + QK_K // 4 + QK_K // 32 + QK_K // 8 + QK_K // 64),  # d, qs, qh, signs, scales
+    GGMLType.IQ2_S: Layout(QK_K, F16_BYTES + QK_K // 4 + QK_K // 32 + QK_K // 32),  # d, qs+signs, qh, scales
+    GGMLType.IQ1_M: Layout(QK_K, QK_K // 8 + QK_K // 16 + QK_K // 32),  # qs[32], qh[16], scales u16[4] (+ d)
+    GGMLType.IQ4_XS: Layout(QK_K, F16_BYTES + 2 + QK_K // 64 + QK_K // 2),  # d, scales_h u16, scales_l, qs
 })
+
+# The 16 non-linear levels of IQ4_NL / IQ4_XS (ggml-common.h ``kvalues_iq4nl``; gguf-py's ``IQ4_NL.kvalues``).
+IQ4_NL_VALUES: tuple[int, ...] = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 
 
 class FileType(enum.IntEnum):
@@ -112,6 +133,19 @@ class FileType(enum.IntEnum):
     MOSTLY_Q5_K_S = 16
     MOSTLY_Q5_K_M = 17
     MOSTLY_Q6_K = 18
+    MOSTLY_IQ2_XXS = 19
+    MOSTLY_IQ2_XS = 20
+    MOSTLY_Q2_K_S = 21
+    MOSTLY_IQ3_XS = 22
+    MOSTLY_IQ3_XXS = 23
+    MOSTLY_IQ1_S = 24
+    MOSTLY_IQ4_NL = 25
+    MOSTLY_IQ3_S = 26
+    MOSTLY_IQ3_M = 27
+    MOSTLY_IQ2_S = 28
+    MOSTLY_IQ2_M = 29
+    MOSTLY_IQ4_XS = 30
+    MOSTLY_IQ1_M = 31
     MOSTLY_BF16 = 32
 
 

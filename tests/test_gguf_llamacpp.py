@@ -19,7 +19,8 @@ llamacpp = pytest.importorskip("qconvert.runtimes.llamacpp")
 pytest.importorskip("llama_cpp_py_sync", reason="llama.cpp binding (llama-cpp-py-sync) is the oracle")
 
 QUANT_PRESETS = ["Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K",
-                 "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]
+                 "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "IQ4_NL", "IQ4_XS", "IQ3_S", "IQ3_M"]
+NEEDS_IMATRIX = ("Q2_K_S", "IQ3_XS", "IQ3_XXS", "IQ2_M", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S")  # llama-quantize refuses them without one: tested with one, below
 FAST_FIXTURES = ["tiny-tied", "tiny-untied", "tiny-fallback"]
 
 
@@ -47,7 +48,7 @@ def test_direct_export_is_byte_identical_to_llama_quantize(tmp_path, model_dir, 
     assert ours.read_bytes() == ref.read_bytes(), "tensors agree but the files differ (metadata order or padding)"
 
 
-@pytest.mark.parametrize("preset", ["Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "Q4_0"])
+@pytest.mark.parametrize("preset", ["Q2_K", "Q3_K_M", "Q4_K_M", "Q5_K_M", "Q6_K", "Q4_0", "IQ4_NL", "IQ4_XS", "IQ3_M"])
 def test_80_layer_rules_match_llama_quantize(tmp_path, model_dir, float_gguf, preset):
     """80 layers: llama.cpp treats qwen2 as its 70B class (attn_v bump) and ffn_down rows of 288 fall back."""
     ours = tmp_path / "ours.gguf"
@@ -225,6 +226,9 @@ def test_chat_template_from_jinja_file(model_dir, tmp_path):
 @pytest.mark.parametrize("preset, options", [
     ("Q4_K_M", {"pure": True}),
     ("Q5_K_M", {"output_tensor_type": "Q8_0", "token_embedding_type": "Q4_K"}),
+    # IQ3_XXS needs an imatrix except on token_embd/output: the way to put it in a file without one
+    ("IQ4_XS", {"output_tensor_type": "IQ3_XXS", "token_embedding_type": "IQ3_XXS"}),
+    ("IQ4_NL", {"output_tensor_type": "IQ3_S", "token_embedding_type": "IQ3_S"}),
 ])
 def test_overrides_match_llama_quantize(tmp_path, model_dir, float_gguf, preset, options):
     from qconvert.gguf.export import PlanOptions
@@ -258,23 +262,78 @@ def _random_imatrix(model_path, seed=0):
     return out
 
 
-@pytest.mark.parametrize("preset", ["Q4_K_M", "Q5_K_M", "Q6_K", "Q3_K_M", "Q2_K", "Q4_0", "Q5_0", "Q4_1"])
-def test_imatrix_export_is_byte_identical_to_llama_quantize(tmp_path, model_dir, float_gguf, preset):
-    """With the same importance matrix, qconvert's bytes equal llama_model_quantize's (weighted K-quant search,
-    the has-imatrix mixture rules such as Q4_1 ffn_down in the first layers of Q4_0)."""
+IMATRIX_PRESETS = ["Q4_K_M", "Q5_K_M", "Q6_K", "Q3_K_M", "Q2_K", "Q4_0", "Q5_0", "Q4_1", "Q2_K_S", "IQ4_NL", "IQ4_XS",
+                   "IQ3_XS", "IQ3_S", "IQ3_M", "IQ3_XXS", "IQ2_M", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S"]
+
+
+@pytest.mark.parametrize("preset", IMATRIX_PRESETS)
+@pytest.mark.parametrize("fixture", ["tiny-untied", "tiny-fallback"])
+def test_imatrix_export_is_byte_identical_to_llama_quantize(tmp_path, model_dir, float_gguf, fixture, preset):
+    """With the same importance matrix, qconvert's bytes equal llama_model_quantize's (weighted K-quant and
+    I-quant search, the has-imatrix mixture rules such as Q4_1 ffn_down in the first layers of Q4_0, or no Q5_K
+    ffn_down in IQ4_XS), on a clean fixture and on the hidden-320 one whose rows fall back."""
     from qconvert.gguf.imatrix import read_imatrix, write_imatrix
 
-    path = model_dir("tiny-untied")
+    if fixture == "tiny-fallback" and not (preset.startswith("IQ") or preset in ("Q2_K_S", "Q4_K_M")):
+        pytest.skip("the fallback fixture runs for the I-quant presets, Q2_K_S and one K-quant preset")
+    path = model_dir(fixture)
     im = _random_imatrix(path)
     f = tmp_path / "imatrix.gguf"
     write_imatrix(f, {k: v * 7 for k, v in im.items()}, {k: 7 for k in im}, datasets=["test"], chunk_count=1, chunk_size=7)
     loaded = read_imatrix(f)
     assert all(np.allclose(loaded[k], im[k], rtol=1e-6) for k in im)
     ours = tmp_path / "ours.gguf"
-    export_gguf(path, ours, preset, imatrix=loaded, model_name="qconvert/tiny-untied")
+    export_gguf(path, ours, preset, imatrix=loaded, model_name=f"qconvert/{fixture}")
     ref = tmp_path / "llama.gguf"
-    llamacpp.llama_quantize(float_gguf("tiny-untied", "BF16"), ref, int(get_preset(preset).file_type), imatrix=loaded)
+    llamacpp.llama_quantize(float_gguf(fixture, "BF16"), ref, int(get_preset(preset).file_type), imatrix=loaded)
     _assert_same_tensors(ours, ref)
+    assert ours.read_bytes() == ref.read_bytes(), "tensors agree but the files differ (metadata order or padding)"
+    if preset in NEEDS_IMATRIX:
+        return  # no plain file to compare with: see test_imatrix_required_presets_are_refused_without_one
     plain = tmp_path / "plain.gguf"
-    export_gguf(path, plain, preset, model_name="qconvert/tiny-untied")
+    export_gguf(path, plain, preset, model_name=f"qconvert/{fixture}")
     assert plain.read_bytes() != ours.read_bytes(), "the imatrix changed nothing: it was not used"
+
+
+@pytest.mark.parametrize("preset", NEEDS_IMATRIX)
+def test_imatrix_required_presets_are_refused_without_one(tmp_path, model_dir, float_gguf, preset):
+    """The presets that need an importance matrix, without one: llama.cpp refuses them, and so does qconvert, before
+    writing anything, with a message that says how to get one; with an imatrix lacking one of the tensors, both
+    refuse too."""
+    from qconvert.errors import CheckpointError, QuantTypeError
+
+    ref = tmp_path / "llama.gguf"
+    with pytest.raises(CheckpointError, match="requires an imatrix"):
+        llamacpp.llama_quantize(float_gguf("tiny-untied", "BF16"), ref, int(get_preset(preset).file_type))
+    ours = tmp_path / "ours.gguf"
+    with pytest.raises(QuantTypeError, match="--calib builtin.*--imatrix FILE"):
+        export_gguf(model_dir("tiny-untied"), ours, preset)
+    im = _random_imatrix(model_dir("tiny-untied"))
+    del im["blk.1.attn_q.weight"]
+    with pytest.raises(CheckpointError, match="Missing importance matrix for tensor blk.1.attn_q.weight"):
+        llamacpp.llama_quantize(float_gguf("tiny-untied", "BF16"), ref, int(get_preset(preset).file_type), imatrix=im)
+    with pytest.raises(QuantTypeError, match="no entry for 1 tensor.*blk.1.attn_q.weight"):
+        export_gguf(model_dir("tiny-untied"), ours, preset, imatrix=im)
+    assert not ours.exists() and [p.name for p in tmp_path.iterdir()] == ["llama.gguf"]  # llama.cpp leaves a partial file
+    assert export_gguf(model_dir("tiny-untied"), None, preset).plan.warnings()[-1].endswith("will require an imatrix!")
+
+
+@pytest.mark.parametrize("qtype", ["IQ3_XXS", "IQ3_S"])
+def test_iq3_with_imatrix_matches_llama_quantize(tmp_path, model_dir, float_gguf, qtype):
+    """IQ3 output and token_embd (the IQ3 tensors llama-quantize allows outside the IQ3 presets, which
+    qconvert does not offer yet) in an IQ4_XS file, with an importance matrix: whole-file byte identity."""
+    from qconvert.constants import GGMLType
+    from qconvert.gguf.export import PlanOptions
+
+    path = model_dir("tiny-untied")
+    im = _random_imatrix(path)
+    t = GGMLType[qtype]
+    ours = tmp_path / "ours.gguf"
+    export_gguf(path, ours, "IQ4_XS", options=PlanOptions(output_tensor_type=t, token_embedding_type=t), imatrix=im,
+                model_name="qconvert/tiny-untied")
+    ref = tmp_path / "llama.gguf"
+    llamacpp.llama_quantize(float_gguf("tiny-untied", "BF16"), ref, int(get_preset("IQ4_XS").file_type),
+                            output_tensor_type=int(t), token_embedding_type=int(t), imatrix=im)
+    _assert_same_tensors(ours, ref)
+    assert read_gguf(ours).tensors["output.weight"].type == t
+    assert ours.read_bytes() == ref.read_bytes()

@@ -168,7 +168,7 @@ def test_presets_and_bits() -> None:
         get_preset("Q4_K_XL")
     assert parse_tensor_type_option("FFN_Down=Q6_k") == ("ffn_down", T.Q6_K)
     with pytest.raises(QuantTypeError, match="unknown tensor type"):
-        parse_tensor_type_option("ffn_down=iq4_nl")
+        parse_tensor_type_option("ffn_down=q7_K")
     with pytest.raises(QuantTypeError, match="REGEX=TYPE"):
         parse_tensor_type_option("ffn_down")
     with pytest.raises(QuantTypeError, match="regular expression"):
@@ -296,6 +296,77 @@ def test_overrides_by_hand() -> None:
         plan("0.5b", "Q4_K_M", token_embedding_type="q4_K")  # 896-wide rows cannot hold Q4_K
 
 
+def test_iq4_mixtures_by_hand() -> None:
+    """llama-quant.cpp's IQ4_NL/IQ4_XS rules read by hand: attn_v Q5_K when n_gqa >= 4 (every Qwen2.5 size),
+    ffn_down Q5_K in the first eighth only without an imatrix, output Q6_K; 896-wide rows fall back
+    IQ4_XS -> IQ4_NL and Q5_K -> Q5_1, and Q6_K -> Q8_0 for the tied 0.5B embedding."""
+    p = plan("1.5b", "IQ4_XS")
+    assert counts(p) == {T.Q5_K: 28 + 3, T.Q6_K: 1, T.IQ4_XS: 197 - 32}
+    assert layers_of(p, "ffn_down.weight", T.Q5_K) == {0, 1, 2}
+    assert layers_of(plan("1.5b", "IQ4_XS", has_imatrix=True), "ffn_down.weight", T.Q5_K) == set()
+    small = plan("0.5b", "IQ4_XS")
+    assert counts(small) == {T.Q8_0: 1, T.Q5_1: 24, T.Q5_K: 3, T.IQ4_NL: 120, T.IQ4_XS: 21}
+    e = small["blk.0.attn_q.weight"]
+    assert (e.type, e.fallback_from) == (T.IQ4_NL, T.IQ4_XS)
+    assert counts(plan("0.5b", "IQ4_NL")) == {T.Q8_0: 1, T.Q5_1: 24, T.Q5_K: 3, T.IQ4_NL: 141}
+    big = plan("72b", "IQ4_XS")  # ffn_down rows of 29568 = 115.5 x 256: IQ4_NL, or Q5_1 for the first 10
+    assert layers_of(big, "ffn_down.weight", T.IQ4_NL) == set(range(10, 80))
+    assert layers_of(big, "ffn_down.weight", T.Q5_1) == set(range(10))
+    assert plan_for_config(mini_config(2, ffn=200), "IQ4_NL")["blk.0.ffn_down.weight"].type == T.F16
+
+
+def test_q2_k_s_mixture_and_imatrix_requirement() -> None:
+    """Q2_K_S: Q2_K with attn_v Q4_K (n_gqa >= 4) and the first eighth of ffn_down Q4_K; every Q2_K tensor but
+    token_embd/output needs an importance matrix, which llama-quantize's dry run announces and a run refuses."""
+    p = plan("7b", "Q2_K_S")
+    assert counts(p) == {T.Q2_K: 166, T.Q4_K: 28 + 3, T.Q6_K: 1}
+    assert p["token_embd.weight"].type == T.Q2_K and not p["token_embd.weight"].requires_imatrix
+    assert len(p.imatrix_required()) == 165
+    assert p.warnings() == [("llama_model_quantize_impl: WARNING: dry run completed successfully, but actually "
+                             "completing this quantization will require an imatrix!")]
+    with pytest.raises(QuantTypeError, match="--calib builtin.*--imatrix FILE"):
+        p.check_imatrix(None)
+    with pytest.raises(QuantTypeError, match="no entry for 1 tensor"):
+        p.check_imatrix(set(p.imatrix_required()[1:]))
+    p.check_imatrix(set(p.imatrix_required()))
+    assert plan("7b", "Q2_K_S", has_imatrix=True).warnings() == []
+    assert plan("0.5b", "Q2_K_S").imatrix_required() == [f"blk.{i}.ffn_down.weight" for i in range(3, 24)]
+    assert plan("7b", "IQ4_XS").imatrix_required() == [] and plan("7b", "Q2_K").imatrix_required() == []
+
+
+def test_iq3_mixtures_by_hand() -> None:
+    """llama-quant.cpp's IQ3 rules read by hand (7B: 28 layers, n_gqa 7): IQ3_M gives attn_v, attn_output and
+    the first eighth of ffn_down Q4_K; IQ3_XS gives attn_q/attn_k and the middle ffn_gate/ffn_up IQ3_XXS,
+    which needs an importance matrix; output Q6_K; everything else IQ3_S."""
+    m = plan("7b", "IQ3_M")
+    assert counts(m) == {T.Q4_K: 28 + 28 + 3, T.Q6_K: 1, T.IQ3_S: 198 - 60}
+    assert layers_of(m, "ffn_down.weight", T.Q4_K) == {0, 1, 2} and m.imatrix_required() == []
+    xs = plan("7b", "IQ3_XS")
+    middle = set(range(3, 24))  # n/8 <= i < 7n/8
+    assert layers_of(xs, "ffn_up.weight", T.IQ3_XXS) == middle == layers_of(xs, "ffn_gate.weight", T.IQ3_XXS)
+    assert layers_of(xs, "attn_q.weight", T.IQ3_XXS) == set(range(28)) == layers_of(xs, "attn_k.weight", T.IQ3_XXS)
+    assert len(xs.imatrix_required()) == 28 * 2 + 21 * 2
+    assert counts(plan("7b", "IQ3_S")) == {T.Q4_K: 28, T.Q6_K: 1, T.IQ3_S: 198 - 29}
+
+
+def test_iq3_xxs_and_iq2_m_mixtures_by_hand() -> None:
+    """IQ3_XXS: attn_q/attn_k IQ2_S, attn_output IQ3_S, attn_v Q4_K (n_gqa >= 4), output Q5_K, ffn_down Q4_K
+    (first eighth) / Q3_K without an imatrix. IQ2_M (llama.cpp's IQ1/IQ2 branch): attn_v Q4_K with no 70B bump,
+    first eighth of ffn_down and attn_output IQ3_S, output Q5_K, the rest IQ2_S."""
+    p = plan("7b", "IQ3_XXS")
+    # 7B is untied: token_embd IQ3_S too
+    assert counts(p) == {T.Q3_K: 25, T.Q4_K: 28 + 3, T.Q5_K: 1, T.IQ3_XXS: 56, T.IQ3_S: 28 + 1, T.IQ2_S: 56}
+    assert counts(plan("7b", "IQ3_XXS", has_imatrix=True)) == {T.Q4_K: 28, T.Q5_K: 1, T.IQ3_XXS: 56 + 28,
+                                                                 T.IQ3_S: 28 + 1, T.IQ2_S: 56}
+    assert len(p.imatrix_required()) == 56 + 56  # IQ3_XXS ffn_gate/up and IQ2_S attn_q/k
+    m = plan("7b", "IQ2_M")
+    assert counts(m) == {T.Q4_K: 28, T.Q5_K: 1, T.IQ3_S: 28 + 3 + 1, T.IQ2_S: 198 - 61}
+    assert layers_of(m, "ffn_down.weight", T.IQ3_S) == {0, 1, 2}
+    big = plan_for_config(mini_config(80), "IQ2_M")
+    assert layers_of(big, "attn_v.weight", T.Q4_K) == set(range(80))  # no 70B rule in this branch
+    assert big["token_embd.weight"].type == T.IQ3_S and big["output.weight"].type == T.Q5_K
+
+
 def test_format_table() -> None:
     text = plan("0.5b", "Q5_K_M").format_table()
     assert "blk.0.attn_q.weight" in text and "q5_K -> q5_1" in text
@@ -364,9 +435,13 @@ OVERRIDE_CASES: dict[str, dict[str, Any]] = {
     "regex_and_pure": {"tensor_types": [("token_embd", T.Q3_K)], "pure": True},
     "regex_whole_block": {"tensor_types": [(r"blk\.0\.", T.Q4_0)]},
     "leave_output": {"leave_output_tensor": True},
+    "regex_iq3": {"tensor_types": [("ffn_up", T.IQ3_XXS), ("attn_q", T.IQ4_XS), ("ffn_gate", T.IQ3_S)]},
+    "output_iq3_xxs": {"output_tensor_type": T.IQ3_XXS, "token_embedding_type": T.IQ4_NL},
     "imatrix": {"has_imatrix": True},
 }
-OVERRIDE_PRESETS = ("Q2_K", "Q3_K_M", "Q4_0", "Q4_K_S", "Q4_K_M", "Q5_0", "Q5_K_M", "Q6_K", "Q8_0", "F16")
+OVERRIDE_PRESETS = ("Q2_K", "Q2_K_S", "Q3_K_M", "Q4_0", "Q4_K_S", "Q4_K_M", "Q5_0", "Q5_K_M", "Q6_K", "Q8_0", "F16",
+                    "IQ4_NL", "IQ4_XS", "IQ3_XS", "IQ3_M", "IQ3_XXS", "IQ2_M", "IQ2_S", "IQ2_XS", "IQ2_XXS",
+                    "IQ1_M", "IQ1_S")
 
 
 @pytest.mark.parametrize("case", list(OVERRIDE_CASES))

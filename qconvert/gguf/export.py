@@ -126,6 +126,7 @@ def export_gguf(model_dir: Path, out_path: Path | None, preset: str, *, options:
     result = ExportResult(None, plan, warnings=plan.warnings())
     if out_path is None:
         return result
+    plan.check_imatrix(set(imatrix) if imatrix else None)  # Q2_K_S and the like: refused without one, as llama.cpp
     vocab = read_vocab(model_dir, config)  # fail on tokenizer problems before writing anything
     n_params = sum(int(np.prod(ckpt.entries[h].shape)) for h in mapped.values())
     kvs = gguf_metadata(spec, config, vocab, model_name=model_name or model_dir.name, model_dir=model_dir,

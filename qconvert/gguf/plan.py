@@ -20,7 +20,7 @@ from __future__ import annotations
 import enum
 import re
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
@@ -49,6 +49,7 @@ PRESETS: MappingProxyType[str, Preset] = MappingProxyType({p.name: p for p in (
     Preset("Q5_0", _F.MOSTLY_Q5_0, _T.Q5_0),
     Preset("Q5_1", _F.MOSTLY_Q5_1, _T.Q5_1),
     Preset("Q2_K", _F.MOSTLY_Q2_K, _T.Q2_K),
+    Preset("Q2_K_S", _F.MOSTLY_Q2_K_S, _T.Q2_K),
     Preset("Q3_K_S", _F.MOSTLY_Q3_K_S, _T.Q3_K),
     Preset("Q3_K_M", _F.MOSTLY_Q3_K_M, _T.Q3_K),
     Preset("Q3_K_L", _F.MOSTLY_Q3_K_L, _T.Q3_K),
@@ -57,6 +58,18 @@ PRESETS: MappingProxyType[str, Preset] = MappingProxyType({p.name: p for p in (
     Preset("Q5_K_S", _F.MOSTLY_Q5_K_S, _T.Q5_K),
     Preset("Q5_K_M", _F.MOSTLY_Q5_K_M, _T.Q5_K),
     Preset("Q6_K", _F.MOSTLY_Q6_K, _T.Q6_K),
+    Preset("IQ4_NL", _F.MOSTLY_IQ4_NL, _T.IQ4_NL),
+    Preset("IQ4_XS", _F.MOSTLY_IQ4_XS, _T.IQ4_XS),
+    Preset("IQ3_XS", _F.MOSTLY_IQ3_XS, _T.IQ3_S),
+    Preset("IQ3_S", _F.MOSTLY_IQ3_S, _T.IQ3_S),
+    Preset("IQ3_M", _F.MOSTLY_IQ3_M, _T.IQ3_S),
+    Preset("IQ3_XXS", _F.MOSTLY_IQ3_XXS, _T.IQ3_XXS),
+    Preset("IQ2_M", _F.MOSTLY_IQ2_M, _T.IQ2_S),
+    Preset("IQ2_S", _F.MOSTLY_IQ2_S, _T.IQ2_XS),
+    Preset("IQ2_XS", _F.MOSTLY_IQ2_XS, _T.IQ2_XS),
+    Preset("IQ2_XXS", _F.MOSTLY_IQ2_XXS, _T.IQ2_XXS),
+    Preset("IQ1_M", _F.MOSTLY_IQ1_M, _T.IQ1_M),
+    Preset("IQ1_S", _F.MOSTLY_IQ1_S, _T.IQ1_S),
 )})
 
 # llama-quantize's own aliases ("Q4_K" means Q4_K_M).
@@ -68,10 +81,23 @@ BITS_PRESETS: MappingProxyType[int, str] = MappingProxyType({
 })
 
 # tensor_type_fallback: a 256-block type whose rows do not fit -> the 32-block type llama.cpp uses instead.
-# (Builds before 2025 sent Q2_K/Q3_K to IQ4_NL; the current source and b11739 use Q4_0.)
+# (Builds before 2025 sent Q2_K/Q3_K to IQ4_NL; the current source and b11739 use Q4_0. The 256-block I-quants
+# go to IQ4_NL.)
 FALLBACK: MappingProxyType[GGMLType, GGMLType] = MappingProxyType({
     _T.Q2_K: _T.Q4_0, _T.Q3_K: _T.Q4_0, _T.Q4_K: _T.Q5_0, _T.Q5_K: _T.Q5_1, _T.Q6_K: _T.Q8_0,
+    _T.IQ4_XS: _T.IQ4_NL, _T.IQ3_XXS: _T.IQ4_NL, _T.IQ3_S: _T.IQ4_NL, _T.IQ2_S: _T.IQ4_NL,
+    _T.IQ2_XS: _T.IQ4_NL, _T.IQ2_XXS: _T.IQ4_NL, _T.IQ1_S: _T.IQ4_NL, _T.IQ1_M: _T.IQ4_NL,
 })
+
+# tensor_requires_imatrix: the types llama-quantize refuses to write without an importance matrix, in any preset
+# (the grid I-quants; IQ2_*/IQ1_* join when their kernels do) and in some presets only (Q2_K in a Q2_K_S file).
+# token_embd and output are exempt.
+IMATRIX_REQUIRED_TYPES: frozenset[GGMLType] = frozenset({_T.IQ3_XXS, _T.IQ2_S, _T.IQ2_XS, _T.IQ2_XXS, _T.IQ1_S,
+                                                         _T.IQ1_M})
+IMATRIX_REQUIRED_IN_PRESET: MappingProxyType[str, frozenset[GGMLType]] = MappingProxyType({
+    "Q2_K_S": frozenset({_T.Q2_K}),
+})
+_IMATRIX_EXEMPT = frozenset({"token_embd.weight", "output.weight"})
 
 
 def get_preset(name: str) -> Preset:
@@ -183,11 +209,38 @@ class Model:
         return self.n_layer == 80
 
 
+# The 2-bit and smaller presets (llama.cpp's IQ1/IQ2 branch: its own attn_v/ffn_down/attn_output rules, no 70B
+# attn_v rule).
+_LOW_BIT_PRESETS = frozenset({"IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ1_S", "IQ1_M"})
+# Presets whose output (or tied embedding) gets Q5_K instead of Q6_K.
+_OUTPUT_Q5_K_PRESETS = frozenset({"IQ3_XXS", *_LOW_BIT_PRESETS})
+# Untied token_embd, where a preset does not use its default type.
+_TOKEN_EMBD_TYPES = MappingProxyType({"IQ3_XXS": _T.IQ3_S, "IQ2_S": _T.IQ3_S, "IQ2_M": _T.IQ3_S,
+                                      "IQ2_XXS": _T.Q2_K, "IQ2_XS": _T.Q2_K, "IQ1_S": _T.Q2_K, "IQ1_M": _T.Q2_K})
+
+
 def _output_type(preset: Preset, ne0: int) -> GGMLType:
-    """``output.weight`` (or a tied ``token_embd``): Q6_K, or Q8_0 when the default type does not fit the row."""
+    """``output.weight`` (or a tied ``token_embd``): Q6_K (Q5_K for the lowest-bit presets), or Q8_0 when the
+    default type does not fit the row."""
     if ne0 % preset.default_type.block_size:
         return _T.Q8_0
+    if preset.name in _OUTPUT_Q5_K_PRESETS:
+        return _T.Q5_K
     return preset.default_type if preset.default_type == _T.Q8_0 else _T.Q6_K
+
+
+def _low_bit_type(preset: Preset, role: Role, i: int, n: int, model: Model) -> GGMLType:
+    """The IQ1/IQ2 presets' rules for attn_v, ffn_down (first eighth) and attn_output."""
+    iq3_s = preset.name in ("IQ2_S", "IQ2_M")
+    if role is Role.ATTN_OUTPUT and preset.name in ("IQ1_S", "IQ1_M"):
+        return _T.IQ2_XXS
+    if role is Role.ATTN_V:
+        return _T.Q4_K if model.n_gqa >= 4 else (_T.IQ3_S if iq3_s else _T.Q2_K)
+    if role is Role.FFN_DOWN and i < n // 8:
+        return _T.IQ3_S if iq3_s else _T.Q2_K
+    if role is Role.ATTN_OUTPUT and iq3_s:
+        return _T.IQ3_S
+    return preset.default_type
 
 
 def _attn_v_type(preset: Preset, i: int, n: int, model: Model) -> GGMLType:
@@ -195,6 +248,14 @@ def _attn_v_type(preset: Preset, i: int, n: int, model: Model) -> GGMLType:
     name, new = preset.name, preset.default_type
     if name == "Q2_K":
         new = _T.Q4_K if model.n_gqa >= 4 else _T.Q3_K
+    elif name == "Q2_K_S" and model.n_gqa >= 4:
+        new = _T.Q4_K
+    elif name in ("IQ4_NL", "IQ4_XS") and model.n_gqa >= 4:
+        new = _T.Q5_K
+    elif (name in ("IQ3_XS", "IQ3_S") and model.n_gqa >= 4) or name == "IQ3_M":
+        new = _T.Q4_K
+    elif name == "IQ3_XXS":
+        new = _T.Q4_K if model.n_gqa >= 4 else _T.IQ3_XXS if model.has_imatrix else _T.IQ3_S
     elif name == "Q3_K_M":
         new = _T.Q5_K if i < 2 else _T.Q4_K
     elif name == "Q3_K_L":
@@ -213,12 +274,20 @@ def _ffn_down_type(preset: Preset, i: int, n: int, model: Model) -> GGMLType:
     name = preset.name
     if name == "Q2_K":
         return _T.Q3_K
+    if name == "Q2_K_S":
+        return _T.Q4_K if i < n // 8 else _T.Q2_K
+    if name == "IQ3_XXS" and not model.has_imatrix:
+        return _T.Q4_K if i < n // 8 else _T.Q3_K
     if name == "Q3_K_M":
         return _T.Q5_K if i < n // 16 else _T.Q4_K
     if name == "Q3_K_L":
         return _T.Q5_K
     if name in ("Q4_K_M", "Q5_K_M") and use_more_bits(i, n):
         return _T.Q6_K
+    if name in ("IQ4_NL", "IQ4_XS") and i < n // 8 and not model.has_imatrix:
+        return _T.Q5_K  # without an imatrix the first eighth gets a K-quant
+    if name == "IQ3_M" and i < n // 8:
+        return _T.Q4_K
     if name == "Q4_K_S" and i < n // 8:
         return _T.Q5_K
     if name in ("Q4_0", "Q5_0") and model.has_imatrix and i < n // 8:
@@ -226,24 +295,37 @@ def _ffn_down_type(preset: Preset, i: int, n: int, model: Model) -> GGMLType:
     return preset.default_type
 
 
-_ATTN_OUTPUT_TYPES = MappingProxyType({"Q2_K": _T.Q3_K, "Q3_K_M": _T.Q4_K, "Q3_K_L": _T.Q5_K})
+_ATTN_OUTPUT_TYPES = MappingProxyType({"Q2_K": _T.Q3_K, "Q3_K_M": _T.Q4_K, "Q3_K_L": _T.Q5_K, "IQ3_M": _T.Q4_K,
+                                       "IQ3_XXS": _T.IQ3_S})
+# attn_q and attn_k one step down: IQ3_XS to IQ3_XXS, IQ3_XXS to IQ2_S. IQ3_XS's ffn_gate/ffn_up outside the
+# first and last eighth too.
+_ATTN_QK_TYPES = MappingProxyType({"IQ3_XS": _T.IQ3_XXS, "IQ3_XXS": _T.IQ2_S})
+_FFN_MIDDLE_TYPES = MappingProxyType({"IQ3_XS": _T.IQ3_XXS})
 
 
 def mixture_type(preset: Preset, role: Role, i: int, n: int, ne0: int, model: Model) -> GGMLType:
     """The preset's type for a quantizable tensor, before the shape fallback (``llama_tensor_get_type_impl``).
 
-    ``i``/``n``: for ``ATTN_V`` the running count of attn_v tensors seen and their total, for ``FFN_DOWN`` the
-    running count of ffn_down tensors and ``n_layer``; in llama-quantize's sorted order both counts equal the
-    layer index. ``ne0`` is the row length (``shape[-1]``). Only ``preset.default_type`` quantized is meaningful.
+    ``i``/``n``: for ``ATTN_V`` the running count of attn_v tensors seen and their total, for ``FFN_DOWN``,
+    ``FFN_GATE`` and ``FFN_UP`` the running count of those tensors and ``n_layer``; in llama-quantize's sorted
+    order the counts equal the layer index. ``ne0`` is the row length (``shape[-1]``). Only ``preset.default_type`` quantized is meaningful.
     """
     if role is Role.OUTPUT or (role is Role.TOKEN_EMBD and model.tied_embeddings):
         return _output_type(preset, ne0)
+    if role is Role.TOKEN_EMBD:
+        return _TOKEN_EMBD_TYPES.get(preset.name, preset.default_type)
+    if preset.name in _LOW_BIT_PRESETS:
+        return _low_bit_type(preset, role, i, n, model)
     if role is Role.ATTN_V:
         return _attn_v_type(preset, i, n, model)
     if role is Role.FFN_DOWN:
         return _ffn_down_type(preset, i, n, model)
     if role is Role.ATTN_OUTPUT:
         return _ATTN_OUTPUT_TYPES.get(preset.name, preset.default_type)
+    if role in (Role.ATTN_Q, Role.ATTN_K):
+        return _ATTN_QK_TYPES.get(preset.name, preset.default_type)
+    if role in (Role.FFN_GATE, Role.FFN_UP) and n // 8 <= i < 7 * n // 8:
+        return _FFN_MIDDLE_TYPES.get(preset.name, preset.default_type)
     return preset.default_type
 
 
@@ -258,10 +340,18 @@ def shape_fallback(target: GGMLType, ne0: int) -> GGMLType | None:
     return fallback if ne0 % fallback.block_size == 0 else _T.F16
 
 
+def requires_imatrix(preset: Preset, name: str, qtype: GGMLType) -> bool:
+    """``tensor_requires_imatrix``: would llama-quantize refuse ``name`` as ``qtype`` in ``preset`` without an
+    importance matrix (token_embd and output never need one)."""
+    return name not in _IMATRIX_EXEMPT and (
+        qtype in IMATRIX_REQUIRED_TYPES or qtype in IMATRIX_REQUIRED_IN_PRESET.get(preset.name, frozenset()))
+
+
 @dataclass(frozen=True)
 class TensorPlan:
     """One tensor's decision. ``fallback_from``: the type the rules chose before the shape fallback;
-    ``override_from``: the type a ``tensor_types`` regex replaced; ``note``: why, for humans."""
+    ``override_from``: the type a ``tensor_types`` regex replaced; ``note``: why, for humans;
+    ``requires_imatrix``: llama-quantize will not write this tensor without importance-matrix data for it."""
 
     name: str
     shape: tuple[int, ...]
@@ -269,6 +359,7 @@ class TensorPlan:
     fallback_from: GGMLType | None = None
     override_from: GGMLType | None = None
     note: str = ""
+    requires_imatrix: bool = False
 
     @property
     def nbytes(self) -> int:
@@ -298,10 +389,12 @@ class TensorPlan:
 
 @dataclass(frozen=True)
 class Plan:
-    """The per-tensor types of one quantization, in llama-quantize's tensor order."""
+    """The per-tensor types of one quantization, in llama-quantize's tensor order. ``has_imatrix``: planned
+    for an importance matrix (llama.cpp's has-imatrix rules)."""
 
     preset: Preset
     entries: tuple[TensorPlan, ...]
+    has_imatrix: bool = False
 
     def __iter__(self) -> Iterator[TensorPlan]:
         return iter(self.entries)
@@ -334,9 +427,39 @@ class Plan:
     def n_fallback(self) -> int:
         return sum(e.fallback_from is not None for e in self.entries)
 
+    def imatrix_required(self) -> list[str]:
+        """Names of the tensors llama-quantize refuses to quantize without importance-matrix data for them."""
+        return [e.name for e in self.entries if e.requires_imatrix]
+
+    def check_imatrix(self, covered: Collection[str] | None) -> None:
+        """Refuse, as llama-quantize does, a plan whose low-bit tensors have no importance-matrix data.
+
+        ``covered``: the tensor names the importance matrix has entries for; None when there is none.
+        """
+        missing = [n for n in self.imatrix_required() if covered is None or n not in covered]
+        if not missing:
+            return
+        kinds = sorted({self[n].type.label for n in missing})
+        if covered is None:
+            raise QuantTypeError(
+                f"preset {self.preset.name} needs an importance matrix: llama.cpp refuses to quantize "
+                f"{len(missing)} tensor(s) ({missing[0]}, ...) to {', '.join(kinds)} without one, as the result "
+                "would be garbage. Add --calib builtin (or another --calib SOURCE) to compute one, or --imatrix FILE to "
+                "use a llama-imatrix file; --dry-run plans without one."
+            )
+        raise QuantTypeError(
+            f"the importance matrix has no entry for {len(missing)} tensor(s) that preset {self.preset.name} "
+            f"quantizes to {', '.join(kinds)} ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); "
+            "llama.cpp refuses those without one. Use an imatrix computed for this model (--calib builtin "
+            "computes one)."
+        )
+
     def warnings(self) -> list[str]:
         """Exactly the warning lines llama-quantize logs for this plan, in its order, summary last."""
         lines = [line for e in self.entries for line in e.warning_lines()]
+        if self.imatrix_required() and not self.has_imatrix:  # what its --dry-run says; a real run refuses
+            lines.append("llama_model_quantize_impl: WARNING: dry run completed successfully, but actually "
+                         "completing this quantization will require an imatrix!")
         if self.n_fallback():
             lines.append(f"llama_model_quantize_impl: WARNING: {self.n_fallback()} of {len(self.entries)} "
                          f"tensor(s) required fallback quantization")
@@ -376,10 +499,13 @@ class _Options:
 
 @dataclass
 class _Counters:
-    """llama.cpp's running ``i_attention_wv`` / ``i_ffn_down``: advanced only when the mixture rule runs."""
+    """llama.cpp's running ``i_attention_wv`` / ``i_ffn_down`` / ``i_ffn_gate`` / ``i_ffn_up``: advanced only
+    when the mixture rule runs."""
 
     attn_v: int = 0
     ffn_down: int = 0
+    ffn_gate: int = 0
+    ffn_up: int = 0
 
 
 def _explicit_type(name: str, shape: tuple[int, ...], qtype: GGMLType, option: str) -> GGMLType:
@@ -421,10 +547,12 @@ def _plan_one(
         chosen, note = _mixture_step(name, shape, role, preset, model, counters, n_attn_v, opts)
     fallback = shape_fallback(chosen, shape[-1])
     if fallback is None:
-        return TensorPlan(name, shape, chosen, override_from=override_from, note=note)
+        return TensorPlan(name, shape, chosen, override_from=override_from, note=note,
+                          requires_imatrix=requires_imatrix(preset, name, chosen))
     why = f"ncols {shape[-1]} not divisible by {chosen.block_size}: {chosen.label} -> {fallback.label}"
     return TensorPlan(name, shape, fallback, fallback_from=chosen, override_from=override_from,
-                      note=f"{note}; {why}" if note else why)
+                      note=f"{note}; {why}" if note else why,
+                      requires_imatrix=requires_imatrix(preset, name, fallback))
 
 
 def _mixture_step(
@@ -441,6 +569,12 @@ def _mixture_step(
     elif role is Role.FFN_DOWN:
         i, n = counters.ffn_down, model.n_layer
         counters.ffn_down += 1
+    elif role is Role.FFN_GATE:
+        i, n = counters.ffn_gate, model.n_layer
+        counters.ffn_gate += 1
+    elif role is Role.FFN_UP:
+        i, n = counters.ffn_up, model.n_layer
+        counters.ffn_up += 1
     else:
         i, n = 0, model.n_layer
     chosen = mixture_type(preset, role, i, n, shape[-1], model)
@@ -499,7 +633,7 @@ def plan_tensors(
     counters = _Counters()
     entries = tuple(_plan_one(name, tuple(shape), preset, model, counters, n_attn_v, opts)
                     for name, shape in tensors)
-    return Plan(preset, entries)
+    return Plan(preset, entries, has_imatrix)
 
 
 def plan_for_config(config: dict[str, Any], preset: str | Preset, **options: Any) -> Plan:

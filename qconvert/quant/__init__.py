@@ -10,7 +10,8 @@ value for value.
 Quantized types run as numba kernels (no GIL), split over ``numba.get_num_threads()`` threads by block ranges,
 so ``numba.set_num_threads`` controls the parallelism.
 Where each type lives: ``floats`` (F32, F16, BF16), ``legacy`` (Q4_0..Q8_0), ``kquants`` (Q2_K..Q6_K, with
-their scale searches in ``ksearch`` and decoders in ``kdequant``); C's float quirks are in ``cfloat``;
+their scale searches in ``ksearch`` and decoders in ``kdequant``), ``iquants`` (IQ4_NL, IQ4_XS), ``iq3``
+(IQ3_XXS, IQ3_S), ``iq2`` (IQ2_XXS, IQ2_XS, IQ2_S), ``iq1`` (IQ1_S, IQ1_M); C's float quirks are in ``cfloat``;
 ``jitcache`` keeps numba's kernel cache in step with all of these sources.
 """
 
@@ -27,6 +28,10 @@ from qconvert.constants import GGMLType
 from qconvert.errors import QuantTypeError
 from qconvert.quant import (
     floats,
+    iq1,
+    iq2,
+    iq3,
+    iquants,
     jitcache,
     kdequant,
     kquants,
@@ -54,6 +59,15 @@ _BLOCK_KERNELS: MappingProxyType[GGMLType, tuple[Callable[..., None], Decoder]] 
         GGMLType.Q4_K: (kquants.quantize_q4_k, kdequant.dequantize_q4_k),
         GGMLType.Q5_K: (kquants.quantize_q5_k, kdequant.dequantize_q5_k),
         GGMLType.Q6_K: (kquants.quantize_q6_k, kdequant.dequantize_q6_k),
+        GGMLType.IQ4_NL: (iquants.quantize_iq4_nl, iquants.dequantize_iq4_nl),
+        GGMLType.IQ4_XS: (iquants.quantize_iq4_xs, iquants.dequantize_iq4_xs),
+        GGMLType.IQ3_XXS: (iq3.quantize_iq3_xxs, iq3.dequantize_iq3_xxs),
+        GGMLType.IQ3_S: (iq3.quantize_iq3_s, iq3.dequantize_iq3_s),
+        GGMLType.IQ2_S: (iq2.quantize_iq2_s, iq2.dequantize_iq2_s),
+        GGMLType.IQ2_XS: (iq2.quantize_iq2_xs, iq2.dequantize_iq2_xs),  # plain: refused, needs an imatrix
+        GGMLType.IQ2_XXS: (iq2.quantize_iq2_xxs, iq2.dequantize_iq2_xxs),  # plain: refused, needs an imatrix
+        GGMLType.IQ1_S: (iq1.quantize_iq1_s, iq1.dequantize_iq1_s),  # plain: refused, needs an imatrix
+        GGMLType.IQ1_M: (iq1.quantize_iq1_m, iq1.dequantize_iq1_m),
     })
 # Element-wise float encodings: f32[...] -> u8[..., bytes] and back.
 _FLOAT_CODECS: MappingProxyType[GGMLType, tuple[Callable[[np.ndarray], np.ndarray], Decoder]] = \
@@ -62,15 +76,24 @@ _FLOAT_CODECS: MappingProxyType[GGMLType, tuple[Callable[[np.ndarray], np.ndarra
         GGMLType.F16: (floats.quantize_f16, floats.dequantize_f16),
         GGMLType.BF16: (floats.quantize_bf16, floats.dequantize_bf16),
     })
-# Importance-matrix kernels: quantize(x, qw, out, first, end). K-quants work on super-blocks (x f32[nb, 256],
-# qw f32[row blocks, 256]); the legacy types on whole rows (x f32[rows, cols], qw f32[cols]), as their weights
-# depend on the row's mean square.
+# Importance-matrix kernels: quantize(x, qw, out, first, end). K-quants and I-quants work on their blocks
+# (x f32[nb, block], qw f32[row blocks, block]); the legacy types on whole rows (x f32[rows, cols],
+# qw f32[cols]), as their weights depend on the row's mean square.
 _IMATRIX_BLOCK_KERNELS: MappingProxyType[GGMLType, Callable[..., None]] = MappingProxyType({
     GGMLType.Q2_K: kquants_imatrix.quantize_q2_k_imatrix,
     GGMLType.Q3_K: kquants_imatrix.quantize_q3_k_imatrix,
     GGMLType.Q4_K: kquants_imatrix.quantize_q4_k_imatrix,
     GGMLType.Q5_K: kquants_imatrix.quantize_q5_k_imatrix,
     GGMLType.Q6_K: kquants_imatrix.quantize_q6_k_imatrix,
+    GGMLType.IQ4_NL: iquants.quantize_iq4_nl_imatrix,
+    GGMLType.IQ4_XS: iquants.quantize_iq4_xs_imatrix,
+    GGMLType.IQ3_XXS: iq3.quantize_iq3_xxs_imatrix,
+    GGMLType.IQ3_S: iq3.quantize_iq3_s_imatrix,
+    GGMLType.IQ2_S: iq2.quantize_iq2_s_imatrix,
+    GGMLType.IQ2_XS: iq2.quantize_iq2_xs_imatrix,
+    GGMLType.IQ2_XXS: iq2.quantize_iq2_xxs_imatrix,
+    GGMLType.IQ1_S: iq1.quantize_iq1_s_imatrix,
+    GGMLType.IQ1_M: iq1.quantize_iq1_m_imatrix,
 })
 _IMATRIX_ROW_KERNELS: MappingProxyType[GGMLType, Callable[..., None]] = MappingProxyType({
     GGMLType.Q4_0: legacy_imatrix.quantize_q4_0_imatrix,
@@ -114,7 +137,8 @@ def _check(qtype: GGMLType | int, cols: int) -> GGMLType:
         raise QuantTypeError(
             f"rows of {cols} weights cannot be stored as {qtype.name}: its blocks hold {qtype.block_size} "
             f"weights and {cols} is not a multiple of {qtype.block_size}; pick a type with a block size that "
-            f"divides {cols} (llama.cpp falls back Q4_K->Q5_0, Q5_K->Q5_1, Q6_K->Q8_0, Q2_K/Q3_K->Q4_0)")
+            f"divides {cols} (llama.cpp falls back Q4_K->Q5_0, Q5_K->Q5_1, Q6_K->Q8_0, Q2_K/Q3_K->Q4_0, "
+            "IQ4_XS and the IQ3/IQ2/IQ1 types->IQ4_NL)")
     return qtype
 
 
