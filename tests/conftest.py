@@ -46,3 +46,22 @@ def calib_txt(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("calib") / "train.txt"
     path.write_text(training_text(), encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of small-tensor tests (the machine is shared); use with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def ct():
+    """The compressed-tensors package (the oracle of the compressed-tensors layouts), or a skip saying how to get it."""
+    return pytest.importorskip("compressed_tensors", reason="compressed-tensors is not installed: "
+                               "pip install compressed-tensors==0.20.0 (see constraints.txt)")

@@ -59,19 +59,7 @@ from qconvert.int4.formats import (
 pytestmark = pytest.mark.filterwarnings("ignore:You passed `quantization_config`:UserWarning")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: the tensors are small and the machine is shared (as in test_int4)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def ct():
-    return pytest.importorskip("compressed_tensors", reason="compressed-tensors is not installed: "
-                               "pip install compressed-tensors==0.20.0 (see constraints.txt)")
+pytestmark = [pytestmark, pytest.mark.usefixtures("one_thread")]
 
 
 def _gen(seed: int) -> torch.Generator:

@@ -15,7 +15,7 @@ activation quantization and SmoothQuant (``qconvert.int4.smoothquant``, ``qconve
   activation scheme and equals the weights-only model. A checkpoint whose ``weight_scale`` is stored as [1, N]
   instead of [N, 1] fails to load or misses by > 100x the tolerance.
 * qconvert's own W8A8 forward (``qconvert.w8a8.w8a8_logits``, what ``qconvert verify`` runs) equals that reference on
-  vLLM's grid within 1e-4 — where qconvert's safetensors reader reads int8 tensors (see ``needs_i8``).
+  vLLM's grid within 1e-4.
 * Errors: W8A8 checkpoints into weight-only layouts, non-W8A8 int-quantized configs, bad options: exit 2, a message
   naming the fix, nothing under the final name.
 """
@@ -49,29 +49,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:You passed `quantization_config`
 CT_GRID = 127.5  # compressed-tensors' simulated per-token scale: max|x| / (255 / 2)
 
 
-def _i8_readable() -> bool:
-    from qconvert.io.safetensors import DTYPES
-
-    return "I8" in DTYPES
-
-
-# qconvert's own reader must know safetensors' I8 to read a W8A8 checkpoint back (verify, model-card quality)
-needs_i8 = pytest.mark.skipif(not _i8_readable(), reason="qconvert.io.safetensors.DTYPES has no 'I8' entry yet, so "
-                              "qconvert's reader refuses int8 tensors; add \"I8\": (np.dtype('i1'), 1)")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def ct():
-    return pytest.importorskip("compressed_tensors", reason="compressed-tensors is not installed: "
-                               "pip install compressed-tensors==0.20.0 (see constraints.txt)")
+pytestmark = [pytestmark, pytest.mark.usefixtures("one_thread")]
 
 
 def _weight(out: int = 48, k: int = 96, seed: int = 0) -> torch.Tensor:
@@ -324,7 +302,6 @@ def test_card_and_sizes(w8a8_dir) -> None:
     assert not list(out.parent.glob(".*smoothed-*"))  # the smoothed copy is gone
 
 
-@needs_i8
 @pytest.mark.parametrize("case", list(CASES))
 def test_qconvert_forward_equals_the_reference_on_vllm_grid(model_dir, w8a8_dir, case: str) -> None:
     from qconvert.calibration.driver import CalibrationSettings
