@@ -24,13 +24,15 @@ from typing import Any, Protocol
 from qconvert import __version__
 
 # Hugging Face ``library_name`` and a one-line way to run each artifact kind.
-LIBRARY = {"gguf": "gguf", "gptq": "transformers", "awq": "transformers", "onnx": "onnxruntime-genai"}
+LIBRARY = {"gguf": "gguf", "gptq": "transformers", "awq": "transformers", "onnx": "onnxruntime-genai",
+           "w8a8": "transformers"}
 USAGE = {
     "gguf": "llama-cli -m {file} -cnv    # or: ollama / LM Studio / llama-cpp-python",
     "gptq": "vllm serve ./{name} --quantization gptq_marlin    # transformers: needs gptqmodel + optimum",
     "awq": "vllm serve ./{name} --quantization awq_marlin    # transformers: needs gptqmodel + optimum",
     "compressed-tensors": "vllm serve ./{name}    # transformers: needs the compressed-tensors package",
     "onnx": "python -c \"import onnxruntime_genai as og; og.Model('./{name}')\"",
+    "w8a8": "vllm serve ./{name}    # int8 weights and activations; transformers: needs the compressed-tensors package",
 }
 
 # Appended to a GPTQ/AWQ card once its quality has been measured (``write_int4(evaluate=True)``).
@@ -215,6 +217,8 @@ def artifact_title(model_name: str, kind: str, settings: Mapping[str, Any]) -> s
         return f"{base} — GPTQ Int{settings.get('bits', 4)}{layout}"
     if kind == "awq":
         return f"{base} — AWQ{layout}"
+    if kind == "w8a8":
+        return f"{base} — W8A8 INT8 (compressed-tensors)"
     return f"{base} — ONNX {settings.get('precision', 'int4')}"
 
 

@@ -112,6 +112,12 @@ def test_shipped_recipes_validate_and_expand() -> None:
      "not 3-bit; use --format gptq"),
     (('[[models]]\nfixture = "demo"\n[[formats]]\nkind = "gptq"\nformat = "compressed-tensors"\n[[formats]]\n'
       'kind = "onnx"\nfrom = "gptq-int4-ct"\n'), 8, "names a compressed-tensors GPTQ format"),
+    ('[[models]]\nfixture = "demo"\n[[formats]]\nkind = "w8a8"\nweights = "awq"\n', 5,
+     "w8a8 weights = 'awq': use 'rtn' or 'gptq'"),
+    ('[[models]]\nfixture = "demo"\n[[formats]]\nkind = "w8a8"\nsmooth = 1.5\n', 5,
+     "smooth = 1.5 is SmoothQuant's alpha, in [0, 1]"),
+    ('[[models]]\nfixture = "demo"\n[[formats]]\nkind = "w8a8"\nbits = 4\n', 5,
+     "unknown key 'bits' in [[formats]] (kind w8a8)"),
 ])
 def test_recipe_errors_point_at_the_line(tmp_path: Path, body: str, line: int, needle: str) -> None:
     path = write_recipe(tmp_path, body)
@@ -176,6 +182,48 @@ def test_compressed_tensors_release_artifact(tmp_path: Path) -> None:
     assert qcfg["quant_method"] == "compressed-tensors" and qcfg["format"] == "pack-quantized"
     card = (art / "README.md").read_text()
     assert "GPTQ Int4 (compressed-tensors)" in card and "vllm serve ./" in card and "gptq_marlin" not in card
+
+
+def test_w8a8_release_artifact(tmp_path: Path) -> None:
+    """``kind = "w8a8"`` in a recipe: an int-quantized compressed-tensors checkpoint whose GPTQ weights and
+    SmoothQuant gains come from the shared calibration tokens, verified by the release like every other artifact."""
+    recipe = write_recipe(tmp_path, '''
+        [release]
+        threads = 1
+        device = "cpu"
+        [calibration]
+        samples = 4
+        seq_len = 64
+        [evaluation]
+        ctx = 64
+        chunks = 4
+        [[models]]
+        fixture = "demo"
+        name = "qconvert/Qwen2.5-Demo-Instruct"
+        [[formats]]
+        kind = "w8a8"
+        weights = "gptq"
+        smooth = 0.5
+        [[formats]]
+        kind = "gptq"
+        from_stats = false
+        ''')
+    out = tmp_path / "rel"
+    assert main(["release", str(recipe), "--out", str(out), "--quiet"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    by_kind = {e["kind"]: e for e in manifest["artifacts"].values()}
+    entry = by_kind["w8a8"]
+    assert entry["passed"] and entry["settings"]["smooth"] == 0.5
+    assert entry["calibration"] is not None and entry["statistics"] == "own pass on the shared calibration tokens"
+    # scored on the same tokens: 8-bit weights (even with 8-bit activations) lose less than 4-bit weights
+    assert 0 < entry["metrics"]["kl_mean"] < by_kind["gptq"]["metrics"]["kl_mean"], manifest["artifacts"]
+    art = out / entry["path"]
+    assert art.name == "qwen2.5-demo-instruct-w8a8"
+    qcfg = json.loads((art / "config.json").read_text())["quantization_config"]
+    assert qcfg["quant_method"] == "compressed-tensors" and qcfg["format"] == "int-quantized"
+    assert qcfg["qconvert"]["method"] == "gptq" and qcfg["qconvert"]["smoothquant_alpha"] == 0.5
+    card = (art / "README.md").read_text()
+    assert "W8A8 INT8 (compressed-tensors)" in card and "vllm serve ./qwen2.5-demo-instruct-w8a8" in card
 
 
 def test_pure_k_quant_on_a_fallback_shape_is_refused_before_any_work(tmp_path: Path, capsys) -> None:

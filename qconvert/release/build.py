@@ -165,7 +165,18 @@ def _build_onnx(ctx: ModelContext, job: Job, out: Path, settings: Any, deps: dic
     return made
 
 
-BUILDERS = {"gguf": _build_gguf, "gptq": _build_int4, "awq": _build_int4, "onnx": _build_onnx}
+def _build_w8a8(ctx: ModelContext, job: Job, out: Path, settings: Any, deps: dict[str, Path]) -> Path:
+    from qconvert.pipelines.int4 import write_w8a8
+
+    s = job.fmt.settings
+    write_w8a8(ctx.source.path, job.model.name, out, s.get("weights", "rtn"),
+               ctx.calib if job.needs_calibration else None, settings, alpha=s.get("smooth"),
+               damp=s.get("damp", 0.01), evaluate=False)
+    (out / "README.md").unlink(missing_ok=True)  # its card records wall times; the release writes its own
+    return out
+
+
+BUILDERS = {"gguf": _build_gguf, "gptq": _build_int4, "awq": _build_int4, "onnx": _build_onnx, "w8a8": _build_w8a8}
 
 
 # -- one artifact --------------------------------------------------------------------------------------------------
@@ -256,7 +267,7 @@ def _entry(recipe: Recipe, job: Job, ctx: ModelContext, key: str, result: Any) -
         "settings": job.settings(), "calibration": ctx.calib_info if job.needs_calibration else None,
         "statistics": "shared float pass" if job.needs_stats else
         (f"own {job.fmt.kind.upper()} pass on the shared calibration tokens" if job.fmt.kind in ("gptq", "awq")
-         else None),
+         else "own pass on the shared calibration tokens" if job.needs_calibration else None),
         "evaluation": ctx.eval_info, "metrics": metrics, "bits_per_weight": result.bits_per_weight,
         "size_bytes": result.size_bytes,
         "thresholds": {"max_dppl_pct": th.max_dppl_pct, "max_kl": th.max_kl,

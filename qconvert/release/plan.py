@@ -60,18 +60,21 @@ class Job:
     def needs_calibration(self) -> bool:
         s = self.fmt.settings
         return self.needs_stats or self.fmt.kind in ("gptq", "awq") or \
-            (self.fmt.kind == "onnx" and s.get("algo", "rtn") != "rtn" and "from" not in s)
+            (self.fmt.kind == "onnx" and s.get("algo", "rtn") != "rtn" and "from" not in s) or \
+            (self.fmt.kind == "w8a8" and (s.get("weights", "rtn") == "gptq" or "smooth" in s))
 
 
 def artifact_name(model: ModelEntry, fmt: FormatEntry, preset: str | None) -> str:
-    """Qwen's names: ``qwen2.5-7b-instruct-gguf-q4_k_m``, ``-gptq-int4``, ``-awq``, ``-onnx-int4``."""
-    from qconvert.pipelines.int4 import output_dir_name
+    """Qwen's names: ``qwen2.5-7b-instruct-gguf-q4_k_m``, ``-gptq-int4``, ``-awq``, ``-onnx-int4``; ``-w8a8``."""
+    from qconvert.pipelines.int4 import output_dir_name, w8a8_output_name
 
     if fmt.kind == "gguf":
         assert preset is not None
         return f"{model.slug}-gguf-{preset.lower()}"
     if fmt.kind in ("gptq", "awq"):
         return output_dir_name(model.name, fmt.kind, fmt.settings.get("bits", 4), fmt.settings.get("format"))
+    if fmt.kind == "w8a8":
+        return w8a8_output_name(model.name)
     return f"{model.slug}-onnx-{fmt.settings.get('precision', 'int4')}"
 
 

@@ -6,8 +6,9 @@
     [thresholds]   max_dppl_pct, max_kl, min_top1                      (defaults; a format may override them)
     [output]       layout = "by-model" | "flat"
     [[models]]     sizes + variants | hub | path | fixture; name, license
-    [[formats]]    kind = "gguf" | "gptq" | "awq" | "onnx" and that kind's keys (``FORMAT_KEYS``); gptq and awq take
-                   format = "gptq" | "awq" (default: the kind's own layout) or "compressed-tensors" (pack-quantized)
+    [[formats]]    kind = "gguf" | "gptq" | "awq" | "onnx" | "w8a8" and that kind's keys (``FORMAT_KEYS``); gptq
+                   and awq take format = "gptq" | "awq" (default: the kind's own layout) or "compressed-tensors"
+                   (pack-quantized); w8a8 is always compressed-tensors int-quantized (``qconvert w8a8``)
 
 tomllib reports no positions, so ``Recipe.where`` finds a key's line in the text itself; every error names
 ``file:line``. Checks that need the model's shapes (a K-quant that must fall back under ``pure = true``, a group
@@ -58,6 +59,7 @@ FORMAT_KEYS: MappingProxyType[str, MappingProxyType[str, str]] = MappingProxyTyp
     "awq": MappingProxyType({"bits": _INT, "group_size": _INT, "n_grid": _INT, "clip_grid": _INT,
                              "search_samples": _INT, "clip_all": _BOOL, "format": _STR}),
     "onnx": MappingProxyType({"precision": _STR, "algo": _STR, "block_size": _INT, "from": _STR}),
+    "w8a8": MappingProxyType({"weights": _STR, "smooth": _FLOAT, "damp": _FLOAT}),
 })
 ONNX_PRECISIONS = ("fp32", "fp16", "int4")
 LAYOUTS = ("by-model", "flat")
@@ -296,7 +298,7 @@ def _default_id(kind: str, s: dict) -> str:
         return f"awq{suffix}"
     if kind == "onnx":
         return f"onnx-{s.get('precision', 'int4')}"
-    return kind
+    return kind  # gguf, w8a8
 
 
 def _check_formats(recipe: Recipe) -> None:
@@ -331,12 +333,29 @@ def _check_formats(recipe: Recipe) -> None:
                 int4_quantization_config(int4_config("awq", s), s.get("format"))
             elif f.kind == "onnx":
                 _check_onnx(recipe, f, ids)
+            elif f.kind == "w8a8":
+                _check_w8a8(recipe, f)
         except RecipeError:
             raise
         except QConvertError as e:
             bad_key = next((str(k) for k in ("format", "presets", "bits", "group_size", "damp", "output_tensor_type",
-                                             "token_embedding_type") if k in s), None)
+                                             "token_embedding_type", "weights") if k in s), None)
             raise recipe.error("formats", f.index, bad_key, str(e)) from None
+
+
+def _check_w8a8(recipe: Recipe, f: FormatEntry) -> None:
+    from qconvert.pipelines.int4 import W8A8_WEIGHTS, w8a8_quantization_config_for
+
+    s = f.settings
+    if s.get("weights", "rtn") not in W8A8_WEIGHTS:
+        raise recipe.error("formats", f.index, "weights", f"w8a8 weights = {s['weights']!r}: use "
+                           f"{' or '.join(repr(w) for w in W8A8_WEIGHTS)}")
+    if "smooth" in s and not 0.0 <= s["smooth"] <= 1.0:
+        raise recipe.error("formats", f.index, "smooth", f"smooth = {s['smooth']} is SmoothQuant's alpha, in [0, 1]; "
+                           "0.5 is the usual value (drop the key for no smoothing)")
+    if "damp" in s and not 0.0 < s["damp"] < 1.0:
+        raise recipe.error("formats", f.index, "damp", f"damp = {s['damp']} must be in (0, 1); 0.01 is the usual value")
+    w8a8_quantization_config_for(s.get("weights", "rtn"), s.get("smooth"), s.get("damp", 0.01))
 
 
 def _check_onnx(recipe: Recipe, f: FormatEntry, ids: dict[str, FormatEntry]) -> None:

@@ -288,7 +288,7 @@ def _run_ray(recipe: Recipe, pending: list[Job], inputs: dict[str, _ModelInputs]
         if slug not in ctx_refs:
             ctx_refs[slug] = prepare.options(num_cpus=threads, num_gpus=1 if gpus else 0).remote(
                 *_prepare_args(recipe, inputs[slug], pending, out), verbose=verbose)  # type: ignore[call-arg]  # ray's stubs type remote() by position only
-        calibrates = job.fmt.kind in ("gptq", "awq")
+        calibrates = job.fmt.kind in ("gptq", "awq") or (job.fmt.kind == "w8a8" and job.needs_calibration)
         opts = {"num_cpus": threads, "num_gpus": 1 if gpus and calibrates else 0}
         after = [refs[d.id] for d in pending if d.model.slug == slug and d.fmt.id == job.fmt.settings.get("from")]
         refs[job.id] = build.options(**opts).remote(recipe, job, ctx_refs[slug], keys[job.id], out,
