@@ -14,10 +14,11 @@ import pytest
 import torch
 
 from qconvert.calibration.quantize import CalibrationSettings, calibrate
+from qconvert.calibration.stats import CalibrationStats, collect_stats, quantize_from_stats
 from qconvert.cli import main
 from qconvert.errors import QuantTypeError
 from qconvert.int4 import AWQConfig, GPTQConfig, add_to_hessian, gptq, rtn
-from qconvert.int4.guard import holdout_count, reconstruction_error
+from qconvert.int4.guard import fit_hessian, holdout_count, rank_damp, reconstruction_error
 from qconvert.io.safetensors import SafetensorsCheckpoint
 from qconvert.model import qwen2
 from qconvert.model.dims import Qwen2Dims
@@ -88,12 +89,14 @@ def _run(model: Path, ids: torch.Tensor, method: str, cfg: GPTQConfig | AWQConfi
     return linears, floats, report
 
 
-def _heldout_errors(model: Path, linears, window: torch.Tensor) -> dict[str, tuple[float, float]]:
+def _heldout_errors(model: Path, linears, window: torch.Tensor, float_inputs: bool = False
+                    ) -> dict[str, tuple[float, float]]:
     """(error of the quantized linear, error of round-to-nearest of the float weight in the same format) per GPTQ
-    linear, on the inputs each linear actually sees when the quantized model runs ``window`` [1, t]."""
+    linear, on the inputs each linear actually sees when the quantized model (``float_inputs``: the float model)
+    runs ``window`` [1, t]."""
     config = read_model_config(model)
     ckpt = SafetensorsCheckpoint(model)
-    weights = quantized_weights(model, linears)
+    weights = quantized_weights(model, {} if float_inputs else linears)
     dims = Qwen2Dims.from_config(config)
     rope = qwen2.rope_tables(dims, window.shape[1], torch.device("cpu"), torch.float32)
     h = qwen2.embed(weights["model.embed_tokens.weight"], window)
@@ -147,6 +150,56 @@ def test_the_guard_off_keeps_every_gptq_result(demo: Path) -> None:
     linears, _, report = _run(demo, _calibration(demo, 2, 4), "gptq", GPTQConfig(), None)
     assert report.holdout == 0 and report.kept == {"gptq": len(linears)}
     assert "off" in report.guard_summary()
+
+
+def test_statistics_split_their_hessians_and_gptq_from_them_is_guarded(demo: Path, tmp_path: Path) -> None:
+    """``collect_stats(holdout=)`` keeps the held-out windows' Hessian beside the whole one; the fitted windows'
+    Hessian recovered from the two equals a separate pass over those windows alone, and GPTQ from the statistics
+    (float-model inputs, no forward) is then not worse than round-to-nearest on the held-out window for any linear,
+    while GPTQ fitted on the same window without the guard is, for some."""
+    ids = _calibration(demo, 2, 4)
+    path = tmp_path / "stats.safetensors"
+    collect_stats(demo, ids, path=path, holdout=0.25)
+    stats = CalibrationStats.load(path)
+    fit_only, out_only = collect_stats(demo, ids[:1]), collect_stats(demo, ids[1:])
+    assert stats.holdout_windows == 1
+    for key, site in stats.sites.items():
+        assert site.n_tokens == 8 and site.n_heldout == out_only.sites[key].n_tokens == 4
+        torch.testing.assert_close(site.heldout_hessian, out_only.sites[key].hessian, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fit_hessian(site.hessian, 8, site.heldout_hessian, 4), fit_only.sites[key].hessian,
+                                   rtol=1e-4, atol=1e-4)
+
+    guarded: dict = {}
+    kept = quantize_from_stats(demo, stats, GPTQConfig(), guarded.__setitem__)
+    assert kept.get("rtn", 0) >= 1 and sum(kept.values()) == len(guarded), kept
+    after = _heldout_errors(demo, guarded, ids[1:], float_inputs=True)
+    assert all(e_q <= e_r * (1 + 1e-4) for e_q, e_r in after.values()), \
+        {m: v for m, v in after.items() if v[0] > v[1] * (1 + 1e-4)}
+    unguarded: dict = {}
+    assert quantize_from_stats(demo, fit_only, GPTQConfig(), unguarded.__setitem__) == {"gptq": len(unguarded)}
+    before = _heldout_errors(demo, unguarded, ids[1:], float_inputs=True)
+    assert any(e_q > e_r * (1 + 1e-6) for e_q, e_r in before.values()), "GPTQ must overfit here, or this proves nothing"
+    off: dict = {}  # guard=False reads the same file as plain statistics: GPTQ on all windows' Hessian
+    assert quantize_from_stats(demo, stats, GPTQConfig(), off.__setitem__, guard=False) == {"gptq": len(off)}
+
+
+def test_gptq_cli_guards_from_the_statistics_it_saved(demo: Path, tmp_path: Path, capsys) -> None:
+    stats_file = tmp_path / "stats.safetensors"
+    base = ["gptq", "--model", str(demo), "--device", "cpu", "--quiet", "--no-eval", "--calib-samples", "2",
+            "--calib-seqlen", "4"]
+    assert main([*base, "--save-stats", str(stats_file), "--out-dir", str(tmp_path / "a")]) == 0
+    assert CalibrationStats.load(stats_file).holdout_windows == 1
+    assert main([*base, "--stats", str(stats_file), "--out-dir", str(tmp_path / "b")]) == 0
+    card = (tmp_path / "b" / f"{demo.name}-gptq-int4" / "README.md").read_text()
+    assert "held-out guard: the last 1 of 2 calibration windows" in card, card
+    assert main([*base, "--stats", str(stats_file), "--no-guard", "--out-dir", str(tmp_path / "c")]) == 0
+    assert "held-out guard: off" in (tmp_path / "c" / f"{demo.name}-gptq-int4" / "README.md").read_text()
+
+
+def test_rank_damping_scales_with_the_shortfall() -> None:
+    assert rank_damp(0.01, 896, 4096) == 0.01  # the tokens span the inputs: unchanged
+    assert rank_damp(0.01, 4864, 512) == pytest.approx(0.01 * 4864 / 512)
+    assert rank_damp(0.1, 4864, 16) == 0.5  # capped below 1
 
 
 def test_awq_guard_layer_output_not_worse_than_zero_point_rtn(demo: Path) -> None:

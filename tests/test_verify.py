@@ -286,9 +286,13 @@ def test_q8_0_passes_and_damaged_q8_0_fails(ref, gguf, tmp_path):
 
 
 def test_q4_k_m_passes(ref, gguf):
-    r = verify_artifact(gguf("Q4_K_M"), ref, progress=False)
+    seen: dict[int, np.ndarray] = {}
+    r = verify_artifact(gguf("Q4_K_M"), ref, progress=False, on_scored=lambda w, st: seen.setdefault(w, st.nll))
     assert 4.5 < r.bits_per_weight < 5.5 and r.format == "Q4_K_M"
     assert _gate(r) == [] and r.top1 > 0.9
+    # on_scored hands out every window's per-position NLL once: together they are the perplexity reported
+    assert sorted(seen) == list(range(CHUNKS)) and all(v.shape == (ref.n_scored,) for v in seen.values())
+    assert r.ppl == pytest.approx(math.exp(float(np.concatenate(list(seen.values())).mean())), rel=1e-9)
 
 
 def test_gptq_format_passes_and_damaged_one_fails(ref, int4, tmp_path):

@@ -60,7 +60,7 @@ from qconvert.int4.awq import (
     search_clip,
     search_scales,
 )
-from qconvert.int4.guard import holdout_count, reconstruction_error, windows_needed
+from qconvert.int4.guard import guarded, holdout_count, rank_damp, reconstruction_error, windows_needed
 from qconvert.int4.rtn import check_scheme
 from qconvert.io.safetensors import SafetensorsCheckpoint
 from qconvert.model import qwen2
@@ -127,17 +127,6 @@ class _SiteHessian:
         return self.H
 
 
-def _guarded(q: QuantizedLinear, r: QuantizedLinear, W: torch.Tensor, H_out: torch.Tensor, method: str
-             ) -> QuantizedLinear:
-    """``q`` (the algorithm's) or ``r`` (round-to-nearest), whichever reconstructs ``W`` better on the held-out
-    tokens behind ``H_out``; ``info`` records the choice and both errors."""
-    e_q = reconstruction_error(W, q.dequantize(), H_out)
-    e_r = reconstruction_error(W, r.dequantize(), H_out)
-    kept = q if e_q <= e_r else r
-    return replace(kept, info=MappingProxyType({**q.info, "kept": method if kept is q else "rtn",
-                                                "heldout_error": e_q, "rtn_heldout_error": e_r}))
-
-
 def _gptq_layer(layer: DeviceLayer, h: torch.Tensor, dims: qwen2.Qwen2Dims, rope: tuple[torch.Tensor, torch.Tensor],
                 spec: ArchSpec, cfg: GPTQConfig, settings: CalibrationSettings, n_out: int = 0
                 ) -> dict[str, QuantizedLinear]:
@@ -155,9 +144,11 @@ def _gptq_layer(layer: DeviceLayer, h: torch.Tensor, dims: qwen2.Qwen2Dims, rope
         H_out = _SiteHessian(group[0]).collect(layer, h[n_fit:], dims, rope, settings.batch_size) if n_out else None
         for name in group:
             W = layer.weight(name).float()
-            q = gptq(W, H, cfg)
+            fit_cfg = replace(cfg, damp_percent=rank_damp(cfg.damp_percent, W.shape[1], n_fit * h.shape[1])) \
+                if cfg.rank_damping else cfg
+            q = gptq(W, H, fit_cfg)
             if H_out is not None:
-                q = _guarded(q, rtn(W, cfg.bits, cfg.group_size, cfg.sym, cfg.min_zero), W, H_out, "gptq")
+                q = guarded(q, rtn(W, cfg.bits, cfg.group_size, cfg.sym, cfg.min_zero), W, H_out, "gptq")
             layer.p[f"{name}.weight"] = q.dequantize().to(settings.dtype)
             out[name] = q
     return out

@@ -13,6 +13,12 @@ Unlike the GPTQ/AWQ drivers this pass never quantizes, so one pass serves every 
 and a release that builds several formats. Saved as one safetensors file (``save`` / ``load``), one entry per
 input site, with the calibration set's description and token hash in its metadata.
 
+The held-out guard (``qconvert.int4.guard``): with ``collect_stats(..., holdout=F)`` the last windows are also
+summed into a second Hessian per site (``hessian_heldout``, doubling the Hessians' size); ``quantize_from_stats``
+then fits GPTQ on the other windows' Hessian (recovered from the two, ``fit_hessian``) and keeps, per linear, GPTQ or
+symmetric round-to-nearest, whichever reconstructs better on the held-out tokens — as the calibrating driver does.
+``hessian`` stays the Hessian of all tokens, so a file without the split is read the same way.
+
 Memory: with ``collect_stats(..., path=FILE)`` each layer's Hessians are streamed into FILE as soon as the layer
 is done, and ``load`` reads a Hessian only when GPTQ asks for it, so host memory stays about one layer's
 statistics (a 72B model's Hessians are ~340 GB; ``hessians=False`` skips them when only the importance matrix
@@ -57,12 +63,15 @@ class SiteStats:
     """
 
     def __init__(self, sum_sq: torch.Tensor, mean_abs: torch.Tensor, n_tokens: int,
-                 hessian: torch.Tensor | None = None, file: tuple[Path, str] | None = None) -> None:
+                 hessian: torch.Tensor | None = None, file: tuple[Path, str] | None = None,
+                 n_heldout: int = 0, heldout: torch.Tensor | None = None) -> None:
         self.sum_sq = sum_sq  # f64 [in], Σ x²
         self.mean_abs = mean_abs  # f32 [in], Σ |x| / N
         self.n_tokens = n_tokens
         self._hessian = hessian
         self._file = file  # (statistics file, tensor name) of a Hessian not held in memory
+        self.n_heldout = n_heldout  # tokens of the held-out windows (0: no split recorded)
+        self._heldout = heldout  # their Hessian, when held in memory (else read from the file beside ``hessian``)
 
     @property
     def in_features(self) -> int:
@@ -79,10 +88,24 @@ class SiteStats:
         if self._file is None:
             raise CalibrationError("these statistics were collected without GPTQ Hessians (importance matrix and "
                                    "AWQ means only); recollect them with --save-stats to quantize GPTQ from them.")
+        return self._read(self._file[1])
+
+    @property
+    def heldout_hessian(self) -> torch.Tensor:
+        """The Hessian of the held-out windows' tokens (``n_heldout`` > 0 only)."""
+        if self._heldout is not None:
+            return self._heldout
+        if not self.n_heldout or self._file is None:
+            raise CalibrationError("these statistics have no held-out split; recollect them with the guard on "
+                                   "(qconvert gptq --save-stats without --no-guard).")
+        return self._read(self._file[1] + "_heldout")
+
+    def _read(self, name: str) -> torch.Tensor:
         from safetensors import safe_open
 
+        assert self._file is not None
         with safe_open(str(self._file[0]), "pt") as f:
-            return f.get_tensor(self._file[1])
+            return f.get_tensor(name)
 
 
 @dataclass
@@ -129,18 +152,26 @@ class CalibrationStats:
         if not all(site.has_hessian for site in self.sites.values()):
             raise CalibrationError("these statistics have no GPTQ Hessians to save; collect them with hessians=True.")
         with atomic_output(Path(path), force=force) as tmp:
-            writer = _StatsWriter(tmp, {k: s.in_features for k, s in self.sites.items()}, self._metadata())
+            writer = _StatsWriter(tmp, {k: s.in_features for k, s in self.sites.items()}, self._metadata(),
+                                  self.holdout_windows > 0)
             try:
                 for key, site in self.sites.items():
-                    writer.write_site(key, site.hessian, site.sum_sq, site.mean_abs)
+                    writer.write_site(key, site.hessian, site.sum_sq, site.mean_abs,
+                                      site.heldout_hessian if self.holdout_windows else None)
                 writer.finish(self._metadata())
             finally:
                 writer.close()
 
+    @property
+    def holdout_windows(self) -> int:
+        """Calibration windows (the last ones) summed into the held-out Hessians; 0 when there is no split."""
+        return int(self.meta.get("holdout_windows", 0))
+
     def _metadata(self) -> dict[str, str]:
         return {"format": FORMAT, "linears": json.dumps(self.linears), "source": self.source,
                 "tokens_sha256": self.tokens_sha256, "seconds": f"{self.seconds:.3f}",
-                "n_tokens": json.dumps({k: s.n_tokens for k, s in self.sites.items()}), "meta": json.dumps(self.meta)}
+                "n_tokens": json.dumps({k: s.n_tokens for k, s in self.sites.items()}),
+                "n_heldout": json.dumps({k: s.n_heldout for k, s in self.sites.items()}), "meta": json.dumps(self.meta)}
 
     @classmethod
     def load(cls, path: Path) -> CalibrationStats:
@@ -158,8 +189,10 @@ class CalibrationStats:
                     raise CheckpointError(f"{path} is not a qconvert statistics file (format {meta.get('format')!r}, "
                                           f"expected {FORMAT!r}); recreate it with --save-stats.")
                 counts = json.loads(meta["n_tokens"])
+                heldout = json.loads(meta.get("n_heldout", "{}"))
                 sites = {k: SiteStats(f.get_tensor(f"{k}.sum_sq"), f.get_tensor(f"{k}.mean_abs"), int(n),
-                                      file=(path, f"{k}.hessian") if f"{k}.hessian" in names else None)
+                                      file=(path, f"{k}.hessian") if f"{k}.hessian" in names else None,
+                                      n_heldout=int(heldout.get(k, 0)) if f"{k}.hessian_heldout" in names else 0)
                          for k, n in counts.items()}
         except CheckpointError:
             raise
@@ -188,16 +221,21 @@ class CalibrationStats:
 class _StatsWriter:
     """Streams site statistics (hessian, sum_sq, mean_abs per site, in site order) into one safetensors file."""
 
-    def __init__(self, path: Path, widths: dict[str, int], draft_meta: dict[str, str]) -> None:
+    def __init__(self, path: Path, widths: dict[str, int], draft_meta: dict[str, str], heldout: bool) -> None:
         decl: dict[str, tuple[str, tuple[int, ...]]] = {}
         for key, n in widths.items():
             decl.update({f"{key}.hessian": ("F32", (n, n)), f"{key}.sum_sq": ("F64", (n,)), f"{key}.mean_abs": ("F32", (n,))})
+            if heldout:
+                decl[f"{key}.hessian_heldout"] = ("F32", (n, n))
         self._w = SafetensorsStreamWriter(path, decl, reserve=len(json.dumps(draft_meta)) + 1024)
 
-    def write_site(self, key: str, hessian: torch.Tensor, sum_sq: torch.Tensor, mean_abs: torch.Tensor) -> None:
+    def write_site(self, key: str, hessian: torch.Tensor, sum_sq: torch.Tensor, mean_abs: torch.Tensor,
+                   heldout: torch.Tensor | None = None) -> None:
         self._w.write(f"{key}.hessian", hessian.float().cpu().numpy())
         self._w.write(f"{key}.sum_sq", sum_sq.double().cpu().numpy())
         self._w.write(f"{key}.mean_abs", mean_abs.float().cpu().numpy())
+        if heldout is not None:
+            self._w.write(f"{key}.hessian_heldout", heldout.float().cpu().numpy())
 
     def finish(self, meta: dict[str, str]) -> None:
         self._w.finish(meta)
@@ -208,20 +246,26 @@ class _StatsWriter:
 
 def collect_stats(model_dir: str | Path, ids: torch.Tensor, settings: CalibrationSettings = CalibrationSettings(),
                   progress: Callable[[int, int], None] | None = None, source: str = "", *,
-                  path: Path | None = None, force: bool = False, hessians: bool = True) -> CalibrationStats:
+                  path: Path | None = None, force: bool = False, hessians: bool = True,
+                  holdout: float | None = None) -> CalibrationStats:
     """One float pass over calibration tokens ``ids`` [n, t]: every linear's input statistics, layer by layer.
 
     ``path``: stream the statistics into this file (atomic) as each layer finishes; the returned Hessians are
     then read back from it on demand, so memory stays about one layer. ``hessians=False``: skip GPTQ's Hessians
     (the importance matrix and AWQ means need only the per-column sums); incompatible with ``path``.
+    ``holdout``: the held-out guard's fraction of windows (``holdout_count``); their tokens also get a Hessian of
+    their own, so ``quantize_from_stats`` can judge GPTQ against round-to-nearest on them. None: no split.
     """
+    from qconvert.int4.guard import holdout_count
+
     if path is not None and not hessians:
         raise CalibrationError("a statistics file holds GPTQ Hessians: collect them (hessians=True) to save one.")
+    n_out = holdout_count(ids.shape[0], holdout) if holdout is not None and hessians else 0
     if path is None:
-        return _collect(Path(model_dir), ids, settings, progress, source, hessians, None)
+        return _collect(Path(model_dir), ids, settings, progress, source, hessians, None, n_out)
     path = Path(path)
     with atomic_output(path, force=force) as tmp:
-        stats = _collect(Path(model_dir), ids, settings, progress, source, hessians, tmp)
+        stats = _collect(Path(model_dir), ids, settings, progress, source, hessians, tmp, n_out)
     for key, site in stats.sites.items():
         site._file = (path, f"{key}.hessian")
     return stats
@@ -230,27 +274,35 @@ def collect_stats(model_dir: str | Path, ids: torch.Tensor, settings: Calibratio
 class _StatsPass:
     """The layer pass of the statistics: one hooked float forward accumulates every input site's sums."""
 
-    def __init__(self, hessians: bool, writer: _StatsWriter | None) -> None:
-        self.hessians, self.writer = hessians, writer
+    def __init__(self, hessians: bool, writer: _StatsWriter | None, n_out: int = 0) -> None:
+        self.hessians, self.writer, self.n_out = hessians, writer, n_out
         self.sites: dict[str, SiteStats] = {}
 
     def __call__(self, layer: DeviceLayer, h: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
         site_of = ctx.spec.input_sites
-        acc: dict[str, _SiteSums] = {}
+        acc: dict[str, _SiteSums] = {}  # all windows
+        held: dict[str, _SiteSums] = {}  # the held-out windows alone (their Hessian)
 
-        def hook(name: str, x: torch.Tensor) -> None:
-            if site_of.get(name) == name:  # the other linears of a site read the same x
-                acc.setdefault(name, _SiteSums(x.shape[-1], x.device)).add(x, self.hessians)
+        def hook_into(*sums: dict[str, _SiteSums]) -> Callable[[str, torch.Tensor], None]:
+            def hook(name: str, x: torch.Tensor) -> None:
+                if site_of.get(name) == name:  # the other linears of a site read the same x
+                    for d in sums:
+                        d.setdefault(name, _SiteSums(x.shape[-1], x.device)).add(x, self.hessians)
+            return hook
 
-        out = ctx.run(layer, h, hook)
+        n_fit = h.shape[0] - self.n_out
+        out = ctx.run(layer, h[:n_fit], hook_into(acc))
+        if self.n_out:
+            out = torch.cat([out, ctx.run(layer, h[n_fit:], hook_into(acc, held))])
         for g in ctx.spec.sequential:
-            a = acc[g[0]]
-            site = SiteStats(a.sum_sq.cpu(), (a.sum_abs / a.n).float().cpu(), a.n)
+            a, b = acc[g[0]], held.get(g[0])
+            site = SiteStats(a.sum_sq.cpu(), (a.sum_abs / a.n).float().cpu(), a.n, n_heldout=b.n if b else 0)
             if self.writer is not None:
                 assert a.H is not None
-                self.writer.write_site(ctx.prefix + g[0], a.H, site.sum_sq, site.mean_abs)
+                self.writer.write_site(ctx.prefix + g[0], a.H, site.sum_sq, site.mean_abs, b.H if b else None)
             elif a.H is not None:
                 site._hessian = a.H.cpu()
+                site._heldout = b.H.cpu() if b is not None and b.H is not None else None
             self.sites[ctx.prefix + g[0]] = site
         return out
 
@@ -275,13 +327,13 @@ class _SiteSums:
 
 
 def _collect(model_dir: Path, ids: torch.Tensor, settings: CalibrationSettings,
-             progress: Callable[[int, int], None] | None, source: str, hessians: bool, out: Path | None
-             ) -> CalibrationStats:
+             progress: Callable[[int, int], None] | None, source: str, hessians: bool, out: Path | None,
+             n_out: int = 0) -> CalibrationStats:
     start = time.perf_counter()
     config = read_config(model_dir)
     spec = spec_for_config(config)
     meta = {"n_samples": str(ids.shape[0]), "seq_len": str(ids.shape[1]), "device": settings.device,
-            "dtype": str(settings.dtype).removeprefix("torch.")}
+            "dtype": str(settings.dtype).removeprefix("torch."), **({"holdout_windows": str(n_out)} if n_out else {})}
     prefixes = [f"{spec.block_prefix}.{i}." for i in range(int(config["num_hidden_layers"]))]
     linears = {p + sub: p + key for p in prefixes for sub, key in spec.input_sites.items()}
     writer = None
@@ -292,9 +344,10 @@ def _collect(model_dir: Path, ids: torch.Tensor, settings: CalibrationSettings,
         widths = {p + g[0]: shapes[g[0]][1] for p in prefixes for g in spec.sequential}
         draft = CalibrationStats({k: SiteStats(torch.zeros(0), torch.zeros(0), ids.numel()) for k in widths},
                                  linears, source, tokens_sha256(ids), 1e9, meta)._metadata()
-        writer = _StatsWriter(out, widths, draft)
+        draft["n_heldout"] = json.dumps({k: ids.numel() for k in widths})  # room for the final counts
+        writer = _StatsWriter(out, widths, draft, n_out > 0)
     try:
-        stats_pass = _StatsPass(hessians, writer)
+        stats_pass = _StatsPass(hessians, writer, n_out)
         stream_layers(SafetensorsCheckpoint(model_dir), config, ids, stats_pass, settings, progress=progress)
         stats = CalibrationStats(stats_pass.sites, linears, source, tokens_sha256(ids), time.perf_counter() - start,
                                  meta)
@@ -309,13 +362,17 @@ def _collect(model_dir: Path, ids: torch.Tensor, settings: CalibrationSettings,
 def quantize_from_stats(model_dir: str | Path, stats: CalibrationStats, cfg: object,
                         on_linear: Callable[[str, QuantizedLinear], None],
                         settings: CalibrationSettings = CalibrationSettings(),
-                        progress: Callable[[int, int], None] | None = None) -> None:
+                        progress: Callable[[int, int], None] | None = None, *, guard: bool = True) -> dict[str, int]:
     """GPTQ every decoder linear from stored Hessians: no forward pass (the Hessians come from the float model).
 
     A driver pass without propagation: each layer's float32 weights are loaded once and quantized against the
-    Hessians of their input sites, read from the statistics one site at a time.
+    Hessians of their input sites, read from the statistics one site at a time. ``guard`` and statistics with a
+    held-out split (``collect_stats(holdout=...)``): GPTQ fits the other windows and each linear keeps GPTQ or
+    symmetric round-to-nearest, whichever does better on the held-out tokens. Returns the linears kept per result
+    (``{"gptq": n}`` without the guard).
     """
-    from qconvert.int4 import GPTQConfig, gptq
+    from qconvert.int4 import GPTQConfig, gptq, rtn
+    from qconvert.int4.guard import fit_hessian, guarded, rank_damp
 
     if not isinstance(cfg, GPTQConfig):
         raise CalibrationError("only GPTQ can run from stored statistics; AWQ searches its scales on the layer's "
@@ -323,12 +380,29 @@ def quantize_from_stats(model_dir: str | Path, stats: CalibrationStats, cfg: obj
     model_dir = Path(model_dir)
     stats.check_model(model_dir)
 
+    kept: dict[str, int] = {}
+
     def from_stats(layer: DeviceLayer, h: torch.Tensor, ctx: LayerContext) -> None:
         for group in ctx.spec.sequential:  # the linears of a group read one input: one Hessian, read once
-            H = stats.hessian(ctx.prefix + group[0]).to(ctx.settings.device)
+            site = stats.site(ctx.prefix + group[0])
+            H = site.hessian.to(ctx.settings.device)
+            split = guard and site.n_heldout > 0
+            H_out = site.heldout_hessian.to(ctx.settings.device) if split else None
+            n_fit = site.n_tokens - site.n_heldout if split else site.n_tokens
+            if H_out is not None:
+                H = fit_hessian(H, site.n_tokens, H_out, site.n_heldout)
             for sub in group:
-                on_linear(ctx.prefix + sub, gptq(layer.weight(sub), H, cfg))
+                W = layer.weight(sub).float()
+                fit_cfg = dataclasses.replace(cfg, damp_percent=rank_damp(cfg.damp_percent, W.shape[1], n_fit)) \
+                    if cfg.rank_damping else cfg
+                q = gptq(W, H, fit_cfg)
+                if H_out is not None:
+                    q = guarded(q, rtn(W, cfg.bits, cfg.group_size, cfg.sym, cfg.min_zero), W, H_out, "gptq")
+                kind = str(q.info.get("kept", "gptq"))
+                kept[kind] = kept.get(kind, 0) + 1
+                on_linear(ctx.prefix + sub, q)
 
     ids = torch.zeros((1, 1), dtype=torch.long)  # no forward runs: only the layer loop is used
     stream_layers(SafetensorsCheckpoint(model_dir), read_config(model_dir), ids, from_stats,
                   dataclasses.replace(settings, dtype=torch.float32), propagate=False, progress=progress)
+    return kept

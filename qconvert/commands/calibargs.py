@@ -75,10 +75,11 @@ def layer_progress(label: str, quiet: bool) -> tuple[Any, list]:
 
 
 def collect_and_save(args: argparse.Namespace, model_dir: Path, calib: CalibrationSet,
-                     settings: CalibrationSettings) -> CalibrationStats:
+                     settings: CalibrationSettings, holdout: float | None = None) -> CalibrationStats:
     """One float pass over ``calib``, streamed into ``--save-stats`` when given (memory: about one layer).
 
     Without ``--save-stats`` no GPTQ Hessians are collected: the importance matrix needs only Σx² per column.
+    ``holdout``: also keep the held-out windows' Hessians (the guard of a later ``qconvert gptq --stats``).
     """
     from qconvert.calibration.stats import collect_stats
 
@@ -86,7 +87,7 @@ def collect_and_save(args: argparse.Namespace, model_dir: Path, calib: Calibrati
     save = args.save_stats
     try:
         stats = collect_stats(model_dir, calib.ids, settings, progress, source=calib.describe(), path=save,
-                              force=args.force, hessians=save is not None)
+                              force=args.force, hessians=save is not None, holdout=holdout)
     finally:
         for bar in bars:
             bar.close()

@@ -60,14 +60,14 @@ def run_int4(args: argparse.Namespace) -> int:
         check_writable_target(args.save_stats, force=False)
     stats = load_stats(args.stats, resolved.path) if args.stats is not None else None
     calib = calibration_from_args(args, resolved.path, model_name) if stats is None else None
-    holdout = None if args.no_guard or stats is not None else args.holdout
+    holdout = None if args.no_guard else args.holdout  # with --stats: the split the statistics file recorded
     if holdout is not None and calib is not None:
         holdout_count(calib.ids.shape[0], holdout)  # too few windows for the split: refused before any forward
     for line in marlin_warnings(cfg):
         print(f"qconvert: warning: {line}", file=sys.stderr)
     if args.save_stats is not None:
         assert calib is not None
-        collect_and_save(args, resolved.path, calib, settings)
+        collect_and_save(args, resolved.path, calib, settings, holdout)
     progress, bars = layer_progress(f"{args.command} layers", args.quiet)
     try:
         report = write_int4(resolved.path, model_name, out, args.command, cfg, calib, settings, force=args.force,

@@ -21,11 +21,14 @@ guard decides. Pure functions; the driver (``qconvert.calibration.quantize``) de
 from __future__ import annotations
 
 import math
+from dataclasses import replace
+from types import MappingProxyType
 
 import torch
 
 from qconvert.constants import DEFAULT_HOLDOUT, MAX_HOLDOUT
 from qconvert.errors import QuantTypeError
+from qconvert.int4.rtn import QuantizedLinear
 
 
 def holdout_count(n_samples: int, fraction: float) -> int:
@@ -55,10 +58,36 @@ def reconstruction_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) 
     return total
 
 
+def guarded(q: QuantizedLinear, r: QuantizedLinear, W: torch.Tensor, H_out: torch.Tensor, method: str
+            ) -> QuantizedLinear:
+    """``q`` (the algorithm's) or ``r`` (round-to-nearest), whichever reconstructs ``W`` better on the held-out
+    tokens behind ``H_out``; ``info`` records the choice (``kept``) and both errors."""
+    e_q = reconstruction_error(W, q.dequantize(), H_out)
+    e_r = reconstruction_error(W, r.dequantize(), H_out)
+    kept = q if e_q <= e_r else r
+    return replace(kept, info=MappingProxyType({**q.info, "kept": method if kept is q else "rtn",
+                                                "heldout_error": e_q, "rtn_heldout_error": e_r}))
+
+
+def fit_hessian(H_all: torch.Tensor, n_all: int, H_out: torch.Tensor, n_out: int) -> torch.Tensor:
+    """The Hessian of the fitted tokens alone from the one of all ``n_all`` tokens and the held-out one (``n_out``
+    tokens): both are running means (``add_to_hessian``), so ``H_fit = (n_all H_all - n_out H_out) / n_fit``."""
+    if not 0 < n_out < n_all:
+        raise QuantTypeError(f"held-out tokens {n_out} must be between 0 and all tokens {n_all} (exclusive).")
+    return (H_all.double() * n_all - H_out.double() * n_out).div(n_all - n_out).float()
+
+
 def rank_shortfall(n_inputs: int, n_tokens: int) -> float:
     """How far the calibration tokens are from spanning a linear's inputs: ``inputs / tokens`` when above 1
     (the Hessian's rank is at most the token count), else 1."""
     return max(1.0, n_inputs / max(n_tokens, 1))
+
+
+def rank_damp(damp: float, n_inputs: int, n_tokens: int) -> float:
+    """Damping for a Hessian of ``n_tokens`` tokens over ``n_inputs`` inputs: ``damp · inputs / tokens`` when the
+    tokens cannot span the inputs (capped at 0.5), else ``damp``. The directions the tokens never saw get a
+    diagonal as large as the seen ones' share, so error feedback cannot push weights along them."""
+    return min(0.5, damp * rank_shortfall(n_inputs, n_tokens)) if n_tokens < n_inputs else damp
 
 
 def windows_needed(n_inputs: int, seq_len: int, holdout: int) -> int:

@@ -135,7 +135,8 @@ def write_int4(model_dir: Path, model_name: str, out: Path, method: str, cfg: GP
     ``stats`` (GPTQ only) every linear is quantized from the stored float-model Hessians and no forward runs.
     With ``evaluate`` the model card gets the measured quality on held-out text (``qconvert.quality``).
     ``pad_intermediate`` zero-pads the MLPs to the size vLLM tensor parallelism needs (config.json follows).
-    ``holdout``: the held-out guard's fraction of calibration windows (``qconvert.int4.guard``); None: off.
+    ``holdout``: the held-out guard's fraction of calibration windows (``qconvert.int4.guard``); None: off. With
+    ``stats`` the split is the one the statistics recorded (``collect_stats(holdout=...)``); None turns it off.
     ``layout``: ``None`` (the method's own: GPTQ v1 / AWQ GEMM) or ``"compressed-tensors"`` (pack-quantized, from the
     same codes, scales and zero points).
     """
@@ -171,13 +172,19 @@ def write_int4(model_dir: Path, model_name: str, out: Path, method: str, cfg: GP
                 print(f"qconvert: note: {line}", file=sys.stderr)
         else:
             start = time.perf_counter()
-            quantize_from_stats(model_dir, stats, cfg, writer.add_linear, settings, progress)
+            kept = quantize_from_stats(model_dir, stats, cfg, writer.add_linear, settings, progress,
+                                       guard=holdout is not None)
             n = int(stats.meta.get("n_samples", 0)), int(stats.meta.get("seq_len", 0))
+            split = stats.holdout_windows if holdout is not None else 0
+            if holdout is not None and not split:
+                print(f"qconvert: note: {stats.source or 'the statistics file'} has no held-out split, so the guard "
+                      "cannot run: every linear keeps GPTQ's result. Recollect the statistics with `qconvert gptq "
+                      "--save-stats FILE` (the guard on) to have one.", file=sys.stderr)
             report = CalibrationReport(n[0], n[1], n[0] * n[1], time.perf_counter() - start, settings.device,
-                                       str(settings.dtype).removeprefix("torch."))
+                                       str(settings.dtype).removeprefix("torch."), split, kept)
         desc = calib.describe() if calib is not None else f"{stats.source} (saved statistics)" if stats else ""
         search = awq_search_summary(cfg) if isinstance(cfg, AWQConfig) else ""
-        guard = report.guard_summary() if stats is None else ""
+        guard = report.guard_summary()
         if layout == "compressed-tensors":
             card = compressed_card(out.name, model_name, *compressed_card_values(qcfg), card_settings(qcfg), desc,
                                    n_tokens=report.n_tokens, seconds=report.seconds, device=report.device,

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from qconvert.constants import DEFAULT_HOLDOUT
 from qconvert.errors import OutputError, QConvertError
 from qconvert.release.manifest import file_table, round_metrics, tree_files
 
@@ -81,13 +82,15 @@ def prepare_model(recipe: Recipe, source: Source, calib: CalibrationSet | None, 
     stats_path = None
     if need_stats:
         assert calib is not None and calib_info is not None
-        stats_path = work_dir / f"stats-{calib_info['sha256'][:16]}.safetensors"
+        # the held-out split is part of the name: statistics from a release before the guard are not reused
+        stats_path = work_dir / f"stats-{calib_info['sha256'][:16]}-holdout{DEFAULT_HOLDOUT}.safetensors"
         if not stats_path.is_file():
             from qconvert.calibration.stats import collect_stats
 
             start = time.perf_counter()
             stats = collect_stats(source.path, calib.ids, settings, source=calib.describe(), path=stats_path,
-                                  force=True)  # streamed layer by layer; Hessians read back when GPTQ needs them
+                                  force=True, holdout=DEFAULT_HOLDOUT if len(calib.ids) > 1 else None)  # streamed layer by layer; Hessians read
+            # back when GPTQ needs them, with the held-out windows' own for the guard
             seconds["statistics"] = time.perf_counter() - start
             _STATS[str(stats_path)] = stats
     start = time.perf_counter()

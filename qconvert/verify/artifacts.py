@@ -512,8 +512,12 @@ def _onnx_bits_per_weight(path: Path, n_vocab: int) -> float:
 
 def verify_artifact(artifact: Path, reference: Reference, *, device: str = "cpu", runtime: str | None = None,
                     name: str | None = None, progress: bool = True,
-                    on_window: Callable[[int], None] | None = None) -> ArtifactResult:
-    """Run ``artifact`` in its runtime over the reference's windows and compare with the cached reference."""
+                    on_window: Callable[[int], None] | None = None,
+                    on_scored: Callable[[int, metrics.PositionStats], None] | None = None) -> ArtifactResult:
+    """Run ``artifact`` in its runtime over the reference's windows and compare with the cached reference.
+
+    ``on_window(w)`` after each window (progress); ``on_scored(w, stats)`` gets each window's per-position
+    statistics (NLL, KL, ...), e.g. for paired comparisons of two artifacts on the same tokens."""
     import torch
 
     art = detect(Path(artifact))
@@ -548,6 +552,8 @@ def verify_artifact(artifact: Path, reference: Reference, *, device: str = "cpu"
                                   "reference's.")
             tgt = torch.from_numpy(reference.targets(w)).to(logits.device)
             stats.append(metrics.compare(logits, tgt, reference.window_topk(w)))
+            if on_scored is not None:
+                on_scored(w, stats[-1])
             if on_window is not None:
                 on_window(w)
     finally:
