@@ -14,6 +14,10 @@ from pathlib import Path
 from typing import Any
 
 COMMANDS = ("onnx",)
+# MatMulNBits accuracy levels, as qconvert.onnx_export.matmulnbits.ACCURACY_LEVELS (spelled here because building
+# the parser must not import onnx; a test checks that they agree)
+ACCURACY_CHOICES = (0, 1, 2, 4)
+DEFAULT_ACCURACY_LEVEL = 4
 
 EPILOG = """\
 examples:
@@ -21,11 +25,16 @@ examples:
   qconvert onnx --size 0.5b --precision fp16 --out-dir out/
   qconvert onnx --size 1.5b --precision int4 --algo gptq --calib builtin --device cuda
   qconvert onnx --precision int4 --from qwen2.5-7b-instruct-awq/    # an existing GPTQ/AWQ checkpoint, no requantization
+  qconvert onnx --size 0.5b --precision int4 --accuracy-level 0 --keep-embedding-float   # the exact, larger int4
 
 The graph is built directly with onnx.helper (no tracing): inputs input_ids, attention_mask, position_ids and
 past_key_values.N.key/value; outputs logits and present.N.key/value; GQA, RoPE and RMSNorm from config.json; a tied
 embedding is one initializer. int4 linears are com.microsoft.MatMulNBits with block size = group size (symmetric
-weights omit zero points); the embedding and lm_head stay float32. fp16 stores weights and the KV cache in fp16
+weights omit zero points); the embedding becomes com.microsoft.GatherBlockQuantized and the lm_head MatMulNBits
+(4-bit symmetric round-to-nearest, same block size; when tied, both read one set of initializers), unless
+--keep-embedding-float keeps them float32 (on a 1.5B model they are ~1.9 GB of float32). MatMulNBits runs at
+--accuracy-level 4 by default (activations quantized to int8 per block, as onnxruntime-genai's builder does on
+CPU); 0 computes in float32 with exactly the dequantized weights. fp16 stores weights and the KV cache in fp16
 and keeps norms, RoPE and softmax in float32. Weights over 256 MiB are streamed to model.onnx.data (external data).
 The output holds genai_config.json and the tokenizer, so onnxruntime-genai loads it as is.
 """
@@ -50,6 +59,13 @@ def add_parsers(sub: Any, add_model_args: Any) -> None:
                       help="int4 only: convert this GPTQ/AWQ checkpoint (qconvert gptq/awq output) without requantizing")
     q.add_argument("--block-size", type=positive_int(128, "int4 blocks are 32, 64 or 128"), choices=(32, 64, 128),
                    help="int4 block (= group) size; default 128, or the --from checkpoint's group size")
+    q.add_argument("--accuracy-level", type=int, choices=ACCURACY_CHOICES, metavar="{0,1,2,4}",
+                   help="int4 only: MatMulNBits accuracy_level, the lowest precision the kernel may compute the "
+                        f"activations in: 0 unset (float32 on exactly the dequantized weights), 1 fp32, 2 fp16, 4 int8 "
+                        f"(default {DEFAULT_ACCURACY_LEVEL}, faster on CPU)")
+    q.add_argument("--keep-embedding-float", action="store_true",
+                   help="int4 only: keep the embedding and lm_head float32 instead of 4-bit GatherBlockQuantized / "
+                        "MatMulNBits (larger, closer to the float model)")
     add_calibration_args(p, default_calib="builtin", stats_help="not accepted: run `qconvert gptq --stats`, then "
                          "`qconvert onnx --from` its output")
     o = p.add_argument_group("output")
@@ -72,9 +88,11 @@ def run(args: argparse.Namespace) -> int:
     if args.stats is not None or args.save_stats is not None:
         raise UsageError("qconvert onnx does not take --stats/--save-stats; quantize with `qconvert gptq --stats FILE` "
                          "and export its output with `qconvert onnx --precision int4 --from DIR`.")
-    if args.precision != "int4" and (args.algo or args.from_dir or args.block_size):
-        given = "--algo" if args.algo else "--from" if args.from_dir else "--block-size"
-        raise UsageError(f"{given} applies to --precision int4 only; drop it for a {args.precision} export.")
+    int4_only = {"--algo": args.algo, "--from": args.from_dir, "--block-size": args.block_size,
+                 "--accuracy-level": args.accuracy_level is not None, "--keep-embedding-float": args.keep_embedding_float}
+    given = [flag for flag, value in int4_only.items() if value]
+    if args.precision != "int4" and given:
+        raise UsageError(f"{given[0]} applies to --precision int4 only; drop it for a {args.precision} export.")
     if args.from_dir is not None and not (args.model or args.size):
         model_dir, model_name = Path(args.from_dir), Path(args.from_dir).resolve().name
     else:
@@ -96,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         out = export_onnx(model_dir, args.out_dir, precision=args.precision, algo=algo, from_dir=args.from_dir,
                           block_size=args.block_size, calib=calib, settings=settings, model_name=model_name, force=args.force,
-                          progress=progress)
+                          progress=progress, quantize_embedding=not args.keep_embedding_float,
+                          accuracy_level=DEFAULT_ACCURACY_LEVEL if args.accuracy_level is None else args.accuracy_level)
     finally:
         for bar in bars:
             bar.close()

@@ -14,8 +14,12 @@ Output directory ``<model>-onnx-<precision>/``::
     quantization_config), README.md (model card)
 
 Layout of weights: fp32/fp16 store every float tensor in that type; int4 stores the decoder linears as
-MatMulNBits (block size = group size; symmetric weights without zero points) and keeps the embedding, norms,
-biases and lm_head float32 (the CPU-friendly choice; the tied embedding is one initializer for Gather and Gemm).
+MatMulNBits (block size = group size; symmetric weights without zero points), the embedding as
+GatherBlockQuantized and the lm_head as MatMulNBits (symmetric RTN, same block size; tied: one set of initializers
+for both), and keeps norms and biases float32. ``quantize_embedding=False`` (CLI ``--keep-embedding-float``) keeps
+the embedding and lm_head float32 (a tied one is one initializer for Gather and Gemm). MatMulNBits runs at
+``accuracy_level`` (default 4, int8 activations, as onnxruntime-genai's builder on CPU; 0 computes with exactly the
+dequantized weights).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from qconvert.errors import CheckpointError, UsageError
 from qconvert.io.atomic import StagedDirectory
 from qconvert.io.safetensors import SafetensorsCheckpoint
 from qconvert.onnx_export import graph, matmulnbits
-from qconvert.onnx_export.graph import Dims, FloatLinear, QuantLinear
+from qconvert.onnx_export.graph import Dims, FloatLinear, QuantEmbedding, QuantLinear
 from qconvert.onnx_export.writer import INLINE_LIMIT, InitializerStore
 from qconvert.registry import read_model_config, spec_for_config
 
@@ -51,9 +55,7 @@ MODEL_FILE = "model.onnx"
 GENAI_CONFIG = "genai_config.json"
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                 "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json")
-# accuracy_level of MatMulNBits: 0 = the kernel's default (fp32 math on fp32 inputs); 4 would quantize the
-# activations to int8 per block (faster on CPU, less exact). qconvert keeps 0 so int4 == dequantized weights.
-ACCURACY_LEVEL = 0
+TABLE_CHUNK = 1 << 24  # weights of the embedding / lm_head quantized per RTN call (64 MB of float32)
 Progress = Callable[[int, int], None]
 
 
@@ -69,12 +71,15 @@ class Weights:
     """The graph's ``WeightSource``: float tensors read lazily from the checkpoint, int4 linears given up front."""
 
     def __init__(self, ckpt: SafetensorsCheckpoint, store: InitializerStore, dims: Dims, weight_type: np.dtype,
-                 quantized: Mapping[str, QuantLinear], floats: Mapping[str, np.ndarray]) -> None:
+                 quantized: Mapping[str, QuantLinear], floats: Mapping[str, np.ndarray], *,
+                 accuracy_level: int = matmulnbits.DEFAULT_ACCURACY_LEVEL, table_block_size: int | None = None) -> None:
         self.ckpt, self.store, self.dims = ckpt, store, dims
         self.weight_type = np.dtype(weight_type)
-        self.accuracy_level = ACCURACY_LEVEL
+        self.accuracy_level = accuracy_level
         self.quantized = quantized
         self.floats = floats  # replacements (AWQ's rescaled norm gains), HF names
+        self.table_block_size = table_block_size  # int4 embedding / lm_head block size; None: keep them float
+        self._tied_head: QuantLinear | None = None
 
     def _read(self, name: str) -> np.ndarray:
         if name in self.floats:
@@ -99,14 +104,36 @@ class Weights:
     def norm(self, name: str) -> str:
         return self.store.add(name, self._read(name))
 
-    def embedding(self) -> str:
-        emb = self._read("model.embed_tokens.weight")
-        return self.store.add("model.embed_tokens.weight", emb.astype(self.weight_type, copy=False))
-
-    def lm_head(self) -> str:
+    def embedding(self) -> str | QuantEmbedding:
+        name = "model.embed_tokens.weight"
+        if self.table_block_size is None:
+            return self.store.add(name, self._read(name).astype(self.weight_type, copy=False))
         if self.dims.tie_word_embeddings:
-            return "model.embed_tokens.weight"
-        return self.store.add("lm_head.weight", self._read("lm_head.weight").astype(self.weight_type, copy=False))
+            h = self._tied_table()
+            return QuantEmbedding(h.b, h.scales, h.zero_points, h.n, h.k, h.block_size, tied=True)
+        w = _rtn_table(self._read(name), self.table_block_size, matmulnbits.GATHER, name)
+        zp = None if w.zero_points is None else self.store.add("model.embed_tokens.zero_points", w.zero_points)
+        return QuantEmbedding(self.store.add("model.embed_tokens.qweight_nbits", w.data),
+                              self.store.add("model.embed_tokens.scales", w.scales), zp, w.rows, w.cols, w.block_size,
+                              tied=False)
+
+    def lm_head(self) -> str | QuantLinear:
+        if self.dims.tie_word_embeddings:
+            return "model.embed_tokens.weight" if self.table_block_size is None else self._tied_table()
+        head = self._read("lm_head.weight")
+        if self.table_block_size is None:
+            return self.store.add("lm_head.weight", head.astype(self.weight_type, copy=False))
+        return store_block(self.store, "lm_head", _rtn_table(head, self.table_block_size, matmulnbits.MATMUL, "lm_head"))
+
+    def _tied_table(self) -> QuantLinear:
+        """The tied embedding / lm_head, quantized and stored once in MatMulNBits' layout; the embedding's
+        GatherBlockQuantized reads the same initializers through a Reshape (graph.QuantEmbedding says why)."""
+        if self._tied_head is None:
+            assert self.table_block_size is not None
+            table = _rtn_table(self._read("model.embed_tokens.weight"), self.table_block_size, matmulnbits.MATMUL,
+                               "the tied embedding / lm_head")
+            self._tied_head = store_block(self.store, "lm_head", table)
+        return self._tied_head
 
     def const(self, name: str, value: np.ndarray) -> str:
         return name if name in self.store.names else self.store.add(name, value)
@@ -114,10 +141,29 @@ class Weights:
 
 def store_quantized(store: InitializerStore, module: str, q: QuantizedLinear) -> QuantLinear:
     """Convert one ``QuantizedLinear`` to MatMulNBits and write its initializers now (streaming)."""
-    w = matmulnbits.from_quantized(q, module)
+    return store_block(store, module, matmulnbits.from_quantized(q, module))
+
+
+def store_block(store: InitializerStore, module: str, w: matmulnbits.BlockWeight) -> QuantLinear:
+    """Write one MatMulNBits weight's initializers now (streaming)."""
     zp = None if w.zero_points is None else store.add(f"{module}.zero_points", w.zero_points)
-    return QuantLinear(store.add(f"{module}.qweight_nbits", w.b), store.add(f"{module}.scales", w.scales), zp,
-                       w.n, w.k, w.block_size)
+    return QuantLinear(store.add(f"{module}.qweight_nbits", w.data), store.add(f"{module}.scales", w.scales), zp,
+                       w.rows, w.cols, w.block_size)
+
+
+def _rtn_table(w: np.ndarray, block_size: int, op: str, where: str) -> matmulnbits.BlockWeight:
+    """Symmetric 4-bit RTN of an embedding / lm_head [vocab, hidden] in blocks of ``block_size`` hidden columns, as
+    ``op``'s initializers. Quantized TABLE_CHUNK weights at a time: RTN's float temporaries are several times their
+    input, and a 72B table alone is 5 GB of float32 (exact: blocks never span rows)."""
+    import torch
+
+    from qconvert.int4 import rtn
+
+    rows = max(1, TABLE_CHUNK // w.shape[1])
+    return matmulnbits.concat_rows([
+        matmulnbits.from_quantized(rtn(torch.from_numpy(np.ascontiguousarray(w[i:i + rows], np.float32)),
+                                       matmulnbits.BITS, block_size, sym=True), where, op)
+        for i in range(0, w.shape[0], rows)])
 
 
 @dataclass(frozen=True)
@@ -132,10 +178,14 @@ class _Plan:
     block_size: int  # int4 block size: as asked, else the --from checkpoint's group size, else 128
 
 
-def _check(model_dir: Path, precision: str, algo: str, from_dir: Path | None, block_size: int | None) -> _Plan:
+def _check(model_dir: Path, precision: str, algo: str, from_dir: Path | None, block_size: int | None,
+           accuracy_level: int, quantize_embedding: bool) -> _Plan:
     """Every refusal that does not need weights, before anything is created."""
     from qconvert.int4.writer import qwen2_linear_shapes
 
+    matmulnbits.check_accuracy_level(accuracy_level)
+    if not isinstance(quantize_embedding, bool):
+        raise UsageError(f"quantize_embedding must be True or False (got {quantize_embedding!r}).")
     if precision not in PRECISIONS:
         raise UsageError(f"precision {precision!r} is not supported; use one of {', '.join(PRECISIONS)}.")
     if algo not in ALGOS:
@@ -171,12 +221,15 @@ def _check(model_dir: Path, precision: str, algo: str, from_dir: Path | None, bl
                                       "requantization. Re-quantize with --static-groups or without --act-order.")
     block_size = 128 if block_size is None else block_size
     if precision == "int4":
+        if quantize_embedding:  # GatherBlockQuantized / MatMulNBits blocks run along the hidden axis
+            matmulnbits.check_block_size(block_size, dims.hidden_size, f"the embedding / lm_head [{dims.vocab_size}, "
+                                         f"{dims.hidden_size}] (--keep-embedding-float keeps them float32)")
         for sub in (s for group in spec.sequential for s in group):
             matmulnbits.check_block_size(block_size, shapes[sub][1], f"{spec.block_prefix}.*.{sub} {list(shapes[sub])}")
     return _Plan(src, config, dims, linears, scheme, block_size)
 
 
-def _planned_bytes(plan: _Plan, precision: str, block_size: int) -> int:
+def _planned_bytes(plan: _Plan, precision: str, block_size: int, quantize_embedding: bool) -> int:
     """Bytes of initializers the export will write (decides inline vs external data)."""
     ckpt = SafetensorsCheckpoint(plan.src)
     per = {"fp32": 4, "fp16": 2, "int4": 4}[precision]
@@ -184,24 +237,32 @@ def _planned_bytes(plan: _Plan, precision: str, block_size: int) -> int:
     if precision != "int4":
         return floats * per
     quant = sum(n * k // 2 + 4 * n * k // block_size + n * k // block_size for n, k in plan.linears.values())
-    linear_floats = sum(n * k for n, k in plan.linears.values()) if plan.scheme is None else 0
-    return (floats - linear_floats) * per + quant
+    quantized_floats = sum(n * k for n, k in plan.linears.values()) if plan.scheme is None else 0
+    if quantize_embedding:  # the embedding and an untied lm_head, RTN-quantized here (symmetric: no zero points)
+        tables, v, h = 1 if plan.dims.tie_word_embeddings else 2, plan.dims.vocab_size, plan.dims.hidden_size
+        quant += tables * (v * h // 2 + 4 * v * h // block_size)
+        quantized_floats += tables * v * h
+    return (floats - quantized_floats) * per + quant
 
 
 def export_onnx(model_dir: Path, out_dir: Path, *, precision: str, algo: str = "rtn", from_dir: Path | None = None,
                 block_size: int | None = None, calib: CalibrationSet | None = None,
                 settings: CalibrationSettings | None = None,
                 model_name: str | None = None, force: bool = False, progress: Progress | None = None,
-                inline_limit: int = INLINE_LIMIT) -> Path:
+                inline_limit: int = INLINE_LIMIT, accuracy_level: int = matmulnbits.DEFAULT_ACCURACY_LEVEL,
+                quantize_embedding: bool = True) -> Path:
     """Export ``model_dir`` (or the GPTQ/AWQ checkpoint ``from_dir``) to ``out_dir/<model>-onnx-<precision>/``.
 
     ``precision``: fp32 | fp16 | int4. For int4, ``algo`` rtn needs nothing else; gptq and awq need ``calib``
     (and run on ``settings.device``); ``from_dir`` converts an existing checkpoint without requantization
-    (``block_size`` must equal its group size; None: that group size, else 128). ``model_name`` (default: the
-    source directory's name) names the output. Returns the output directory. Built in a temporary sibling, renamed into place when complete;
-    an existing output is replaced only with ``force``.
+    (``block_size`` must equal its group size; None: that group size, else 128). int4 also quantizes the embedding
+    (GatherBlockQuantized) and lm_head (MatMulNBits) with symmetric RTN in blocks of ``block_size`` unless
+    ``quantize_embedding`` is False, and runs MatMulNBits at ``accuracy_level`` (0, 1, 2 or 4; see
+    ``matmulnbits.ACCURACY_LEVELS``); both are ignored for fp32/fp16. ``model_name`` (default: the source
+    directory's name) names the output. Returns the output directory. Built in a temporary sibling, renamed into
+    place when complete; an existing output is replaced only with ``force``.
     """
-    plan = _check(model_dir, precision, algo, from_dir, block_size)
+    plan = _check(model_dir, precision, algo, from_dir, block_size, accuracy_level, quantize_embedding)
     block_size = plan.block_size
     if precision == "int4" and from_dir is None and algo != "rtn" and calib is None:
         raise UsageError(f"--algo {algo} needs calibration data; pass a CalibrationSet (CLI: --calib builtin).")
@@ -211,11 +272,17 @@ def export_onnx(model_dir: Path, out_dir: Path, *, precision: str, algo: str = "
     tmp = staged.tmp
     try:
         start = time.perf_counter()
-        external = _planned_bytes(plan, precision, block_size) > inline_limit
+        int4 = precision == "int4"
+        external = _planned_bytes(plan, precision, block_size, int4 and quantize_embedding) > inline_limit
         store = InitializerStore(tmp, external=external)
-        weights = _weights(plan, store, precision, algo, block_size, calib, settings, progress)
+        tables = block_size if int4 and quantize_embedding else None  # embedding / lm_head, quantized when pulled
+        weights = _weights(plan, store, precision, algo, block_size, calib, settings, progress, accuracy_level, tables)
         meta = {"qconvert.version": __version__, "qconvert.source": name, "qconvert.precision": precision,
                 "qconvert.algo": _algo_label(precision, algo, plan), "qconvert.block_size": str(block_size)}
+        if int4:
+            meta |= {"qconvert.accuracy_level": str(accuracy_level),
+                     "qconvert.embedding": f"int4 {matmulnbits.GATHER} (RTN sym)" if quantize_embedding else "float32",
+                     "qconvert.lm_head": f"int4 {matmulnbits.MATMUL} (RTN sym)" if quantize_embedding else "float32"}
         calibrated = precision == "int4" and from_dir is None and algo != "rtn"
         model = graph.build_model(plan.dims, weights, None if calibrated else progress, meta)
         store.save(model, tmp / MODEL_FILE)
@@ -234,7 +301,8 @@ def _algo_label(precision: str, algo: str, plan: _Plan) -> str:
 
 
 def _weights(plan: _Plan, store: InitializerStore, precision: str, algo: str, block_size: int,
-             calib: CalibrationSet | None, settings: CalibrationSettings | None, progress: Progress | None) -> Weights:
+             calib: CalibrationSet | None, settings: CalibrationSettings | None, progress: Progress | None,
+             accuracy_level: int, table_block_size: int | None) -> Weights:
     """Quantize (or read) the int4 linears into ``store`` first; float tensors are pulled later by the graph."""
     ckpt = SafetensorsCheckpoint(plan.src)
     weight_type = np.dtype(np.float16 if precision == "fp16" else np.float32)
@@ -248,7 +316,8 @@ def _weights(plan: _Plan, store: InitializerStore, precision: str, algo: str, bl
             _rtn(ckpt, store, plan, block_size, quantized)
         else:
             _calibrated(plan, store, algo, block_size, calib, settings, progress, quantized, floats)
-    return Weights(ckpt, store, plan.dims, weight_type, quantized, floats)
+    return Weights(ckpt, store, plan.dims, weight_type, quantized, floats, accuracy_level=accuracy_level,
+                   table_block_size=table_block_size)
 
 
 def _rtn(ckpt: SafetensorsCheckpoint, store: InitializerStore, plan: _Plan, block_size: int,

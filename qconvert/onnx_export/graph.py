@@ -14,7 +14,8 @@ decoder contract, anchor §6.3–6.4)::
 Numerics: the residual stream, RMSNorm, RoPE, attention scores and softmax are float32 in every precision
 (Qwen2's activations overflow float16). Linear weights and the KV cache are ``Numerics.weight_type`` (fp32 or
 fp16; fp16 matmuls take fp16 inputs and their outputs return to fp32); int4 linears are ``MatMulNBits`` on
-float32 activations. Attention is explicit: GQA by broadcasting each kv head over its group of query heads
+float32 activations, and an int4 embedding is ``GatherBlockQuantized`` (its lm_head ``MatMulNBits``; when tied, the
+embedding reads the lm_head's initializers through a ``Reshape``). Attention is explicit: GQA by broadcasting each kv head over its group of query heads
 (``[b, kv, group, t, d] @ [b, kv, 1, d, s]``), a causal + padding additive mask, and NEOX-style rotary embeddings
 computed in the graph from ``position_ids`` and ``rope_theta``. RMSNorm uses the Pow/ReduceMean/Add/Sqrt/Div/Mul
 pattern that onnxruntime fuses into ``SimplifiedLayerNormalization``.
@@ -31,6 +32,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from qconvert.model.dims import Qwen2Dims
+from qconvert.onnx_export.matmulnbits import BITS, DATA_SHAPES, GATHER, GATHER_AXIS, MATMUL, QUANTIZE_AXIS
 
 OPSET = 21
 MS_DOMAIN = "com.microsoft"
@@ -55,7 +57,7 @@ class FloatLinear:
 
 @dataclass(frozen=True)
 class QuantLinear:
-    """A MatMulNBits linear: initializer names and attributes."""
+    """A MatMulNBits linear: initializer names and attributes (B [N, K/bs, bs/2], scales [N, K/bs])."""
 
     b: str
     scales: str
@@ -63,6 +65,25 @@ class QuantLinear:
     n: int
     k: int
     block_size: int
+
+
+@dataclass(frozen=True)
+class QuantEmbedding:
+    """A GatherBlockQuantized table [vocab, hidden]: data uint8 [vocab, hidden/2], scales [vocab, hidden/bs].
+
+    ``tied``: ``data`` is the lm_head's MatMulNBits ``B [vocab, hidden/bs, bs/2]`` (same bytes), reshaped in the
+    graph. Neither op takes the other's data shape (MatMulNBits checks its B against N/K/block_size when it
+    prepacks; GatherBlockQuantized needs scales of the data's rank), so one initializer serves both only through a
+    Reshape, which onnxruntime folds at load.
+    """
+
+    data: str
+    scales: str
+    zero_points: str | None
+    vocab: int
+    hidden: int
+    block_size: int
+    tied: bool
 
 
 class WeightSource(Protocol):
@@ -74,8 +95,8 @@ class WeightSource(Protocol):
     def linear(self, module: str) -> FloatLinear | QuantLinear: ...
     def bias(self, module: str) -> str | None: ...
     def norm(self, name: str) -> str: ...
-    def embedding(self) -> str: ...
-    def lm_head(self) -> str: ...
+    def embedding(self) -> str | QuantEmbedding: ...
+    def lm_head(self) -> str | QuantLinear: ...
     def const(self, name: str, value: np.ndarray) -> str: ...
 
 
@@ -115,13 +136,18 @@ class Graph:
 # Blocks
 
 
+def matmul_nbits(g: Graph, ref: QuantLinear, x: str, scope: str, outputs: int | list[str] = 1) -> str:
+    """``x`` f32 [..., K] -> f32 [..., N] = ``x · dequant(B)ᵀ`` (com.microsoft.MatMulNBits, 4-bit)."""
+    inputs = [x, ref.b, ref.scales] + ([ref.zero_points] if ref.zero_points else [])
+    return g.op(MATMUL, inputs, scope, outputs=outputs, domain=MS_DOMAIN, K=ref.k, N=ref.n, bits=BITS,
+                block_size=ref.block_size, accuracy_level=g.w.accuracy_level)
+
+
 def linear(g: Graph, module: str, x: str) -> str:
     """``x`` f32 [b, t, K] -> f32 [b, t, N] through the float or MatMulNBits weight of ``module`` (+ bias)."""
     ref = g.w.linear(module)
     if isinstance(ref, QuantLinear):
-        inputs = [x, ref.b, ref.scales] + ([ref.zero_points] if ref.zero_points else [])
-        y = g.op("MatMulNBits", inputs, module, domain=MS_DOMAIN, K=ref.k, N=ref.n, bits=4,
-                 block_size=ref.block_size, accuracy_level=g.w.accuracy_level)
+        y = matmul_nbits(g, ref, x, module)
     else:
         wt = g.w.weight_type
         y = g.cast(g.op("MatMul", [g.cast(x, wt, F32, module), ref.weight], module), F32, wt, module)
@@ -206,17 +232,27 @@ def decoder_layer(g: Graph, dims: Dims, layer: int, h: str, rope: tuple[str, str
 
 
 def embed(g: Graph) -> str:
-    """Layer-0 input f32 [b, t, hidden]."""
-    return g.cast(g.op("Gather", [g.w.embedding(), INPUT_IDS], "/embed", axis=0), F32, g.w.weight_type, "/embed")
+    """Layer-0 input f32 [b, t, hidden]: Gather on the float table, or GatherBlockQuantized on the int4 one."""
+    s, ref = "/embed", g.w.embedding()
+    if not isinstance(ref, QuantEmbedding):
+        return g.cast(g.op("Gather", [ref, INPUT_IDS], s, axis=0), F32, g.w.weight_type, s)
+    shape = DATA_SHAPES[GATHER](ref.vocab, ref.hidden, ref.block_size)
+    data = g.op("Reshape", [ref.data, g.ints(*shape)], s) if ref.tied else ref.data
+    inputs = [data, INPUT_IDS, ref.scales] + ([ref.zero_points] if ref.zero_points else [])
+    return g.op(GATHER, inputs, s, domain=MS_DOMAIN, bits=BITS, block_size=ref.block_size, gather_axis=GATHER_AXIS,
+                quantize_axis=QUANTIZE_AXIS)  # the output has the scales' type: float32
 
 
 def lm_head(g: Graph, dims: Dims, h: str) -> str:
-    """f32 logits [b, t, vocab]: final norm, then Gemm(x, W, transB) on the [vocab, hidden] weight, which is the
-    embedding itself when tied (one initializer serves Gather and Gemm)."""
+    """f32 logits [b, t, vocab]: final norm, then MatMulNBits on the int4 [vocab, hidden] weight, or Gemm(x, W,
+    transB) on the float one; when tied that weight is the embedding's (one initializer serves both ops)."""
     s, wt = "/lm_head", g.w.weight_type
     x = rms_norm(g, h, g.w.norm("model.norm.weight"), dims.rms_norm_eps, "model.norm")
+    head = g.w.lm_head()
+    if isinstance(head, QuantLinear):
+        return matmul_nbits(g, head, x, s, outputs=[LOGITS])
     rows = g.op("Reshape", [g.cast(x, wt, F32, s), g.ints(-1, dims.hidden_size)], s)
-    y = g.cast(g.op("Gemm", [rows, g.w.lm_head()], s, transB=1), F32, wt, s)
+    y = g.cast(g.op("Gemm", [rows, head], s, transB=1), F32, wt, s)
     shape = g.op("Concat", [g.op("Slice", [g.op("Shape", [h], s), g.ints(0), g.ints(2)], s), g.ints(dims.vocab_size)],
                  s, axis=0)
     return g.op("Reshape", [y, shape], s, outputs=[LOGITS])

@@ -1,64 +1,103 @@
-"""GPTQ / AWQ / RTN weights -> ``com.microsoft.MatMulNBits`` initializers, without requantization.
+"""GPTQ / AWQ / RTN weights -> ``com.microsoft`` block-quantized initializers, without requantization.
 
-MatMulNBits (onnxruntime contrib op; anchor §6.1) computes ``Y = A · dequant(B)ᵀ`` for a weight ``W [N = out,
-K = in]`` cut into blocks of ``block_size`` consecutive input columns (n_blocks = K / block_size)::
+A weight ``W [rows, cols]`` is cut into blocks of ``block_size`` consecutive columns (n_blocks = cols / block_size),
+each with a scale and a 4-bit zero point. Two onnxruntime contrib ops read that grid (anchor §6.1; onnxruntime's
+``docs/ContribOperators.md``), and both pack it the same way::
 
-    B            uint8 [N, n_blocks, block_size/2]   two 4-bit codes per byte, low nibble = even column
-    scales       float [N · n_blocks]                in the graph's float type
-    zero_points  uint8 [N · ceil(n_blocks/2)]        4-bit, low nibble = even block; absent -> zero point 8
-    W[n, k] = scales[n, k // bs] · (B[n, k] - zero_points[n, k // bs])
+    data         uint8  two 4-bit codes per byte, low nibble = even column, a row's blocks in order
+    scales       float  [rows, n_blocks]             in the graph's float type (= the op's output type)
+    zero_points  uint8  [rows, ceil(n_blocks/2)]     4-bit, low nibble = even block; absent -> zero point 8
+    W[r, c] = scales[r, c // bs] · (code[r, c] - zero_point[r, c // bs])
 
-This is exactly the grid of ``QuantizedLinear`` (``qconvert.int4.rtn``) when ``g_idx[k] == k // group_size`` and
+* ``MatMulNBits`` (linears, the lm_head): ``Y = A · Wᵀ`` for ``W [N = out, K = in]``; ``data`` is ``B [N, n_blocks,
+  bs/2]`` and must be an initializer of exactly that shape (the CPU kernel prepacks it at load).
+* ``GatherBlockQuantized`` (the embedding): ``Y = W[ids]`` for ``W [vocab, hidden]`` with ``gather_axis`` 0 and
+  ``quantize_axis`` 1; ``data`` is ``[vocab, hidden/2]`` (uint8 data is packed along the last axis, and the scales
+  must have the data's rank). Its default zero point for uint8 data is also ``2^(bits-1) = 8``.
+
+So the two differ only in the shape of ``data`` (``DATA_SHAPES``): the bytes, scales and zero points of a tied
+embedding / lm_head are the same tensors (stored once as MatMulNBits', reshaped in the graph for the Gather).
+
+The grid is exactly that of ``QuantizedLinear`` (``qconvert.int4.rtn``) when ``g_idx[k] == k // group_size`` and
 ``block_size == group_size``: the codes, the fp16-exact scales and the integer zero points are copied, so
-``dequant(MatMulNBits) == dequant(GPTQ/AWQ)`` bit for bit. Symmetric GPTQ (every zero point 8, stored as v1's
-``0x77777777``) omits ``zero_points`` and relies on onnxruntime's default of ``2^(bits-1) = 8``.
+``dequantize(BlockWeight) == dequant(GPTQ/AWQ/RTN)`` bit for bit. Symmetric weights (every zero point 8, stored by
+GPTQ v1 as ``0x77777777``) omit ``zero_points`` and rely on onnxruntime's default.
 
-Act-order (``desc_act``) GPTQ whose ``g_idx`` is not ``k // g`` cannot map: MatMulNBits groups consecutive
-columns only (its ``g_idx`` input is deprecated and unsupported by most kernels).
+Act-order (``desc_act``) GPTQ whose ``g_idx`` is not ``k // g`` cannot map: both ops group consecutive columns only
+(MatMulNBits' ``g_idx`` input is deprecated and unsupported by most kernels).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
 
-from qconvert.errors import CheckpointError, QuantTypeError
+from qconvert.errors import CheckpointError, QuantTypeError, UsageError
 from qconvert.int4.rtn import QuantizedLinear
 
 BITS = 4
-DEFAULT_ZERO_POINT = 2 ** (BITS - 1)  # onnxruntime's zero point when the input is absent
-MIN_BLOCK_SIZE = 16  # MatMulNBits: a power of two >= 16
+DEFAULT_ZERO_POINT = 2 ** (BITS - 1)  # onnxruntime's zero point when the input is absent (both ops, uint8 data)
+MIN_BLOCK_SIZE = 16  # both ops: a power of two >= 16
 BLOCK_SIZES = (32, 64, 128)  # what the CLI offers (= the group sizes qconvert's quantizers support)
+MATMUL, GATHER = "MatMulNBits", "GatherBlockQuantized"
+GATHER_AXIS, QUANTIZE_AXIS = 0, 1  # GatherBlockQuantized: gather rows (token ids), blocks run along a row
+
+# op -> shape of its uint8 data for a weight [rows, cols] in blocks of bs columns (same bytes for both ops)
+DATA_SHAPES: Mapping[str, Callable[[int, int, int], tuple[int, ...]]] = MappingProxyType({
+    MATMUL: lambda rows, cols, bs: (rows, cols // bs, bs * BITS // 8),  # B [N, k_blocks, blob_size]
+    GATHER: lambda rows, cols, bs: (rows, cols * BITS // 8),  # data [vocab, hidden/2], packed along quantize_axis
+})
+
+# MatMulNBits ``accuracy_level``: the lowest precision the kernel may convert the activations A to. 3 (bf16) is left
+# out: it is meant for bf16 activations, and qconvert's graphs feed float32 ones.
+ACCURACY_LEVELS: Mapping[int, str] = MappingProxyType({
+    0: "unset: float32 math on exactly the dequantized weights",
+    1: "fp32",
+    2: "fp16",
+    4: "int8: A quantized to int8 per block (onnxruntime-genai's CPU choice; faster, slightly less exact)",
+})
+DEFAULT_ACCURACY_LEVEL = 4
 
 
 @dataclass(frozen=True)
-class MatMulNBitsWeight:
-    """The initializers of one MatMulNBits node (shapes in the module docstring) and its attributes."""
+class BlockWeight:
+    """The initializers of one ``op`` node (MatMulNBits or GatherBlockQuantized) for a weight [rows, cols]."""
 
-    b: np.ndarray
-    scales: np.ndarray  # float32; cast to the graph's float type by the writer (fp16-exact values)
-    zero_points: np.ndarray | None
-    n: int
-    k: int
+    op: str
+    data: np.ndarray  # uint8, DATA_SHAPES[op](rows, cols, block_size)
+    scales: np.ndarray  # float32 [rows, n_blocks]; cast to the graph's float type by the writer (fp16-exact values)
+    zero_points: np.ndarray | None  # uint8 [rows, ceil(n_blocks/2)]
+    rows: int
+    cols: int
     block_size: int
 
     @property
     def n_blocks(self) -> int:
-        return self.k // self.block_size
+        return self.cols // self.block_size
 
 
 def check_block_size(block_size: int, k: int, where: str) -> None:
-    """Refuse a block size MatMulNBits cannot use, or one that does not tile ``k`` input columns."""
+    """Refuse a block size MatMulNBits / GatherBlockQuantized cannot use, or one that does not tile ``k`` columns."""
     if block_size < MIN_BLOCK_SIZE or block_size & (block_size - 1):
         raise QuantTypeError(f"block size {block_size} cannot be used for {where}: MatMulNBits needs a power of two "
                              f">= {MIN_BLOCK_SIZE}; use --block-size 32, 64 or 128.")
     if k % block_size:
         raise QuantTypeError(f"{where} has {k} input columns, not a multiple of block size {block_size}; choose a "
                              f"block size that divides it ({', '.join(str(b) for b in BLOCK_SIZES if k % b == 0) or 'none of 32/64/128'}).")
+
+
+def check_accuracy_level(level: int) -> None:
+    """Refuse a MatMulNBits ``accuracy_level`` outside ``ACCURACY_LEVELS``."""
+    if isinstance(level, bool) or level not in ACCURACY_LEVELS:
+        offered = "; ".join(f"{k} = {v}" for k, v in ACCURACY_LEVELS.items())
+        raise UsageError(f"accuracy level {level!r} is not supported; use one of {offered}. "
+                         f"Default {DEFAULT_ACCURACY_LEVEL}; 0 computes with exactly the dequantized weights.")
 
 
 def _pack_nibbles(x: np.ndarray) -> np.ndarray:
@@ -71,44 +110,55 @@ def _unpack_nibbles(x: np.ndarray) -> np.ndarray:
     return np.stack([x & 0xF, x >> 4], axis=-1).reshape(*x.shape[:-1], -1)
 
 
-def from_quantized(q: QuantizedLinear, where: str = "this linear") -> MatMulNBitsWeight:
-    """``QuantizedLinear`` (4-bit, group-wise, consecutive groups) -> MatMulNBits initializers, values copied."""
+def from_quantized(q: QuantizedLinear, where: str = "this linear", op: str = MATMUL) -> BlockWeight:
+    """``QuantizedLinear`` (4-bit, group-wise, consecutive groups) -> ``op``'s initializers, values copied."""
     n, k = q.shape
     if q.bits != BITS:
-        raise QuantTypeError(f"{where} is {q.bits}-bit; qconvert's ONNX export writes 4-bit MatMulNBits only. "
+        raise QuantTypeError(f"{where} is {q.bits}-bit; qconvert's ONNX export writes 4-bit {op} only. "
                              "Quantize with --bits 4.")
     bs = k if q.group_size == -1 else q.group_size
     if q.group_size == -1 and (k < MIN_BLOCK_SIZE or k & (k - 1)):
-        raise QuantTypeError(f"{where} has per-row scales (group size -1) over {k} columns; MatMulNBits blocks must be "
+        raise QuantTypeError(f"{where} has per-row scales (group size -1) over {k} columns; {op} blocks must be "
                              "a power of two >= 16, so this cannot map without requantization. Quantize with "
                              "--group-size 128 (or 32/64).")
     check_block_size(bs, k, where)
     g_idx = q.g_idx.cpu().numpy().astype(np.int64)
     if not np.array_equal(g_idx, np.arange(k) // bs):
         raise QuantTypeError(f"{where} uses act-order (desc_act) group indices: its columns are not grouped in "
-                             "consecutive blocks, which is all MatMulNBits can express. Re-quantize with "
+                             f"consecutive blocks, which is all {op} can express. Re-quantize with "
                              "--static-groups (act-order with inference-transparent groups) or without --act-order.")
     codes = q.codes.cpu().numpy().astype(np.uint8)  # [N, K]
     scales = q.scales.cpu().numpy().astype(np.float32)  # [N, G]
     zeros = q.zeros.cpu().numpy().astype(np.uint8)  # [N, G]
-    b = _pack_nibbles(codes.reshape(n, k // bs, bs))  # [N, G, bs] -> [N, G, bs/2]
+    data = _pack_nibbles(codes).reshape(DATA_SHAPES[op](n, k, bs))  # [N, K] -> [N, K/2] -> the op's shape
     zp = None
     if not np.all(zeros == DEFAULT_ZERO_POINT):
         if zeros.shape[1] % 2:  # pad the last byte's high nibble (never read)
             zeros = np.concatenate([zeros, np.full((n, 1), DEFAULT_ZERO_POINT, np.uint8)], axis=1)
-        zp = _pack_nibbles(zeros).reshape(-1)
-    return MatMulNBitsWeight(b, scales.reshape(-1), zp, n, k, bs)
+        zp = _pack_nibbles(zeros)  # [N, ceil(G/2)]
+    return BlockWeight(op, data, scales, zp, n, k, bs)
 
 
-def dequantize(w: MatMulNBitsWeight) -> np.ndarray:
-    """The float32 weight [N, K] that MatMulNBits computes with (the formula in the module docstring)."""
-    codes = _unpack_nibbles(w.b).reshape(w.n, w.n_blocks, w.block_size).astype(np.float32)
+def concat_rows(parts: Sequence[BlockWeight]) -> BlockWeight:
+    """Row slices of one weight, converted apart, -> the whole weight (exact: a block never spans two rows)."""
+    first, zero_points = parts[0], None
+    if any(p.zero_points is not None for p in parts):  # a slice without them has the default 8 in every block
+        default = np.uint8(DEFAULT_ZERO_POINT | DEFAULT_ZERO_POINT << 4)
+        zero_points = np.concatenate([np.full((p.rows, -(-p.n_blocks // 2)), default) if p.zero_points is None
+                                      else p.zero_points for p in parts])
+    return BlockWeight(first.op, np.concatenate([p.data for p in parts]), np.concatenate([p.scales for p in parts]),
+                       zero_points, sum(p.rows for p in parts), first.cols, first.block_size)
+
+
+def dequantize(w: BlockWeight) -> np.ndarray:
+    """The float32 weight [rows, cols] that MatMulNBits / GatherBlockQuantized compute with (module docstring)."""
+    codes = _unpack_nibbles(w.data.reshape(w.rows, -1)).reshape(w.rows, w.n_blocks, w.block_size).astype(np.float32)
     if w.zero_points is None:
-        zeros = np.full((w.n, w.n_blocks), DEFAULT_ZERO_POINT, np.float32)
+        zeros = np.full((w.rows, w.n_blocks), DEFAULT_ZERO_POINT, np.float32)
     else:
-        zeros = _unpack_nibbles(w.zero_points.reshape(w.n, -1))[:, :w.n_blocks].astype(np.float32)
-    scales = w.scales.astype(np.float32).reshape(w.n, w.n_blocks)
-    return (scales[..., None] * (codes - zeros[..., None])).reshape(w.n, w.k)
+        zeros = _unpack_nibbles(w.zero_points.reshape(w.rows, -1))[:, :w.n_blocks].astype(np.float32)
+    scales = w.scales.astype(np.float32).reshape(w.rows, w.n_blocks)
+    return (scales[..., None] * (codes - zeros[..., None])).reshape(w.rows, w.cols)
 
 
 # ------------------------------------------------------------------------------------------------------------
