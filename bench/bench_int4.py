@@ -12,7 +12,8 @@ windows of 512 tokens, positions 256..510 scored; perplexity, mean KL(float || q
 Times cover calibration and quantization only. ``vs first`` is each method's perplexity relative to the first
 method's on the same tokens, with one standard error from the spread of the per-window differences (the windows
 are the independent units), so a difference smaller than about two standard errors is not one these tokens can
-tell apart; each method's per-window mean NLLs are saved as ``WORKDIR/METHOD.nll.json`` for pairing across runs.
+tell apart; the same for the mean KL. Each method's per-window mean NLL and KL are saved as
+``WORKDIR/METHOD.windows.json`` for pairing across runs.
 """
 
 from __future__ import annotations
@@ -24,14 +25,16 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 DEFAULT_MODEL = Path.home() / ".cache/qconvert-real/hf/qwen2.5-coder-0.5b-tied"
 DEFAULT_METHODS = ("rtn", "rtn-asym", "gptq", "gptq-stats", "awq", "gptq-int8")
 METHODS = (*DEFAULT_METHODS, "awq-clip-all", "awq-no-clip", "awq-clip-only", "gptq-noguard", "awq-noguard",
-           "gptq-damp10", "gptq-damp10-noguard", "gptq-ga", "gptq-ga-noguard", "gptq-rd", "gptq-rd-noguard")
+           "gptq-damp10", "gptq-damp10-noguard", "gptq-ga", "gptq-ga-noguard", "gptq-stats-noguard")
 # -noguard: the held-out guard off (every window fitted, the algorithm's result kept everywhere);
-# -damp10: GPTQ damping 0.1 instead of 0.01; -rd: damping scaled by inputs / tokens where tokens < inputs; -ga: group-aware reordering
+# -damp10: GPTQ damping 0.1 instead of 0.01; -ga: group-aware reordering
 # AWQ ablations: q/k clipped too (--clip-all), scale search without clipping, clipping without scale search
 AWQ_VARIANTS = {"awq": {}, "awq-clip-all": {"clip_all": True}, "awq-no-clip": {"max_shrink": 0.0},
                 "awq-clip-only": {"n_grid": 0}}
@@ -66,14 +69,14 @@ def run_one(model: Path, method: str, out: Path, samples: int, seqlen: int, sear
     else:
         base = method.removesuffix("-noguard")
         gptq_opts = {"damp_percent": 0.1 if "damp10" in base else 0.01, "group_aware": base.endswith("-ga"),
-                     "rank_damping": base.endswith("-rd"),
                      "bits": 8 if base == "gptq-int8" else 4}
         cfg = AWQConfig(search_samples=search_samples, **AWQ_VARIANTS[base]) if base in AWQ_VARIANTS else \
             GPTQConfig(**gptq_opts)
-        stats = collect_stats(model, calib.ids, settings) if method == "gptq-stats" else None
+        guard = None if method.endswith("-noguard") else holdout
+        stats = collect_stats(model, calib.ids, settings, holdout=guard) if base == "gptq-stats" else None
         kept = write_int4(model, model.name, out / method, "awq" if base in AWQ_VARIANTS else "gptq", cfg, calib, settings,
                    force=True, stats=stats, evaluate=False,
-                   holdout=None if method.endswith("-noguard") else holdout).kept
+                   holdout=guard).kept
     seconds = time.perf_counter() - start
     return {"method": method, "kept": dict(kept), "seconds": seconds, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
             "tokens": calib.n_tokens}
@@ -139,30 +142,39 @@ def main() -> None:
           f"AWQ search samples {args.awq_search_samples or args.samples}; evaluation: {reference.windows.size} held-out "
           "tokens, windows of 512 (qconvert verify's method); CPU threads 2")
     print(f"{'method':<20} {'time s':>8} {'peak RSS GB':>12} {'PPL':>9} {'dPPL %':>8} {'KL':>9} {'top-1 %':>8} "
-          f"{'vs first %':>16}  kept")
-    first: list[float] = []
+          f"{'PPL vs first %':>16} {'KL vs first':>20}  kept")
+    first: dict[str, list[float]] = {}
     for i, r in enumerate(runs):
-        nll: list[float] = []
-        q = verify_artifact(args.workdir / r["method"], reference, progress=False,
-                            on_scored=lambda w, st, nll=nll: nll.append(float(st.nll.mean())))
-        (args.workdir / f"{r['method']}.nll.json").write_text(json.dumps(nll))
+        per_window: dict[str, list[float]] = {"nll": [], "kl": []}
+        q = verify_artifact(args.workdir / r["method"], reference, progress=False, on_scored=window_means(per_window))
+        (args.workdir / f"{r['method']}.windows.json").write_text(json.dumps(per_window))
         if i == 0:
             print(f"{'float':<20} {'':>8} {'':>12} {q.ppl_ref:>9.3f}")
-            first = nll
+            first = per_window
         kept = ", ".join(f"{k} {v}" for k, v in sorted(r.get("kept", {}).items()))
         print(f"{r['method']:<20} {r['seconds']:>8.1f} {r['peak_rss_gb']:>12.2f} {q.ppl:>9.3f} "
-              f"{q.dppl_pct:>+8.2f} {q.kl_mean:>9.5f} {100 * q.top1:>8.1f} {paired(nll, first):>16}  {kept}")
+              f"{q.dppl_pct:>+8.2f} {q.kl_mean:>9.5f} {100 * q.top1:>8.1f} "
+              f"{paired(per_window['nll'], first['nll'], True):>16} {paired(per_window['kl'], first['kl']):>20}  {kept}")
 
 
-def paired(nll: list[float], base: list[float]) -> str:
-    """``+0.12 ± 0.20``: perplexity of ``nll`` relative to ``base`` in %, ± one standard error over windows."""
+def window_means(into: dict[str, list[float]]) -> Callable[[int, Any], None]:
+    """An ``on_scored`` callback appending each window's mean of every statistic named in ``into``."""
+    def add(w: int, stats: Any) -> None:
+        for name, values in into.items():
+            values.append(float(getattr(stats, name).mean()))
+    return add
+
+
+def paired(values: list[float], base: list[float], perplexity: bool = False) -> str:
+    """The mean per-window difference of ``values`` from ``base`` ± one standard error over windows (the
+    independent units); ``perplexity``: NLLs, shown as the perplexity ratio in % (``+0.12 ± 0.20``)."""
     import statistics
 
-    d = [a - b for a, b in zip(nll, base)]
+    d = [a - b for a, b in zip(values, base)]
     if len(d) < 2:
         return ""
     mean, se = statistics.fmean(d), statistics.stdev(d) / len(d) ** 0.5
-    return f"{100 * (math.exp(mean) - 1):+.2f} ± {100 * se:.2f}"
+    return f"{100 * (math.exp(mean) - 1):+.2f} ± {100 * se:.2f}" if perplexity else f"{mean:+.5f} ± {se:.5f}"
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from qconvert.calibration.stats import CalibrationStats, collect_stats, quantize
 from qconvert.cli import main
 from qconvert.errors import QuantTypeError
 from qconvert.int4 import AWQConfig, GPTQConfig, add_to_hessian, gptq, rtn
-from qconvert.int4.guard import fit_hessian, holdout_count, rank_damp, reconstruction_error
+from qconvert.int4.guard import fit_hessian, holdout_count, reconstruction_error
 from qconvert.io.safetensors import SafetensorsCheckpoint
 from qconvert.model import qwen2
 from qconvert.model.dims import Qwen2Dims
@@ -194,12 +194,6 @@ def test_gptq_cli_guards_from_the_statistics_it_saved(demo: Path, tmp_path: Path
     assert "held-out guard: the last 1 of 2 calibration windows" in card, card
     assert main([*base, "--stats", str(stats_file), "--no-guard", "--out-dir", str(tmp_path / "c")]) == 0
     assert "held-out guard: off" in (tmp_path / "c" / f"{demo.name}-gptq-int4" / "README.md").read_text()
-
-
-def test_rank_damping_scales_with_the_shortfall() -> None:
-    assert rank_damp(0.01, 896, 4096) == 0.01  # the tokens span the inputs: unchanged
-    assert rank_damp(0.01, 4864, 512) == pytest.approx(0.01 * 4864 / 512)
-    assert rank_damp(0.1, 4864, 16) == 0.5  # capped below 1
 
 
 def test_awq_guard_layer_output_not_worse_than_zero_point_rtn(demo: Path) -> None:

@@ -60,7 +60,7 @@ from qconvert.int4.awq import (
     search_clip,
     search_scales,
 )
-from qconvert.int4.guard import guarded, holdout_count, rank_damp, reconstruction_error, windows_needed
+from qconvert.int4.guard import guarded, holdout_count, reconstruction_error, windows_needed
 from qconvert.int4.rtn import check_scheme
 from qconvert.io.safetensors import SafetensorsCheckpoint
 from qconvert.model import qwen2
@@ -144,9 +144,7 @@ def _gptq_layer(layer: DeviceLayer, h: torch.Tensor, dims: qwen2.Qwen2Dims, rope
         H_out = _SiteHessian(group[0]).collect(layer, h[n_fit:], dims, rope, settings.batch_size) if n_out else None
         for name in group:
             W = layer.weight(name).float()
-            fit_cfg = replace(cfg, damp_percent=rank_damp(cfg.damp_percent, W.shape[1], n_fit * h.shape[1])) \
-                if cfg.rank_damping else cfg
-            q = gptq(W, H, fit_cfg)
+            q = gptq(W, H, cfg)
             if H_out is not None:
                 q = guarded(q, rtn(W, cfg.bits, cfg.group_size, cfg.sym, cfg.min_zero), W, H_out, "gptq")
             layer.p[f"{name}.weight"] = q.dequantize().to(settings.dtype)

@@ -372,7 +372,7 @@ def quantize_from_stats(model_dir: str | Path, stats: CalibrationStats, cfg: obj
     (``{"gptq": n}`` without the guard).
     """
     from qconvert.int4 import GPTQConfig, gptq, rtn
-    from qconvert.int4.guard import fit_hessian, guarded, rank_damp
+    from qconvert.int4.guard import fit_hessian, guarded
 
     if not isinstance(cfg, GPTQConfig):
         raise CalibrationError("only GPTQ can run from stored statistics; AWQ searches its scales on the layer's "
@@ -388,14 +388,11 @@ def quantize_from_stats(model_dir: str | Path, stats: CalibrationStats, cfg: obj
             H = site.hessian.to(ctx.settings.device)
             split = guard and site.n_heldout > 0
             H_out = site.heldout_hessian.to(ctx.settings.device) if split else None
-            n_fit = site.n_tokens - site.n_heldout if split else site.n_tokens
             if H_out is not None:
                 H = fit_hessian(H, site.n_tokens, H_out, site.n_heldout)
             for sub in group:
                 W = layer.weight(sub).float()
-                fit_cfg = dataclasses.replace(cfg, damp_percent=rank_damp(cfg.damp_percent, W.shape[1], n_fit)) \
-                    if cfg.rank_damping else cfg
-                q = gptq(W, H, fit_cfg)
+                q = gptq(W, H, cfg)
                 if H_out is not None:
                     q = guarded(q, rtn(W, cfg.bits, cfg.group_size, cfg.sym, cfg.min_zero), W, H_out, "gptq")
                 kind = str(q.info.get("kept", "gptq"))

@@ -71,7 +71,6 @@ class GPTQConfig:
     true_sequential: bool = True  # metadata for quantization_config; the driver decides the order
     cholesky_fp64: bool = True
     group_aware: bool = False  # act-order inside whole groups (layout unchanged: g_idx = k // group_size)
-    rank_damping: bool = False  # the driver scales damp_percent by inputs / tokens where tokens < inputs
 
     def __post_init__(self) -> None:
         check_scheme(self.bits, self.group_size, max(self.group_size, 1), "GPTQ")

@@ -83,13 +83,6 @@ def rank_shortfall(n_inputs: int, n_tokens: int) -> float:
     return max(1.0, n_inputs / max(n_tokens, 1))
 
 
-def rank_damp(damp: float, n_inputs: int, n_tokens: int) -> float:
-    """Damping for a Hessian of ``n_tokens`` tokens over ``n_inputs`` inputs: ``damp · inputs / tokens`` when the
-    tokens cannot span the inputs (capped at 0.5), else ``damp``. The directions the tokens never saw get a
-    diagonal as large as the seen ones' share, so error feedback cannot push weights along them."""
-    return min(0.5, damp * rank_shortfall(n_inputs, n_tokens)) if n_tokens < n_inputs else damp
-
-
 def windows_needed(n_inputs: int, seq_len: int, holdout: int) -> int:
     """Calibration windows of ``seq_len`` tokens for a full-rank Hessian of ``n_inputs``, plus the held-out ones."""
     return math.ceil(n_inputs / seq_len) + holdout
