@@ -150,6 +150,8 @@ def test_the_guard_off_keeps_every_gptq_result(demo: Path) -> None:
     linears, _, report = _run(demo, _calibration(demo, 2, 4), "gptq", GPTQConfig(), None)
     assert report.holdout == 0 and report.kept == {"gptq": len(linears)}
     assert "off" in report.guard_summary()
+    # 8 tokens cannot span any input site: each note says so, and that nothing falls back
+    assert report.rank_warnings and all("guard is off" in w for w in report.rank_warnings), report.rank_warnings
 
 
 def test_statistics_split_their_hessians_and_gptq_from_them_is_guarded(demo: Path, tmp_path: Path) -> None:

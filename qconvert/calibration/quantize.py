@@ -333,7 +333,9 @@ def rank_warnings(config: Mapping[str, Any], spec: ArchSpec, n_fit: int, seq_len
         if n_in > tokens:
             lines.append(f"{spec.block_prefix}.*.{'/'.join(group)}: {n_in} inputs but {tokens} fitted calibration "
                          f"tokens (Hessian rank <= {tokens}); {windows_needed(n_in, seq_len, n_out)} windows of "
-                         f"{seq_len} would cover it. The held-out guard keeps round-to-nearest where GPTQ does worse.")
+                         f"{seq_len} would cover it. " + ("The held-out guard keeps round-to-nearest where GPTQ "
+                                                          "does worse." if n_out else "The held-out guard is off "
+                                                          "(--no-guard): GPTQ's result is kept everywhere."))
     return lines
 
 
