@@ -179,16 +179,26 @@ class DecoderShape(Protocol):
 
 
 def onnx_card(name: str, source: str, precision: str, algo: str, block_size: int, external: bool, seconds: float,
-              nbytes: int, dims: DecoderShape, calib: str | None) -> str:
-    """README.md of an ONNX model directory ``name``: weights layout, shapes, how to run it."""
-    if precision == "int4":
-        weights = (f"decoder linears as `com.microsoft.MatMulNBits` (4-bit, block size {block_size}, from {algo}; "
-                   "symmetric weights without zero points), embedding / norms / biases / lm_head float32")
+              nbytes: int, dims: DecoderShape, calib: str | None, *, accuracy_level: int | None = None,
+              tables: tuple[int, int] | None = None) -> str:
+    """README.md of an ONNX model directory ``name``: weights layout, shapes, how to run it.
+
+    int4 / int8: ``accuracy_level`` is MatMulNBits'; ``tables`` (bits, block size) of the embedding / lm_head, None
+    when they are float32."""
+    if precision in ("int4", "int8"):
+        weights = (f"decoder linears as `com.microsoft.MatMulNBits` ({precision[3:]}-bit, block size {block_size}, "
+                   f"from {algo}; symmetric weights without zero points), `accuracy_level {accuracy_level}`; "
+                   "norms and biases float32")
+        table_text = ("embedding / lm_head float32" if tables is None else
+                      f"embedding `com.microsoft.GatherBlockQuantized` and lm_head MatMulNBits ({tables[0]}-bit RTN, "
+                      f"block size {tables[1]})")
+        shared = "one set of initializers for the embedding and the lm_head"
     else:
         weights = f"all weights {precision}; norms, RoPE, attention scores and softmax computed in float32"
-    tied = "tied (one initializer for the embedding Gather and the lm_head Gemm)" if dims.tie_word_embeddings else "untied"
+        table_text, shared = f"embedding / lm_head {precision}", "one initializer for the embedding Gather and the lm_head Gemm"
+    tied = f"tied ({shared})" if dims.tie_word_embeddings else "untied"
     rows = [
-        ("precision", precision), ("weights", weights),
+        ("precision", precision), ("weights", weights), ("embedding / lm_head", table_text),
         ("layers / heads / kv heads / head dim",
          f"{dims.num_layers} / {dims.num_heads} / {dims.num_kv_heads} / {dims.head_dim}"),
         ("embeddings", tied), ("RoPE theta / RMSNorm eps", f"{dims.rope_theta:g} / {dims.rms_norm_eps:g}"),

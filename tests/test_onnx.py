@@ -1,19 +1,21 @@
 """Numerical contracts of the ONNX export (``qconvert.onnx_export``) against independent runtimes.
 
 * MatMulNBits weights: our numpy unpacking *and* onnxruntime running one MatMulNBits node on an identity input
-  both give exactly ``dequantize_gptq`` / ``dequantize_awq`` (sym GPTQ, asym GPTQ, AWQ; several block sizes).
-  GatherBlockQuantized (the int4 embedding): onnxruntime gathering every row gives exactly the RTN / asymmetric
-  grid's own dequantization, also when it reads a MatMulNBits weight's bytes through a Reshape (tied).
+  both give exactly ``dequantize_gptq`` / ``dequantize_awq`` (sym GPTQ, asym GPTQ, 4 and 8 bits; AWQ; several block
+  sizes). GatherBlockQuantized (the quantized embedding): onnxruntime gathering every row gives exactly the RTN /
+  asymmetric grid's own dequantization (4 and 8 bits, blocks 16-128), also when it reads a MatMulNBits weight's
+  bytes through a Reshape (tied).
 * Logits: onnxruntime (CPU EP) on every exported fixture vs transformers' ``Qwen2ForCausalLM`` in float32 on the
-  same weights: fp32 within 1e-4 of max|logit| (measured ~1e-6), fp16 within 2e-3 (measured ~5e-4), int4 at
-  accuracy_level 0 within 1e-4 of transformers carrying the dequantized int4 weights (RTN, GPTQ, AWQ; calibrated
-  and --from; embedding and lm_head quantized or kept float). accuracy_level 4 (int8 activations) within 5e-2 of
+  same weights: fp32 within 1e-4 of max|logit| (measured ~1e-6), fp16 within 2e-3 (measured ~5e-4), int4 / int8
+  at accuracy_level 0 within 1e-4 of transformers carrying the dequantized weights (RTN, GPTQ, AWQ; calibrated
+  and --from; embedding and lm_head quantized at 4 or 8 bits or kept float). accuracy_level 4 (int8 activations) within 5e-2 of
   level 0.
 * KV cache: prefill + decode steps == one full-sequence run; a left-padded batch == the unpadded sequence.
 * Greedy: 20 tokens on the trained ``demo`` fixture equal torch's greedy; onnxruntime-genai loads the folder and
   generates the same tokens.
 * Bad input (including a block size the hidden size does not divide for the embedding, an accuracy level outside
-  0/1/2/4) fails before anything is written, and leaves nothing behind.
+  0/1/2/4, table bits other than 4/8, int8 from 4-bit or act-order GPTQ) fails before anything is written, and
+  leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -134,8 +136,8 @@ def run_one_node(nodes: list, inits: dict[str, np.ndarray], x: np.ndarray, x_typ
 def ort_dequantize(w: mnb.BlockWeight) -> np.ndarray:
     """The weight [N, K] onnxruntime uses: one MatMulNBits node applied to the identity."""
     inits = {"b": w.data, "s": w.scales} | ({} if w.zero_points is None else {"z": w.zero_points})
-    node = helper.make_node("MatMulNBits", ["x", *inits], ["y"], domain="com.microsoft", K=w.cols, N=w.rows, bits=4,
-                            block_size=w.block_size, accuracy_level=0)
+    node = helper.make_node("MatMulNBits", ["x", *inits], ["y"], domain="com.microsoft", K=w.cols, N=w.rows,
+                            bits=w.bits, block_size=w.block_size, accuracy_level=0)
     return run_one_node([node], inits, np.eye(w.cols, dtype=np.float32), TensorProto.FLOAT).T
 
 
@@ -145,17 +147,18 @@ def ort_gather(w: mnb.BlockWeight) -> np.ndarray:
     inits = {"d": w.data, "s": w.scales} | ({} if w.zero_points is None else {"z": w.zero_points})
     nodes, data = [], "d"
     if w.op == mnb.MATMUL:
-        inits["shape"] = np.array([w.rows, w.cols // 2], np.int64)
+        inits["shape"] = np.array([w.rows, w.cols * w.bits // 8], np.int64)
         nodes, data = [helper.make_node("Reshape", ["d", "shape"], ["d2"])], "d2"
     inputs = [data, "x", "s"] + (["z"] if w.zero_points is not None else [])
-    nodes.append(helper.make_node("GatherBlockQuantized", inputs, ["y"], domain="com.microsoft", bits=4,
+    nodes.append(helper.make_node("GatherBlockQuantized", inputs, ["y"], domain="com.microsoft", bits=w.bits,
                                   block_size=w.block_size, gather_axis=0, quantize_axis=1))
     return run_one_node(nodes, inits, np.arange(w.rows, dtype=np.int64)[None], TensorProto.INT64)[0]
 
 
 @pytest.mark.parametrize("k,block", [(256, 32), (256, 128), (96, 32), (512, 64)])
-@pytest.mark.parametrize("scheme", ["gptq-sym", "gptq-asym", "awq"])
-def test_matmulnbits_dequant_equals_checkpoint_dequant(scheme: str, k: int, block: int) -> None:
+@pytest.mark.parametrize("scheme,bits", [("gptq-sym", 4), ("gptq-asym", 4), ("awq", 4), ("gptq-sym", 8),
+                                         ("gptq-asym", 8)])
+def test_matmulnbits_dequant_equals_checkpoint_dequant(scheme: str, bits: int, k: int, block: int) -> None:
     w = torch.randn(48, k, generator=torch.Generator().manual_seed(k + block)) * 0.05
     w[:, 3] *= 20  # an outlier column, as in real models
     if scheme == "awq":
@@ -163,32 +166,38 @@ def test_matmulnbits_dequant_equals_checkpoint_dequant(scheme: str, k: int, bloc
         ref, q = dequantize_awq(packed, block).numpy(), unpack_awq(packed, block)
     else:
         sym = scheme == "gptq-sym"
-        packed = pack_gptq(rtn(w, 4, block, sym=sym, min_zero=0 if sym else 1))
-        ref, q = dequantize_gptq(packed, 4).numpy(), unpack_gptq(packed, 4, block, sym)
+        packed = pack_gptq(rtn(w, bits, block, sym=sym, min_zero=0 if sym else 1))
+        ref, q = dequantize_gptq(packed, bits).numpy(), unpack_gptq(packed, bits, block, sym)
     m = mnb.from_quantized(q)
-    assert m.data.shape == (48, k // block, block // 2) and m.scales.shape == (48, k // block)
+    assert m.bits == bits and m.data.shape == (48, k // block, block * bits // 8) and m.scales.shape == (48, k // block)
     assert (m.zero_points is None) == (scheme == "gptq-sym")
     np.testing.assert_array_equal(mnb.dequantize(m), ref)
     np.testing.assert_array_equal(ort_dequantize(m), ref)
 
 
+def table(hidden: int, seed: int) -> torch.Tensor:
+    """A [300, hidden] embedding-like table with a row of outliers and a zero row (smallest scale)."""
+    t = torch.randn(300, hidden, generator=torch.Generator().manual_seed(seed)) * 0.05
+    t[7] *= 30
+    t[8] = 0
+    return t
+
+
 @pytest.mark.parametrize("hidden,block", [(256, 32), (256, 128), (96, 32), (320, 64)])
 @pytest.mark.parametrize("sym", [True, False])
-def test_gather_block_quantized_equals_the_grids_dequantization(hidden: int, block: int, sym: bool) -> None:
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gather_block_quantized_equals_the_grids_dequantization(hidden: int, block: int, sym: bool, bits: int) -> None:
     """The embedding table in GatherBlockQuantized's layout (and a tied lm_head's MatMulNBits bytes read through a
     Reshape): onnxruntime gathers exactly ``QuantizedLinear.dequantize()``, as MatMulNBits computes with it."""
-    table = torch.randn(300, hidden, generator=torch.Generator().manual_seed(hidden + block)) * 0.05
-    table[7] *= 30  # a row of outliers, and a zero row (smallest scale)
-    table[8] = 0
-    q = rtn(table, 4, block, sym=sym)
+    q = rtn(table(hidden, hidden + block), bits, block, sym=sym)
     ref = q.dequantize().numpy()
     g = mnb.from_quantized(q, "the table", op=mnb.GATHER)
-    assert g.data.shape == (300, hidden // 2) and g.scales.shape == (300, hidden // block)
-    assert (g.zero_points is None) == sym  # symmetric: onnxruntime's default zero point 8, as for MatMulNBits
+    assert g.data.shape == (300, hidden * bits // 8) and g.scales.shape == (300, hidden // block)
+    assert (g.zero_points is None) == sym  # symmetric: onnxruntime's default zero point 2^(bits-1), as for MatMulNBits
     np.testing.assert_array_equal(mnb.dequantize(g), ref)
     np.testing.assert_array_equal(ort_gather(g), ref)
     head = mnb.from_quantized(q, "the lm_head")  # MatMulNBits: same bytes, scales and zero points
-    assert head.data.tobytes() == g.data.tobytes() and head.data.shape == (300, hidden // block, block // 2)
+    assert head.data.tobytes() == g.data.tobytes() and head.data.shape == (300, hidden // block, block * bits // 8)
     assert np.array_equal(head.scales, g.scales) and (head.zero_points is None or np.array_equal(head.zero_points, g.zero_points))
     np.testing.assert_array_equal(ort_gather(head), ref)
     np.testing.assert_array_equal(ort_dequantize(head), ref)
@@ -215,7 +224,31 @@ def test_symmetric_gptq_zero_point_is_onnxruntimes_default() -> None:
     """Sym GPTQ stores z' = 7 (0x77777777 words); z = 8 is exactly MatMulNBits' default, so no zero_points."""
     packed = pack_gptq(rtn(torch.randn(16, 64) * 0.1, 4, 32, sym=True))
     assert (packed["qzeros"].numpy().view(np.uint32) == 0x77777777).all()
-    assert mnb.DEFAULT_ZERO_POINT == 8 and mnb.from_quantized(unpack_gptq(packed, 4, 32, True)).zero_points is None
+    assert mnb.default_zero_point(4) == 8 and mnb.from_quantized(unpack_gptq(packed, 4, 32, True)).zero_points is None
+    packed8 = pack_gptq(rtn(torch.randn(16, 64) * 0.1, 8, 32, sym=True))  # 8-bit: z = 128, onnxruntime's default too
+    assert mnb.default_zero_point(8) == 128 and mnb.from_quantized(unpack_gptq(packed8, 8, 32, True)).zero_points is None
+
+
+@pytest.mark.parametrize("block", [16, 32, 64, 128])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_table_rtn_is_group_rtn_and_onnxruntime_reads_it(bits: int, block: int) -> None:
+    """The embedding / lm_head quantizer (RTN per block, any block the ops take): for blocks of 32-128 exactly
+    ``rtn(w, bits, block)``, and for every block onnxruntime's Gather (through the tied Reshape) and MatMulNBits
+    read exactly its dequantization."""
+    from qconvert.onnx_export.export import Tables, _rtn_blocks
+
+    w = table(256, block + bits)
+    head = _rtn_blocks(w.numpy(), Tables(bits, block), mnb.MATMUL)
+    assert head.zero_points is None and head.data.shape == (300, 256 // block, block * bits // 8)
+    if block >= 32:
+        np.testing.assert_array_equal(mnb.dequantize(head), rtn(w, bits, block, sym=True).dequantize().numpy())
+    else:  # below qconvert's group sizes: the sym grid's scale (2·max|w| / (2^bits - 1), fp16) and within a step
+        absmax = np.abs(w.numpy()).reshape(300, -1, block).max(-1)
+        np.testing.assert_allclose(head.scales, np.maximum(2 * absmax / (2 ** bits - 1), 1e-6), rtol=1e-3,
+                                   atol=1e-7)  # the zero row: the fp16-subnormal floor
+        assert (np.abs(mnb.dequantize(head) - w.numpy()) <= np.repeat(head.scales, block, axis=1)).all()
+    np.testing.assert_array_equal(ort_gather(head), mnb.dequantize(head))
+    np.testing.assert_array_equal(ort_dequantize(head), mnb.dequantize(head))
 
 
 def test_act_order_group_indices_are_refused() -> None:
@@ -240,25 +273,31 @@ def test_float_logits_match_transformers(exported, model_dir, name: str, precisi
     assert (got.argmax(-1) == ref.argmax(-1)).mean() >= (1.0 if precision == "fp32" else 0.95)
 
 
-def table_weights(path: Path, block: int) -> dict[str, torch.Tensor]:
-    """The embedding (and an untied lm_head) as the int4 export quantizes them: symmetric RTN, dequantized. A tied
-    model's lm_head is the same parameter in transformers, so replacing the embedding replaces both."""
+def table_weights(path: Path, block: int = mnb.DEFAULT_TABLE_BLOCK_SIZE,
+                  bits: int = mnb.DEFAULT_TABLE_BITS) -> dict[str, torch.Tensor]:
+    """The embedding (and an untied lm_head) as the int4 / int8 export quantizes them: symmetric RTN, dequantized. A
+    tied model's lm_head is the same parameter in transformers, so replacing the embedding replaces both."""
     from qconvert.io.safetensors import SafetensorsCheckpoint
 
     ckpt = SafetensorsCheckpoint(path)
     names = [n for n in ("model.embed_tokens.weight", "lm_head.weight") if n in ckpt.entries]
-    return {n: rtn(torch.from_numpy(ckpt.read_f32(n)), 4, block, sym=True).dequantize() for n in names}
+    # RTN with one group per row of the [rows · n_blocks, block] view is group RTN (test_table_rtn_is_group_rtn...),
+    # and also gives blocks of 16, below rtn's group sizes
+    return {n: rtn(torch.from_numpy(ckpt.read_f32(n)).reshape(-1, block), bits, -1, sym=True).dequantize()
+            .reshape(-1, ckpt.entries[n].shape[1]) for n in names}
 
 
-def rtn_weights(path: Path, block: int, sym: bool = True, tables: bool = True) -> dict[str, torch.Tensor]:
-    """Every weight the int4 RTN export quantizes, dequantized; ``tables``: the embedding / lm_head too."""
+def rtn_weights(path: Path, block: int, sym: bool = True, tables: bool = True, bits: int = 4,
+                table_bits: int = mnb.DEFAULT_TABLE_BITS) -> dict[str, torch.Tensor]:
+    """Every weight the RTN export quantizes (linears at ``bits``), dequantized; ``tables``: the embedding / lm_head
+    too (``table_bits``, the default table block size)."""
     from qconvert.io.safetensors import SafetensorsCheckpoint
 
     ckpt = SafetensorsCheckpoint(path)
-    linears = {f"model.layers.{i}.{s}.weight": rtn(torch.from_numpy(ckpt.read_f32(f"model.layers.{i}.{s}.weight")), 4,
-                                                   block, sym=sym).dequantize()
+    linears = {f"model.layers.{i}.{s}.weight": rtn(torch.from_numpy(ckpt.read_f32(f"model.layers.{i}.{s}.weight")),
+                                                   bits, block, sym=sym).dequantize()
                for i in range(n_layers(path)) for s in LINEARS}
-    return linears | (table_weights(path, block) if tables else {})
+    return linears | (table_weights(path, bits=table_bits) if tables else {})
 
 
 @pytest.mark.parametrize("name,block", [("tiny-tied", 128), ("tiny-untied", 32), ("demo", 64)])
@@ -270,6 +309,40 @@ def test_int4_rtn_matches_transformers_on_dequantized_weights(exported, model_di
     ref = hf_logits(hf_model(model_dir(name), rtn_weights(model_dir(name), block, tables=tables)), ids)
     out = exported(name, "int4", block_size=block, accuracy_level=0, quantize_embedding=tables)
     assert rel(OnnxModel(out).logits(ids), ref) < INT4_REL
+
+
+@pytest.mark.parametrize("name,block,table_bits", [("tiny-tied", 128, 8), ("tiny-untied", 32, 4), ("demo", 64, 8)])
+def test_int8_rtn_matches_transformers_on_dequantized_weights(exported, model_dir, name: str, block: int,
+                                                              table_bits: int) -> None:
+    """--precision int8: 8-bit MatMulNBits linears (RTN sym, zero point 128 = onnxruntime's default) and 4- or 8-bit
+    tables; at accuracy_level 0 exactly transformers carrying the same dequantized weights."""
+    ids = prompt()
+    ref = hf_logits(hf_model(model_dir(name), rtn_weights(model_dir(name), block, bits=8, table_bits=table_bits)), ids)
+    out = exported(name, "int8", block_size=block, accuracy_level=0, table_bits=table_bits)
+    assert out.name == f"{name}-onnx-int8"
+    model = onnx.load(out / "model.onnx")
+    assert {a.i for n in model.graph.node if n.op_type == "MatMulNBits" and n.output[0] != "logits"
+            for a in n.attribute if a.name == "bits"} == {8}
+    assert not any(i.name.endswith("zero_points") for i in model.graph.initializer)
+    assert rel(OnnxModel(out).logits(ids), ref) < INT4_REL
+    card = (out / "README.md").read_text()  # the model card names the linears' op, level and table layout
+    assert "| precision | int8 |" in card and f"(8-bit, block size {block}, from rtn" in card
+    assert "`accuracy_level 0`" in card and f"lm_head MatMulNBits ({table_bits}-bit RTN, block size 16)" in card
+
+
+@pytest.mark.parametrize("bits,block", [(4, 16), (4, 128), (8, 32), (8, 64)])
+def test_table_bits_and_block_sizes_match_transformers(exported, model_dir, bits: int, block: int) -> None:
+    """--table-bits / --table-block-size on the untied fixture: the exported embedding and lm_head are exactly the
+    table quantizer's (blocks of 16 included) while the linears keep their own block size."""
+    path, ids = model_dir("tiny-untied"), prompt()
+    replace = rtn_weights(path, 64, tables=False) | table_weights(path, block, bits)
+    out = exported("tiny-untied", "int4", block_size=64, accuracy_level=0, table_bits=bits, table_block_size=block)
+    assert rel(OnnxModel(out).logits(ids), hf_logits(hf_model(path, replace), ids)) < INT4_REL
+    model = onnx.load(out / "model.onnx")
+    gather = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
+    assert {a.name: a.i for a in gather.attribute if a.name in ("bits", "block_size")} == {"bits": bits, "block_size": block}
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["qconvert.lm_head"] == f"int{bits} MatMulNBits (RTN sym, block {block})"
 
 
 def test_int4_tables_quantized_in_row_slices_match_transformers(model_dir, tmp_path, monkeypatch) -> None:
@@ -297,7 +370,7 @@ def test_int4_tied_embedding_and_lm_head_share_one_quantized_tensor(exported, mo
     reshape = next(n for n in model.graph.node if n.output[0] == gather.input[0])
     assert reshape.op_type == "Reshape" and reshape.input[0] == head.input[1] and gather.input[2] == head.input[2]
     inits = initializers(tied)
-    assert list(inits[head.input[1]].dims) == [2304, 256 // 128, 64] and list(inits[head.input[2]].dims) == [2304, 2]
+    assert list(inits[head.input[1]].dims) == [2304, 256 // 16, 8] and list(inits[head.input[2]].dims) == [2304, 16]
     assert not [n for n, t in inits.items() if t.dims and t.dims[0] == 2304 and n not in head.input]  # nothing else
     assert not any(n.op_type == "Gemm" or (n.op_type == "Gather" and "input_ids" in n.input) for n in model.graph.node)
     assert len([t for t in initializers(untied).values() if t.data_type == TensorProto.UINT8 and t.dims[0] == 2304]) == 2
@@ -334,8 +407,8 @@ def test_accuracy_level_4_is_close_to_level_0(exported, model_dir, name: str, bl
     assert (level4.argmax(-1) == level0.argmax(-1)).mean() >= 0.9
 
 
-@pytest.mark.parametrize("algo", ["gptq", pytest.param("awq", marks=pytest.mark.slow)])
-def test_calibrated_int4_matches_its_own_quantization(model_dir, tmp_path, algo: str) -> None:
+@pytest.mark.parametrize("algo,bits", [("gptq", 4), ("gptq", 8), pytest.param("awq", 4, marks=pytest.mark.slow)])
+def test_calibrated_int4_matches_its_own_quantization(model_dir, tmp_path, algo: str, bits: int) -> None:
     """The export carries exactly what the calibration driver produced (codes, scales, AWQ's rescaled norms)."""
     from qconvert.calibration.quantize import calibrate
     from qconvert.calibset import load_calibration
@@ -345,21 +418,22 @@ def test_calibrated_int4_matches_its_own_quantization(model_dir, tmp_path, algo:
     calib = load_calibration("builtin", path, chat=False, n_samples=2, seq_len=32)
     linears: dict = {}
     floats: dict = {}
-    cfg = GPTQConfig(group_size=64) if algo == "gptq" else AWQConfig(group_size=64)
+    cfg = GPTQConfig(bits=bits, group_size=64) if algo == "gptq" else AWQConfig(group_size=64)
     # the export calibrates with the held-out guard on, as every product path does
     calibrate(path, calib.ids, algo, cfg, linears.__setitem__, floats.__setitem__, holdout=DEFAULT_HOLDOUT)
-    replace = {f"{m}.weight": q.dequantize() for m, q in linears.items()} | floats | table_weights(path, 64)
+    replace = {f"{m}.weight": q.dequantize() for m, q in linears.items()} | floats | table_weights(path)
     ids = prompt()
-    out = export_onnx(path, tmp_path, precision="int4", algo=algo, block_size=64, calib=calib, accuracy_level=0)
+    out = export_onnx(path, tmp_path, precision=f"int{bits}", algo=algo, block_size=64, calib=calib, accuracy_level=0)
     assert rel(OnnxModel(out).logits(ids), hf_logits(hf_model(path, replace), ids)) < INT4_REL
 
 
-def write_checkpoint(src: Path, out: Path, method: str, block: int, sym: bool = True, act_order: bool = False) -> Path:
-    """A GPTQ v1 / AWQ GEMM checkpoint of ``src`` with RTN codes (no calibration needed)."""
+def write_checkpoint(src: Path, out: Path, method: str, block: int, sym: bool = True, act_order: bool = False,
+                     bits: int = 4) -> Path:
+    """A GPTQ v1 (4- or 8-bit) / AWQ GEMM checkpoint of ``src`` with RTN codes (no calibration needed)."""
     from qconvert.io.safetensors import SafetensorsCheckpoint
 
-    qcfg = (gptq_quantization_config(GPTQConfig(group_size=block, sym=sym, desc_act=act_order)) if method == "gptq"
-            else awq_quantization_config(AWQConfig(group_size=block)))
+    qcfg = (gptq_quantization_config(GPTQConfig(bits=bits, group_size=block, sym=sym, desc_act=act_order))
+            if method == "gptq" else awq_quantization_config(AWQConfig(group_size=block)))
     ckpt = SafetensorsCheckpoint(src)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -368,7 +442,7 @@ def write_checkpoint(src: Path, out: Path, method: str, block: int, sym: bool = 
         for i in range(n_layers(src)):
             for s in LINEARS:
                 w = torch.from_numpy(ckpt.read_f32(f"model.layers.{i}.{s}.weight"))
-                q = rtn(w, 4, block, sym=sym and method == "gptq", min_zero=1 if method == "gptq" and not sym else 0)
+                q = rtn(w, bits, block, sym=sym and method == "gptq", min_zero=1 if method == "gptq" and not sym else 0)
                 if act_order:
                     perm = np.random.default_rng(i).permutation(w.shape[1])
                     q = dataclasses.replace(q, g_idx=torch.tensor(perm // block, dtype=torch.int32))
@@ -377,11 +451,14 @@ def write_checkpoint(src: Path, out: Path, method: str, block: int, sym: bool = 
     return out
 
 
-@pytest.mark.parametrize("method,sym,block", [("gptq", True, 128), ("gptq", False, 64), ("awq", False, 32)])
-def test_from_checkpoint_matches_its_dequantized_weights(model_dir, tmp_path, method: str, sym: bool, block: int) -> None:
+@pytest.mark.parametrize("method,sym,block,bits", [("gptq", True, 128, 4), ("gptq", False, 64, 4), ("awq", False, 32, 4),
+                                                  ("gptq", True, 64, 8), ("gptq", False, 32, 8)])
+def test_from_checkpoint_matches_its_dequantized_weights(model_dir, tmp_path, method: str, sym: bool, block: int,
+                                                         bits: int) -> None:
+    """--from: int4 from 4-bit GPTQ / AWQ, int8 from 8-bit GPTQ (8-bit zero points one byte per block)."""
     from qconvert.io.safetensors import SafetensorsCheckpoint
 
-    qdir = write_checkpoint(model_dir("tiny-untied"), tmp_path / "q", method, block, sym)
+    qdir = write_checkpoint(model_dir("tiny-untied"), tmp_path / "q", method, block, sym, bits=bits)
     ckpt = SafetensorsCheckpoint(qdir)
     replace = {n: torch.from_numpy(ckpt.read_f32(n)) for n in ckpt.names() if n.endswith((".weight", ".bias"))}
     for i in range(n_layers(qdir)):
@@ -389,10 +466,10 @@ def test_from_checkpoint_matches_its_dequantized_weights(model_dir, tmp_path, me
             m = f"model.layers.{i}.{s}"
             t = {k: torch.from_numpy(ckpt.read_f32(f"{m}.{k}") if k == "scales" else ckpt.read_raw(f"{m}.{k}").copy())
                  for k in (("qweight", "qzeros", "scales", "g_idx") if method == "gptq" else ("qweight", "qzeros", "scales"))}
-            replace[f"{m}.weight"] = dequantize_gptq(t, 4) if method == "gptq" else dequantize_awq(t, block)
-    replace |= table_weights(qdir, block)  # the float tables of the checkpoint, RTN-quantized by the export
-    out = export_onnx(qdir, tmp_path, precision="int4", from_dir=qdir, block_size=block, accuracy_level=0)
-    assert out.name == "q-onnx-int4"
+            replace[f"{m}.weight"] = dequantize_gptq(t, bits) if method == "gptq" else dequantize_awq(t, block)
+    replace |= table_weights(qdir)  # the float tables of the checkpoint, RTN-quantized by the export
+    out = export_onnx(qdir, tmp_path, precision=f"int{bits}", from_dir=qdir, block_size=block, accuracy_level=0)
+    assert out.name == f"q-onnx-int{bits}"
     ids = prompt()
     ref = hf_logits(hf_model(model_dir("tiny-untied"), replace), ids)  # the float model carrying qdir's tensors
     assert rel(OnnxModel(out).logits(ids), ref) < INT4_REL
@@ -448,10 +525,12 @@ def test_greedy_20_tokens_equals_torch_on_demo(exported, model_dir, precision: s
 
 
 @pytest.mark.parametrize("precision,kw", [("fp32", {}), ("fp16", {}), ("int4", {}),
-                                         ("int4", {"quantize_embedding": False, "accuracy_level": 0})],
-                         ids=["fp32", "fp16", "int4", "int4-float-embedding-level0"])
+                                         ("int4", {"quantize_embedding": False, "accuracy_level": 0}),
+                                         ("int8", {"table_bits": 8})],
+                         ids=["fp32", "fp16", "int4", "int4-float-embedding-level0", "int8-table-bits-8"])
 def test_onnxruntime_genai_loads_and_generates(exported, model_dir, precision: str, kw: dict) -> None:
-    """int4 by default: GatherBlockQuantized reading the tied lm_head's bytes, MatMulNBits at accuracy level 4."""
+    """int4 / int8 by default: GatherBlockQuantized reading the tied lm_head's bytes, MatMulNBits at accuracy
+    level 4."""
     og = pytest.importorskip("onnxruntime_genai")
     out = exported("demo", precision, **kw)
     ids = demo_prompt(model_dir("demo"))
@@ -504,11 +583,18 @@ def test_bad_input_is_refused_and_leaves_nothing(model_dir, tmp_path) -> None:
     with pytest.raises(UsageError, match="--precision int4"):
         export_onnx(tied, tmp_path, precision="fp16", from_dir=tied)
     with pytest.raises(UsageError, match="not supported"):
-        export_onnx(tied, tmp_path, precision="int8")
+        export_onnx(tied, tmp_path, precision="int2")
     fallback = model_dir("tiny-fallback")  # hidden 320: blocks of 64 tile it, 128 do not
     with pytest.raises(QuantTypeError, match=r"embedding / lm_head \[2304, 320\].*320 input columns, not a multiple "
-                                             r"of block size 128.*\(32, 64\)"):
-        export_onnx(fallback, tmp_path, precision="int4", block_size=128)
+                                             r"of block size 128.*\(16, 32, 64\)"):
+        export_onnx(fallback, tmp_path, precision="int4", block_size=64, table_block_size=128)
+    with pytest.raises(QuantTypeError, match=r"block size 24 cannot be used for the embedding.*--table-block-size 16"):
+        export_onnx(tied, tmp_path, precision="int8", table_block_size=24)
+    for bits in (3, 16, True):
+        with pytest.raises(UsageError, match=f"{bits!r}-bit embedding / lm_head tables cannot be written.*4 or 8"):
+            export_onnx(tied, tmp_path, precision="int4", table_bits=bits)
+    with pytest.raises(UsageError, match="--algo awq writes 4-bit weights only"):
+        export_onnx(tied, tmp_path, precision="int8", algo="awq")
     with pytest.raises(QuantTypeError, match=r"q_proj.*320 input columns, not a multiple of block size 128"):
         export_onnx(fallback, tmp_path, precision="int4", block_size=128, quantize_embedding=False)
     for level in (3, 8, -1, True):
@@ -523,6 +609,13 @@ def test_bad_input_is_refused_and_leaves_nothing(model_dir, tmp_path) -> None:
     write_checkpoint(tied, gptq_dir, "gptq", 64, act_order=True)
     with pytest.raises(CheckpointError, match="act-order"):
         export_onnx(tied, tmp_path, precision="int4", from_dir=gptq_dir, block_size=64)
+    with pytest.raises(UsageError, match=r"4-bit GPTQ weights and --precision int8 writes 8-bit.*--precision int4"):
+        export_onnx(tied, tmp_path, precision="int8", from_dir=gptq_dir)
+    gptq8 = write_checkpoint(tied, tmp_path / "src" / "gptq8", "gptq", 64, act_order=True, bits=8)
+    with pytest.raises(CheckpointError, match="act-order"):
+        export_onnx(tied, tmp_path, precision="int8", from_dir=gptq8)
+    with pytest.raises(UsageError, match=r"8-bit GPTQ weights and --precision int4 writes 4-bit.*--precision int8"):
+        export_onnx(tied, tmp_path, precision="int4", from_dir=gptq8)
     with pytest.raises(UsageError, match="--block-size 64"):
         export_onnx(tied, tmp_path, precision="int4", from_dir=gptq_dir, block_size=128)
     assert [p.name for p in tmp_path.iterdir()] == ["src"]
@@ -552,9 +645,20 @@ def test_cli(model_dir, tmp_path, capsys) -> None:
     assert main(["onnx", "--model", str(model_dir("tiny-fallback")), "--precision", "int4", "--block-size", "128",
                  "--out-dir", str(tmp_path)]) != 0
     assert "not a multiple of block size 128" in capsys.readouterr().err
-    for flag in (["--keep-embedding-float"], ["--accuracy-level", "0"]):
+    for flag in (["--keep-embedding-float"], ["--accuracy-level", "0"], ["--table-bits", "8"],
+                 ["--table-block-size", "16"]):
         assert main(["onnx", "--model", tied, "--precision", "fp16", *flag, "--out-dir", str(tmp_path)]) != 0
-        assert f"{flag[0]} applies to --precision int4 only" in capsys.readouterr().err
+        assert f"{flag[0]} applies to --precision int4 / int8 only" in capsys.readouterr().err
+    assert main(["onnx", "--model", tied, "--precision", "int8", "--keep-embedding-float", "--table-bits", "8",
+                 "--out-dir", str(tmp_path)]) == 2
+    assert "--keep-embedding-float keeps them float32" in capsys.readouterr().err
+    gptq4 = write_checkpoint(model_dir("tiny-tied"), tmp_path.parent / f"{tmp_path.name}-gptq4", "gptq", 64)
+    assert main(["onnx", "--from", str(gptq4), "--precision", "int8", "--out-dir", str(tmp_path)]) == 2
+    assert "4-bit GPTQ weights and --precision int8" in capsys.readouterr().err
+    for bad in (["--table-bits", "3"], ["--table-block-size", "256"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(["onnx", "--model", tied, "--precision", "int8", *bad, "--out-dir", str(tmp_path)])
+        assert exit_.value.code == 2 and f"{bad[0]}: invalid" in capsys.readouterr().err
     for bad in ("3", "8", "int8"):
         with pytest.raises(SystemExit) as exit_:
             main(["onnx", "--model", tied, "--precision", "int4", "--accuracy-level", bad, "--out-dir", str(tmp_path)])
@@ -576,6 +680,10 @@ def test_cli_accuracy_levels_are_the_exporters() -> None:
 
     assert onnx_cmd.ACCURACY_CHOICES == tuple(mnb.ACCURACY_LEVELS)
     assert onnx_cmd.DEFAULT_ACCURACY_LEVEL == mnb.DEFAULT_ACCURACY_LEVEL == 4
+    assert (onnx_cmd.TABLE_BITS, onnx_cmd.TABLE_BLOCK_SIZES) == (mnb.BITS, mnb.TABLE_BLOCK_SIZES)
+    assert (onnx_cmd.DEFAULT_TABLE_BITS, onnx_cmd.DEFAULT_TABLE_BLOCK_SIZE) == (mnb.DEFAULT_TABLE_BITS,
+                                                                               mnb.DEFAULT_TABLE_BLOCK_SIZE)
+    assert onnx_cmd.QUANTIZED == tuple(mnb.PRECISION_BITS)
 
 
 # ------------------------------------------------------------------------------------------------------------

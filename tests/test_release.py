@@ -118,6 +118,24 @@ def test_shipped_recipes_validate_and_expand() -> None:
      "smooth = 1.5 is SmoothQuant's alpha, in [0, 1]"),
     ('[[models]]\nfixture = "demo"\n[[formats]]\nkind = "w8a8"\nbits = 4\n', 5,
      "unknown key 'bits' in [[formats]] (kind w8a8)"),
+    ('[[models]]\nfixture = "demo"\n[[formats]]\nkind = "onnx"\nprecision = "int8"\naccuracy_level = 3\n', 6,
+     "accuracy_level = 3: use one of 0, 1, 2, 4"),
+    ('[[models]]\nfixture = "demo"\n[[formats]]\nkind = "onnx"\ntable_bits = 2\n', 5,
+     "table_bits = 2: use one of 4, 8"),
+    ('[[models]]\nfixture = "demo"\n[[formats]]\nkind = "onnx"\ntable_block_size = 256\n', 5,
+     "table_block_size = 256: use one of 16, 32, 64, 128"),
+    ('[[models]]\nfixture = "demo"\n[[formats]]\nkind = "onnx"\nkeep_embedding_float = "yes"\n', 5,
+     "keep_embedding_float in [[formats]] (kind onnx) must be a"),
+    ('[[models]]\nfixture = "demo"\n[[formats]]\nkind = "onnx"\nprecision = "fp16"\n\ntable_bits = 8\n', 7,
+     "table_bits applies to onnx precision \"int4\" or \"int8\" only"),
+    ('[[models]]\nfixture = "demo"\n[[formats]]\nkind = "onnx"\nkeep_embedding_float = true\ntable_bits = 8\n', 5,
+     "drop table_bits / table_block_size"),
+    ('[[models]]\nfixture = "demo"\n[[formats]]\nkind = "onnx"\nprecision = "int8"\nalgo = "awq"\n', 6,
+     "algo = \"awq\" writes 4-bit weights only"),
+    (('[[models]]\nfixture = "demo"\n[[formats]]\nkind = "gptq"\n[[formats]]\nkind = "onnx"\nprecision = "int8"\n'
+      'from = "gptq-int4"\n'), 8, "is a 4-bit GPTQ format and precision 'int8' writes 8-bit MatMulNBits"),
+    (('[[models]]\nfixture = "demo"\n[[formats]]\nkind = "gptq"\nbits = 8\nact_order = true\n[[formats]]\n'
+      'kind = "onnx"\nprecision = "int8"\nfrom = "gptq-int8"\n'), 10, "uses act_order without static_groups"),
 ])
 def test_recipe_errors_point_at_the_line(tmp_path: Path, body: str, line: int, needle: str) -> None:
     path = write_recipe(tmp_path, body)
@@ -125,6 +143,37 @@ def test_recipe_errors_point_at_the_line(tmp_path: Path, body: str, line: int, n
         load_recipe(path)
     assert str(e.value).startswith(f"{path}:{line}: "), str(e.value)
     assert needle in str(e.value)
+
+
+def test_onnx_recipe_keys_are_the_exporters(tmp_path: Path) -> None:
+    """The recipe spells the onnx values itself (validating must not need onnx); they must be the exporter's, and an
+    int8 recipe with every onnx key loads with ids ``onnx-int8``."""
+    pytest.importorskip("onnx")
+    from qconvert.onnx_export import matmulnbits as mnb
+    from qconvert.release import recipe as r
+
+    assert r.ONNX_ACCURACY_LEVELS == tuple(mnb.ACCURACY_LEVELS) and r.ONNX_TABLE_BITS == mnb.BITS
+    assert r.ONNX_TABLE_BLOCK_SIZES == mnb.TABLE_BLOCK_SIZES and r.ONNX_QUANTIZED == tuple(mnb.PRECISION_BITS)
+    recipe = load_recipe(write_recipe(tmp_path, '''
+[[models]]
+fixture = "demo"
+[[formats]]
+kind = "gptq"
+bits = 8
+group_size = 64
+[[formats]]
+kind = "onnx"
+precision = "int8"
+from = "gptq-int8"
+accuracy_level = 0
+table_bits = 8
+table_block_size = 16
+[[formats]]
+kind = "onnx"
+keep_embedding_float = true
+'''))
+    assert [f.id for f in recipe.formats] == ["gptq-int8", "onnx-int8", "onnx-int4"]
+    assert recipe.formats[1].settings["table_block_size"] == 16
 
 
 def test_compressed_tensors_format_key_names_and_ids(tmp_path: Path) -> None:

@@ -1,6 +1,6 @@
 """``export_onnx``: a Qwen2 checkpoint -> an onnxruntime / onnxruntime-genai model directory.
 
-    checkpoint (lazy) ──> [int4: rtn | calibrate(gptq|awq) | --from GPTQ/AWQ dir] ──> MatMulNBits initializers
+    checkpoint (lazy) ──> [int4/int8: rtn | calibrate(gptq|awq) | --from GPTQ/AWQ dir] ──> MatMulNBits initializers
                      └──> float tensors (embedding, norms, biases, lm_head, fp32/fp16 linears)
     graph.build_model pulls each initializer as it needs it (InitializerStore: inline or model.onnx.data)
     + genai_config.json, tokenizer files, config.json, README.md (qconvert.card); built in a temporary sibling,
@@ -13,13 +13,13 @@ Output directory ``<model>-onnx-<precision>/``::
     tokenizer.json, tokenizer_config.json, vocab.json, merges.txt, ... (copied), config.json (without
     quantization_config), README.md (model card)
 
-Layout of weights: fp32/fp16 store every float tensor in that type; int4 stores the decoder linears as
-MatMulNBits (block size = group size; symmetric weights without zero points), the embedding as
-GatherBlockQuantized and the lm_head as MatMulNBits (symmetric RTN, same block size; tied: one set of initializers
-for both), and keeps norms and biases float32. ``quantize_embedding=False`` (CLI ``--keep-embedding-float``) keeps
-the embedding and lm_head float32 (a tied one is one initializer for Gather and Gemm). MatMulNBits runs at
-``accuracy_level`` (default 4, int8 activations, as onnxruntime-genai's builder on CPU; 0 computes with exactly the
-dequantized weights).
+Layout of weights: fp32/fp16 store every float tensor in that type; int4 / int8 store the decoder linears as 4- /
+8-bit MatMulNBits (block size = group size; symmetric weights without zero points), the embedding as
+GatherBlockQuantized and the lm_head as MatMulNBits (symmetric RTN, ``table_bits`` 4 or 8 in blocks of
+``table_block_size``; tied: one set of initializers for both), and keep norms and biases float32.
+``quantize_embedding=False`` (CLI ``--keep-embedding-float``) keeps the embedding and lm_head float32 (a tied one is
+one initializer for Gather and Gemm). MatMulNBits runs at ``accuracy_level`` (default 4, int8 activations, as
+onnxruntime-genai's builder on CPU; 0 computes with exactly the dequantized weights).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from qconvert.calibset import CalibrationSet
     from qconvert.int4.rtn import QuantizedLinear
 
-PRECISIONS = ("fp32", "fp16", "int4")
+PRECISIONS = ("fp32", "fp16", "int4", "int8")
 ALGOS = ("rtn", "gptq", "awq")
 MODEL_FILE = "model.onnx"
 GENAI_CONFIG = "genai_config.json"
@@ -67,18 +67,26 @@ def output_dir_name(model: str, precision: str) -> str:
     return f"{base}-onnx-{precision}"
 
 
+@dataclass(frozen=True)
+class Tables:
+    """How the embedding / lm_head are quantized: symmetric RTN, ``bits`` 4 or 8, blocks of ``block_size`` columns."""
+
+    bits: int
+    block_size: int
+
+
 class Weights:
-    """The graph's ``WeightSource``: float tensors read lazily from the checkpoint, int4 linears given up front."""
+    """The graph's ``WeightSource``: float tensors read lazily from the checkpoint, quantized linears given up front."""
 
     def __init__(self, ckpt: SafetensorsCheckpoint, store: InitializerStore, dims: Dims, weight_type: np.dtype,
                  quantized: Mapping[str, QuantLinear], floats: Mapping[str, np.ndarray], *,
-                 accuracy_level: int = matmulnbits.DEFAULT_ACCURACY_LEVEL, table_block_size: int | None = None) -> None:
+                 accuracy_level: int = matmulnbits.DEFAULT_ACCURACY_LEVEL, tables: Tables | None = None) -> None:
         self.ckpt, self.store, self.dims = ckpt, store, dims
         self.weight_type = np.dtype(weight_type)
         self.accuracy_level = accuracy_level
         self.quantized = quantized
         self.floats = floats  # replacements (AWQ's rescaled norm gains), HF names
-        self.table_block_size = table_block_size  # int4 embedding / lm_head block size; None: keep them float
+        self.tables = tables  # embedding / lm_head quantization; None: keep them float
         self._tied_head: QuantLinear | None = None
 
     def _read(self, name: str) -> np.ndarray:
@@ -106,31 +114,32 @@ class Weights:
 
     def embedding(self) -> str | QuantEmbedding:
         name = "model.embed_tokens.weight"
-        if self.table_block_size is None:
+        if self.tables is None:
             return self.store.add(name, self._read(name).astype(self.weight_type, copy=False))
         if self.dims.tie_word_embeddings:
             h = self._tied_table()
-            return QuantEmbedding(h.b, h.scales, h.zero_points, h.n, h.k, h.block_size, tied=True)
-        w = _rtn_table(self._read(name), self.table_block_size, matmulnbits.GATHER, name)
+            return QuantEmbedding(h.b, h.scales, h.zero_points, h.n, h.k, h.block_size, h.bits, tied=True)
+        w = _rtn_table(self._read(name), self.tables, matmulnbits.GATHER, name)
         zp = None if w.zero_points is None else self.store.add("model.embed_tokens.zero_points", w.zero_points)
         return QuantEmbedding(self.store.add("model.embed_tokens.qweight_nbits", w.data),
                               self.store.add("model.embed_tokens.scales", w.scales), zp, w.rows, w.cols, w.block_size,
-                              tied=False)
+                              w.bits, tied=False)
 
     def lm_head(self) -> str | QuantLinear:
         if self.dims.tie_word_embeddings:
-            return "model.embed_tokens.weight" if self.table_block_size is None else self._tied_table()
+            return "model.embed_tokens.weight" if self.tables is None else self._tied_table()
         head = self._read("lm_head.weight")
-        if self.table_block_size is None:
+        if self.tables is None:
             return self.store.add("lm_head.weight", head.astype(self.weight_type, copy=False))
-        return store_block(self.store, "lm_head", _rtn_table(head, self.table_block_size, matmulnbits.MATMUL, "lm_head"))
+        return store_block(self.store, "lm_head", _rtn_table(head, self.tables, matmulnbits.MATMUL, "lm_head"))
 
     def _tied_table(self) -> QuantLinear:
         """The tied embedding / lm_head, quantized and stored once in MatMulNBits' layout; the embedding's
-        GatherBlockQuantized reads the same initializers through a Reshape (graph.QuantEmbedding says why)."""
+        GatherBlockQuantized reads the same initializers through a Reshape (graph.QuantEmbedding says why). onnxruntime
+        1.31 accepts that for every table width and block size offered (4 / 8 bits, blocks 16-128)."""
         if self._tied_head is None:
-            assert self.table_block_size is not None
-            table = _rtn_table(self._read("model.embed_tokens.weight"), self.table_block_size, matmulnbits.MATMUL,
+            assert self.tables is not None
+            table = _rtn_table(self._read("model.embed_tokens.weight"), self.tables, matmulnbits.MATMUL,
                                "the tied embedding / lm_head")
             self._tied_head = store_block(self.store, "lm_head", table)
         return self._tied_head
@@ -148,22 +157,30 @@ def store_block(store: InitializerStore, module: str, w: matmulnbits.BlockWeight
     """Write one MatMulNBits weight's initializers now (streaming)."""
     zp = None if w.zero_points is None else store.add(f"{module}.zero_points", w.zero_points)
     return QuantLinear(store.add(f"{module}.qweight_nbits", w.data), store.add(f"{module}.scales", w.scales), zp,
-                       w.rows, w.cols, w.block_size)
+                       w.rows, w.cols, w.block_size, w.bits)
 
 
-def _rtn_table(w: np.ndarray, block_size: int, op: str, where: str) -> matmulnbits.BlockWeight:
-    """Symmetric 4-bit RTN of an embedding / lm_head [vocab, hidden] in blocks of ``block_size`` hidden columns, as
-    ``op``'s initializers. Quantized TABLE_CHUNK weights at a time: RTN's float temporaries are several times their
-    input, and a 72B table alone is 5 GB of float32 (exact: blocks never span rows)."""
+def _rtn_table(w: np.ndarray, tables: Tables, op: str, where: str) -> matmulnbits.BlockWeight:
+    """Symmetric RTN of an embedding / lm_head [vocab, hidden] (``where``) in blocks of ``tables.block_size`` hidden
+    columns, as ``op``'s initializers. Quantized TABLE_CHUNK weights at a time: RTN's float temporaries are several
+    times their input, and a 72B table alone is 5 GB of float32 (exact: blocks never span rows)."""
+    rows = max(1, TABLE_CHUNK // w.shape[1])
+    return matmulnbits.concat_rows([_rtn_blocks(np.ascontiguousarray(w[i:i + rows], np.float32), tables, op)
+                                    for i in range(0, w.shape[0], rows)])
+
+
+def _rtn_blocks(w: np.ndarray, tables: Tables, op: str) -> matmulnbits.BlockWeight:
+    """w f32 [rows, cols] -> symmetric RTN per block of ``tables.block_size`` columns. RTN with one group per row of
+    the [rows · n_blocks, bs] view is exactly group-wise RTN, also for blocks of 16 (below qconvert's group sizes)."""
     import torch
 
     from qconvert.int4 import rtn
 
-    rows = max(1, TABLE_CHUNK // w.shape[1])
-    return matmulnbits.concat_rows([
-        matmulnbits.from_quantized(rtn(torch.from_numpy(np.ascontiguousarray(w[i:i + rows], np.float32)),
-                                       matmulnbits.BITS, block_size, sym=True), where, op)
-        for i in range(0, w.shape[0], rows)])
+    rows, cols, bs = w.shape[0], w.shape[1], tables.block_size
+    q = rtn(torch.from_numpy(w.reshape(-1, bs)), tables.bits, -1, sym=True)  # [rows·n_blocks, bs]
+    nb = cols // bs
+    return matmulnbits.from_codes(q.codes.numpy().reshape(rows, cols), q.scales.numpy().reshape(rows, nb),
+                                  q.zeros.numpy().reshape(rows, nb), tables.bits, bs, op)
 
 
 @dataclass(frozen=True)
@@ -175,11 +192,13 @@ class _Plan:
     dims: Dims
     linears: dict[str, tuple[int, int]]  # module -> (out, in)
     scheme: matmulnbits.PrequantizedScheme | None
-    block_size: int  # int4 block size: as asked, else the --from checkpoint's group size, else 128
+    block_size: int  # linears' block size: as asked, else the --from checkpoint's group size, else 128
+    bits: int | None  # decoder linears' MatMulNBits bits (int4: 4, int8: 8); None: float linears
+    tables: Tables | None  # embedding / lm_head quantization; None: float32
 
 
 def _check(model_dir: Path, precision: str, algo: str, from_dir: Path | None, block_size: int | None,
-           accuracy_level: int, quantize_embedding: bool) -> _Plan:
+           accuracy_level: int, quantize_embedding: bool, table_bits: int, table_block_size: int) -> _Plan:
     """Every refusal that does not need weights, before anything is created."""
     from qconvert.int4.writer import qwen2_linear_shapes
 
@@ -190,10 +209,15 @@ def _check(model_dir: Path, precision: str, algo: str, from_dir: Path | None, bl
         raise UsageError(f"precision {precision!r} is not supported; use one of {', '.join(PRECISIONS)}.")
     if algo not in ALGOS:
         raise UsageError(f"algorithm {algo!r} is not supported; use one of {', '.join(ALGOS)}.")
-    if precision != "int4" and (from_dir is not None or algo != "rtn"):
+    bits = matmulnbits.PRECISION_BITS.get(precision)
+    if bits is None and (from_dir is not None or algo != "rtn"):
         what = "--from" if from_dir is not None else f"--algo {algo}"
-        raise UsageError(f"{what} quantizes to 4 bits and cannot give a {precision} model; use --precision int4, or "
-                         f"drop {what} for a {precision} export.")
+        raise UsageError(f"{what} quantizes to 4 or 8 bits and cannot give a {precision} model; use --precision int4 "
+                         f"(or int8), or drop {what} for a {precision} export.")
+    if bits == 8 and algo == "awq":
+        raise UsageError("--algo awq writes 4-bit weights only (AWQ checkpoints are 4-bit); use --precision int4 "
+                         "with AWQ, or --algo rtn / gptq for an int8 export.")
+    matmulnbits.check_bits(table_bits, "embedding / lm_head tables", "--table-bits")
     src = Path(from_dir) if from_dir is not None else Path(model_dir)
     config_file = src / "config.json"
     if not config_file.is_file():
@@ -207,6 +231,10 @@ def _check(model_dir: Path, precision: str, algo: str, from_dir: Path | None, bl
     scheme = None
     if from_dir is not None:
         scheme = matmulnbits.read_scheme(src)
+        if scheme.bits != bits:
+            raise UsageError(f"--from {src} holds {scheme.bits}-bit {scheme.method.upper()} weights and --precision "
+                             f"{precision} writes {bits}-bit MatMulNBits; the export never requantizes. Use --precision "
+                             f"int{scheme.bits}, or quantize the float model with --precision {precision} (no --from).")
         block_size = scheme.group_size if block_size is None else block_size
         if scheme.group_size != block_size:
             raise UsageError(f"--from {src} has group size {scheme.group_size}; MatMulNBits' block size must equal it "
@@ -220,27 +248,32 @@ def _check(model_dir: Path, precision: str, algo: str, from_dir: Path | None, bl
                                       "permuted; MatMulNBits groups consecutive columns only, so it cannot map without "
                                       "requantization. Re-quantize with --static-groups or without --act-order.")
     block_size = 128 if block_size is None else block_size
-    if precision == "int4":
+    tables = None
+    if bits is not None:
         if quantize_embedding:  # GatherBlockQuantized / MatMulNBits blocks run along the hidden axis
-            matmulnbits.check_block_size(block_size, dims.hidden_size, f"the embedding / lm_head [{dims.vocab_size}, "
-                                         f"{dims.hidden_size}] (--keep-embedding-float keeps them float32)")
+            matmulnbits.check_block_size(table_block_size, dims.hidden_size,
+                                         f"the embedding / lm_head [{dims.vocab_size}, {dims.hidden_size}] "
+                                         "(--keep-embedding-float keeps them float32)",
+                                         matmulnbits.TABLE_BLOCK_SIZES, "--table-block-size")
+            tables = Tables(table_bits, table_block_size)
         for sub in (s for group in spec.sequential for s in group):
             matmulnbits.check_block_size(block_size, shapes[sub][1], f"{spec.block_prefix}.*.{sub} {list(shapes[sub])}")
-    return _Plan(src, config, dims, linears, scheme, block_size)
+    return _Plan(src, config, dims, linears, scheme, block_size, bits, tables)
 
 
-def _planned_bytes(plan: _Plan, precision: str, block_size: int, quantize_embedding: bool) -> int:
-    """Bytes of initializers the export will write (decides inline vs external data)."""
+def _planned_bytes(plan: _Plan, precision: str) -> int:
+    """Bytes of initializers the export will write (decides inline vs external data; zero points counted)."""
     ckpt = SafetensorsCheckpoint(plan.src)
-    per = {"fp32": 4, "fp16": 2, "int4": 4}[precision]
+    per = 2 if precision == "fp16" else 4
     floats = sum(int(np.prod(e.shape)) for n, e in ckpt.entries.items() if not n.endswith(("qweight", "qzeros", "g_idx", "scales")))
-    if precision != "int4":
+    if plan.bits is None:
         return floats * per
-    quant = sum(n * k // 2 + 4 * n * k // block_size + n * k // block_size for n, k in plan.linears.values())
+    bits, bs = plan.bits, plan.block_size
+    quant = sum(n * k * bits // 8 + 4 * n * k // bs + n * k // bs for n, k in plan.linears.values())
     quantized_floats = sum(n * k for n, k in plan.linears.values()) if plan.scheme is None else 0
-    if quantize_embedding:  # the embedding and an untied lm_head, RTN-quantized here (symmetric: no zero points)
+    if plan.tables is not None:  # the embedding and an untied lm_head, RTN-quantized here (symmetric: no zero points)
         tables, v, h = 1 if plan.dims.tie_word_embeddings else 2, plan.dims.vocab_size, plan.dims.hidden_size
-        quant += tables * (v * h // 2 + 4 * v * h // block_size)
+        quant += tables * (v * h * plan.tables.bits // 8 + 4 * v * h // plan.tables.block_size)
         quantized_floats += tables * v * h
     return (floats - quantized_floats) * per + quant
 
@@ -250,21 +283,24 @@ def export_onnx(model_dir: Path, out_dir: Path, *, precision: str, algo: str = "
                 settings: CalibrationSettings | None = None,
                 model_name: str | None = None, force: bool = False, progress: Progress | None = None,
                 inline_limit: int = INLINE_LIMIT, accuracy_level: int = matmulnbits.DEFAULT_ACCURACY_LEVEL,
-                quantize_embedding: bool = True) -> Path:
+                quantize_embedding: bool = True, table_bits: int = matmulnbits.DEFAULT_TABLE_BITS,
+                table_block_size: int = matmulnbits.DEFAULT_TABLE_BLOCK_SIZE) -> Path:
     """Export ``model_dir`` (or the GPTQ/AWQ checkpoint ``from_dir``) to ``out_dir/<model>-onnx-<precision>/``.
 
-    ``precision``: fp32 | fp16 | int4. For int4, ``algo`` rtn needs nothing else; gptq and awq need ``calib``
-    (and run on ``settings.device``); ``from_dir`` converts an existing checkpoint without requantization
-    (``block_size`` must equal its group size; None: that group size, else 128). int4 also quantizes the embedding
-    (GatherBlockQuantized) and lm_head (MatMulNBits) with symmetric RTN in blocks of ``block_size`` unless
-    ``quantize_embedding`` is False, and runs MatMulNBits at ``accuracy_level`` (0, 1, 2 or 4; see
-    ``matmulnbits.ACCURACY_LEVELS``); both are ignored for fp32/fp16. ``model_name`` (default: the source
-    directory's name) names the output. Returns the output directory. Built in a temporary sibling, renamed into
-    place when complete; an existing output is replaced only with ``force``.
+    ``precision``: fp32 | fp16 | int4 | int8. For int4 / int8 (4- / 8-bit MatMulNBits linears), ``algo`` rtn needs
+    nothing else; gptq (and awq, int4 only) need ``calib`` (and run on ``settings.device``); ``from_dir`` converts an
+    existing checkpoint of that width without requantization (``block_size`` must equal its group size; None: that
+    group size, else 128). int4 / int8 also quantize the embedding (GatherBlockQuantized) and lm_head (MatMulNBits)
+    with symmetric RTN, ``table_bits`` 4 or 8 in blocks of ``table_block_size`` (a power of two >= 16 dividing the
+    hidden size), unless ``quantize_embedding`` is False, and run MatMulNBits at ``accuracy_level`` (0, 1, 2 or 4; see
+    ``matmulnbits.ACCURACY_LEVELS``); all are ignored for fp32/fp16. ``model_name`` (default: the source directory's
+    name) names the output. Returns the output directory. Built in a temporary sibling, renamed into place when
+    complete; an existing output is replaced only with ``force``.
     """
-    plan = _check(model_dir, precision, algo, from_dir, block_size, accuracy_level, quantize_embedding)
-    block_size = plan.block_size
-    if precision == "int4" and from_dir is None and algo != "rtn" and calib is None:
+    plan = _check(model_dir, precision, algo, from_dir, block_size, accuracy_level, quantize_embedding, table_bits,
+                  table_block_size)
+    calibrated = plan.bits is not None and from_dir is None and algo != "rtn"
+    if calibrated and calib is None:
         raise UsageError(f"--algo {algo} needs calibration data; pass a CalibrationSet (CLI: --calib builtin).")
     name = model_name or plan.src.name
     final = Path(out_dir) / output_dir_name(name, precision)
@@ -272,76 +308,79 @@ def export_onnx(model_dir: Path, out_dir: Path, *, precision: str, algo: str = "
     tmp = staged.tmp
     try:
         start = time.perf_counter()
-        int4 = precision == "int4"
-        external = _planned_bytes(plan, precision, block_size, int4 and quantize_embedding) > inline_limit
+        external = _planned_bytes(plan, precision) > inline_limit
         store = InitializerStore(tmp, external=external)
-        tables = block_size if int4 and quantize_embedding else None  # embedding / lm_head, quantized when pulled
-        weights = _weights(plan, store, precision, algo, block_size, calib, settings, progress, accuracy_level, tables)
+        weights = _weights(plan, store, precision, algo, calib, settings, progress, accuracy_level)
         meta = {"qconvert.version": __version__, "qconvert.source": name, "qconvert.precision": precision,
-                "qconvert.algo": _algo_label(precision, algo, plan), "qconvert.block_size": str(block_size)}
-        if int4:
+                "qconvert.algo": _algo_label(algo, plan), "qconvert.block_size": str(plan.block_size)}
+        if plan.bits is not None:
+            t = plan.tables
             meta |= {"qconvert.accuracy_level": str(accuracy_level),
-                     "qconvert.embedding": f"int4 {matmulnbits.GATHER} (RTN sym)" if quantize_embedding else "float32",
-                     "qconvert.lm_head": f"int4 {matmulnbits.MATMUL} (RTN sym)" if quantize_embedding else "float32"}
-        calibrated = precision == "int4" and from_dir is None and algo != "rtn"
+                     "qconvert.embedding": "float32" if t is None else _table_label(t, matmulnbits.GATHER),
+                     "qconvert.lm_head": "float32" if t is None else _table_label(t, matmulnbits.MATMUL)}
         model = graph.build_model(plan.dims, weights, None if calibrated else progress, meta)
         store.save(model, tmp / MODEL_FILE)
-        _write_side_files(tmp, plan, name, precision, algo, block_size, external, time.perf_counter() - start,
-                          store.nbytes, calib, settings)
+        _write_side_files(tmp, plan, name, precision, algo, external, time.perf_counter() - start, store.nbytes,
+                          calib, settings, accuracy_level)
         staged.commit()
     finally:
         staged.discard()
     return final
 
 
-def _algo_label(precision: str, algo: str, plan: _Plan) -> str:
-    if precision != "int4":
+def _table_label(t: Tables, op: str) -> str:
+    """``int4 GatherBlockQuantized (RTN sym, block 32)``: the metadata value of a quantized table."""
+    return f"int{t.bits} {op} (RTN sym, block {t.block_size})"
+
+
+def _algo_label(algo: str, plan: _Plan) -> str:
+    if plan.bits is None:
         return "none"
     return f"{plan.scheme.method} (--from)" if plan.scheme is not None else algo
 
 
-def _weights(plan: _Plan, store: InitializerStore, precision: str, algo: str, block_size: int,
-             calib: CalibrationSet | None, settings: CalibrationSettings | None, progress: Progress | None,
-             accuracy_level: int, table_block_size: int | None) -> Weights:
-    """Quantize (or read) the int4 linears into ``store`` first; float tensors are pulled later by the graph."""
+def _weights(plan: _Plan, store: InitializerStore, precision: str, algo: str, calib: CalibrationSet | None,
+             settings: CalibrationSettings | None, progress: Progress | None, accuracy_level: int) -> Weights:
+    """Quantize (or read) the int4 / int8 linears into ``store`` first; float tensors are pulled later by the graph."""
     ckpt = SafetensorsCheckpoint(plan.src)
     weight_type = np.dtype(np.float16 if precision == "fp16" else np.float32)
     quantized: dict[str, QuantLinear] = {}
     floats: dict[str, np.ndarray] = {}
-    if precision == "int4":
+    if plan.bits is not None:
         if plan.scheme is not None:
             for module in plan.linears:
                 quantized[module] = store_quantized(store, module, matmulnbits.read_prequantized(ckpt, module, plan.scheme))
         elif algo == "rtn":
-            _rtn(ckpt, store, plan, block_size, quantized)
+            _rtn(ckpt, store, plan, quantized)
         else:
-            _calibrated(plan, store, algo, block_size, calib, settings, progress, quantized, floats)
+            _calibrated(plan, store, algo, calib, settings, progress, quantized, floats)
     return Weights(ckpt, store, plan.dims, weight_type, quantized, floats, accuracy_level=accuracy_level,
-                   table_block_size=table_block_size)
+                   tables=plan.tables)
 
 
-def _rtn(ckpt: SafetensorsCheckpoint, store: InitializerStore, plan: _Plan, block_size: int,
-         quantized: dict[str, QuantLinear]) -> None:
-    """Symmetric round-to-nearest, one weight at a time (no forward pass): zero point 8, so no zero_points."""
+def _rtn(ckpt: SafetensorsCheckpoint, store: InitializerStore, plan: _Plan, quantized: dict[str, QuantLinear]) -> None:
+    """Symmetric round-to-nearest, one weight at a time (no forward pass): zero point 2^(bits-1), so no zero_points."""
     import torch
 
     from qconvert.int4 import rtn
 
+    assert plan.bits is not None
     for module in plan.linears:
         w = torch.from_numpy(ckpt.read_f32(f"{module}.weight"))
-        quantized[module] = store_quantized(store, module, rtn(w, 4, block_size, sym=True))
+        quantized[module] = store_quantized(store, module, rtn(w, plan.bits, plan.block_size, sym=True))
 
 
-def _calibrated(plan: _Plan, store: InitializerStore, algo: str, block_size: int, calib: CalibrationSet | None,
+def _calibrated(plan: _Plan, store: InitializerStore, algo: str, calib: CalibrationSet | None,
                 settings: CalibrationSettings | None, progress: Progress | None, quantized: dict[str, QuantLinear],
                 floats: dict[str, np.ndarray]) -> None:
-    """GPTQ (symmetric, no act-order) or AWQ (zero points) through the streaming calibration driver."""
+    """GPTQ (symmetric, no act-order; 4 or 8 bits) or AWQ (4-bit, zero points) through the calibration driver."""
     from qconvert.calibration.quantize import CalibrationSettings, calibrate
     from qconvert.constants import DEFAULT_HOLDOUT
     from qconvert.int4 import AWQConfig, GPTQConfig
 
-    assert calib is not None
-    cfg = GPTQConfig(bits=4, group_size=block_size) if algo == "gptq" else AWQConfig(group_size=block_size)
+    assert calib is not None and plan.bits is not None
+    cfg = (GPTQConfig(bits=plan.bits, group_size=plan.block_size) if algo == "gptq"
+           else AWQConfig(group_size=plan.block_size))
 
     def on_linear(module: str, q: QuantizedLinear) -> None:
         quantized[module] = store_quantized(store, module, q)
@@ -398,9 +437,9 @@ def genai_config(config: Mapping[str, Any], generation: Mapping[str, Any], dims:
     }
 
 
-def _write_side_files(tmp: Path, plan: _Plan, name: str, precision: str, algo: str, block_size: int, external: bool,
-                      seconds: float, nbytes: int, calib: CalibrationSet | None,
-                      settings: CalibrationSettings | None) -> None:
+def _write_side_files(tmp: Path, plan: _Plan, name: str, precision: str, algo: str, external: bool, seconds: float,
+                      nbytes: int, calib: CalibrationSet | None, settings: CalibrationSettings | None,
+                      accuracy_level: int) -> None:
     gen_file = plan.src / "generation_config.json"
     generation = json.loads(gen_file.read_text()) if gen_file.is_file() else {}
     device = settings.device if settings is not None else "cpu"
@@ -414,8 +453,11 @@ def _write_side_files(tmp: Path, plan: _Plan, name: str, precision: str, algo: s
     if not (tmp / "tokenizer.json").is_file():
         raise CheckpointError(f"{plan.src} has no tokenizer.json; onnxruntime-genai needs it next to the model. "
                               "Copy the tokenizer files of the source model into it.")
-    label = _algo_label(precision, algo, plan)
+    label = _algo_label(algo, plan)
     calib_desc = calib.describe() if calib is not None and label in ("gptq", "awq") else None
     final = tmp.name.split(".partial-")[0].lstrip(".")
-    (tmp / "README.md").write_text(onnx_card(final, name, precision, label, block_size, external, seconds, nbytes,
-                                             plan.dims, calib_desc))
+    tables = None if plan.tables is None else (plan.tables.bits, plan.tables.block_size)
+    (tmp / "README.md").write_text(onnx_card(final, name, precision, label, plan.block_size, external, seconds, nbytes,
+                                             plan.dims, calib_desc,
+                                             accuracy_level=None if plan.bits is None else accuracy_level,
+                                             tables=tables))

@@ -13,9 +13,9 @@ decoder contract, anchor §6.3–6.4)::
 
 Numerics: the residual stream, RMSNorm, RoPE, attention scores and softmax are float32 in every precision
 (Qwen2's activations overflow float16). Linear weights and the KV cache are ``Numerics.weight_type`` (fp32 or
-fp16; fp16 matmuls take fp16 inputs and their outputs return to fp32); int4 linears are ``MatMulNBits`` on
-float32 activations, and an int4 embedding is ``GatherBlockQuantized`` (its lm_head ``MatMulNBits``; when tied, the
-embedding reads the lm_head's initializers through a ``Reshape``). Attention is explicit: GQA by broadcasting each kv head over its group of query heads
+fp16; fp16 matmuls take fp16 inputs and their outputs return to fp32); int4 / int8 linears are ``MatMulNBits`` on
+float32 activations, and a quantized embedding is ``GatherBlockQuantized`` (its lm_head ``MatMulNBits``; when tied,
+the embedding reads the lm_head's initializers through a ``Reshape``). Attention is explicit: GQA by broadcasting each kv head over its group of query heads
 (``[b, kv, group, t, d] @ [b, kv, 1, d, s]``), a causal + padding additive mask, and NEOX-style rotary embeddings
 computed in the graph from ``position_ids`` and ``rope_theta``. RMSNorm uses the Pow/ReduceMean/Add/Sqrt/Div/Mul
 pattern that onnxruntime fuses into ``SimplifiedLayerNormalization``.
@@ -32,7 +32,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from qconvert.model.dims import Qwen2Dims
-from qconvert.onnx_export.matmulnbits import BITS, DATA_SHAPES, GATHER, GATHER_AXIS, MATMUL, QUANTIZE_AXIS
+from qconvert.onnx_export.matmulnbits import DATA_SHAPES, GATHER, GATHER_AXIS, MATMUL, QUANTIZE_AXIS
 
 OPSET = 21
 MS_DOMAIN = "com.microsoft"
@@ -57,7 +57,7 @@ class FloatLinear:
 
 @dataclass(frozen=True)
 class QuantLinear:
-    """A MatMulNBits linear: initializer names and attributes (B [N, K/bs, bs/2], scales [N, K/bs])."""
+    """A MatMulNBits linear: initializer names and attributes (B [N, K/bs, bs·bits/8], scales [N, K/bs])."""
 
     b: str
     scales: str
@@ -65,11 +65,12 @@ class QuantLinear:
     n: int
     k: int
     block_size: int
+    bits: int
 
 
 @dataclass(frozen=True)
 class QuantEmbedding:
-    """A GatherBlockQuantized table [vocab, hidden]: data uint8 [vocab, hidden/2], scales [vocab, hidden/bs].
+    """A GatherBlockQuantized table [vocab, hidden]: data uint8 [vocab, hidden·bits/8], scales [vocab, hidden/bs].
 
     ``tied``: ``data`` is the lm_head's MatMulNBits ``B [vocab, hidden/bs, bs/2]`` (same bytes), reshaped in the
     graph. Neither op takes the other's data shape (MatMulNBits checks its B against N/K/block_size when it
@@ -83,6 +84,7 @@ class QuantEmbedding:
     vocab: int
     hidden: int
     block_size: int
+    bits: int
     tied: bool
 
 
@@ -137,9 +139,9 @@ class Graph:
 
 
 def matmul_nbits(g: Graph, ref: QuantLinear, x: str, scope: str, outputs: int | list[str] = 1) -> str:
-    """``x`` f32 [..., K] -> f32 [..., N] = ``x · dequant(B)ᵀ`` (com.microsoft.MatMulNBits, 4-bit)."""
+    """``x`` f32 [..., K] -> f32 [..., N] = ``x · dequant(B)ᵀ`` (com.microsoft.MatMulNBits, 4- or 8-bit)."""
     inputs = [x, ref.b, ref.scales] + ([ref.zero_points] if ref.zero_points else [])
-    return g.op(MATMUL, inputs, scope, outputs=outputs, domain=MS_DOMAIN, K=ref.k, N=ref.n, bits=BITS,
+    return g.op(MATMUL, inputs, scope, outputs=outputs, domain=MS_DOMAIN, K=ref.k, N=ref.n, bits=ref.bits,
                 block_size=ref.block_size, accuracy_level=g.w.accuracy_level)
 
 
@@ -232,19 +234,19 @@ def decoder_layer(g: Graph, dims: Dims, layer: int, h: str, rope: tuple[str, str
 
 
 def embed(g: Graph) -> str:
-    """Layer-0 input f32 [b, t, hidden]: Gather on the float table, or GatherBlockQuantized on the int4 one."""
+    """Layer-0 input f32 [b, t, hidden]: Gather on the float table, or GatherBlockQuantized on the quantized one."""
     s, ref = "/embed", g.w.embedding()
     if not isinstance(ref, QuantEmbedding):
         return g.cast(g.op("Gather", [ref, INPUT_IDS], s, axis=0), F32, g.w.weight_type, s)
-    shape = DATA_SHAPES[GATHER](ref.vocab, ref.hidden, ref.block_size)
+    shape = DATA_SHAPES[GATHER](ref.vocab, ref.hidden, ref.block_size, ref.bits)
     data = g.op("Reshape", [ref.data, g.ints(*shape)], s) if ref.tied else ref.data
     inputs = [data, INPUT_IDS, ref.scales] + ([ref.zero_points] if ref.zero_points else [])
-    return g.op(GATHER, inputs, s, domain=MS_DOMAIN, bits=BITS, block_size=ref.block_size, gather_axis=GATHER_AXIS,
+    return g.op(GATHER, inputs, s, domain=MS_DOMAIN, bits=ref.bits, block_size=ref.block_size, gather_axis=GATHER_AXIS,
                 quantize_axis=QUANTIZE_AXIS)  # the output has the scales' type: float32
 
 
 def lm_head(g: Graph, dims: Dims, h: str) -> str:
-    """f32 logits [b, t, vocab]: final norm, then MatMulNBits on the int4 [vocab, hidden] weight, or Gemm(x, W,
+    """f32 logits [b, t, vocab]: final norm, then MatMulNBits on the quantized [vocab, hidden] weight, or Gemm(x, W,
     transB) on the float one; when tied that weight is the embedding's (one initializer serves both ops)."""
     s, wt = "/lm_head", g.w.weight_type
     x = rms_norm(g, h, g.w.norm("model.norm.weight"), dims.rms_norm_eps, "model.norm")

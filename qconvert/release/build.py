@@ -158,12 +158,14 @@ def _build_onnx(ctx: ModelContext, job: Job, out: Path, settings: Any, deps: dic
                                      "the recipe or install qconvert with the onnx extra.") from None
     s = job.fmt.settings
     from_dir = deps.get(s["from"]) if "from" in s else None
-    calibrated = s.get("precision", "int4") == "int4" and from_dir is None and s.get("algo", "rtn") != "rtn"
+    calibrated = s.get("precision", "int4") in ("int4", "int8") and from_dir is None and s.get("algo", "rtn") != "rtn"
+    tables = {k: s[k] for k in ("accuracy_level", "table_bits", "table_block_size") if k in s}  # else the exporter's
     out.mkdir()
     made = export_onnx(ctx.source.path, out, precision=s.get("precision", "int4"), algo=s.get("algo", "rtn"),
                        from_dir=from_dir, block_size=s.get("block_size"),
                        calib=ctx.calib if calibrated else None, settings=settings if calibrated else None,
-                       model_name=job.model.name)
+                       model_name=job.model.name, quantize_embedding=not s.get("keep_embedding_float", False),
+                       **tables)
     (made / "README.md").unlink(missing_ok=True)  # its card records wall times; the release writes its own
     return made
 

@@ -58,10 +58,20 @@ FORMAT_KEYS: MappingProxyType[str, MappingProxyType[str, str]] = MappingProxyTyp
                               "from_stats": _BOOL, "format": _STR}),
     "awq": MappingProxyType({"bits": _INT, "group_size": _INT, "n_grid": _INT, "clip_grid": _INT,
                              "search_samples": _INT, "clip_all": _BOOL, "format": _STR}),
-    "onnx": MappingProxyType({"precision": _STR, "algo": _STR, "block_size": _INT, "from": _STR}),
+    "onnx": MappingProxyType({"precision": _STR, "algo": _STR, "block_size": _INT, "from": _STR,
+                              "accuracy_level": _INT, "keep_embedding_float": _BOOL, "table_bits": _INT,
+                              "table_block_size": _INT}),
     "w8a8": MappingProxyType({"weights": _STR, "smooth": _FLOAT, "damp": _FLOAT}),
 })
-ONNX_PRECISIONS = ("fp32", "fp16", "int4")
+ONNX_PRECISIONS = ("fp32", "fp16", "int4", "int8")
+# onnx keys' values, as qconvert.onnx_export.matmulnbits spells them (validating a recipe must not need onnx; a test
+# checks that they agree)
+ONNX_QUANTIZED = ("int4", "int8")
+ONNX_ACCURACY_LEVELS = (0, 1, 2, 4)
+ONNX_TABLE_BITS = (4, 8)
+ONNX_TABLE_BLOCK_SIZES = (16, 32, 64, 128)
+ONNX_QUANTIZED_KEYS = ("algo", "block_size", "from", "accuracy_level", "keep_embedding_float", "table_bits",
+                       "table_block_size")
 LAYOUTS = ("by-model", "flat")
 
 DEFAULTS: MappingProxyType[str, MappingProxyType[str, Any]] = MappingProxyType({
@@ -363,6 +373,22 @@ def _check_onnx(recipe: Recipe, f: FormatEntry, ids: dict[str, FormatEntry]) -> 
     if s.get("precision", "int4") not in ONNX_PRECISIONS:
         raise recipe.error("formats", f.index, "precision", f"onnx precision {s['precision']!r}: use "
                            f"{', '.join(ONNX_PRECISIONS)}")
+    precision = s.get("precision", "int4")
+    given = [k for k in ONNX_QUANTIZED_KEYS if k in s]
+    if precision not in ONNX_QUANTIZED and given:
+        raise recipe.error("formats", f.index, given[0], f"{given[0]} applies to onnx precision \"int4\" or \"int8\" "
+                           f"only; drop it for precision {precision!r}")
+    for key, allowed in (("accuracy_level", ONNX_ACCURACY_LEVELS), ("table_bits", ONNX_TABLE_BITS),
+                         ("table_block_size", ONNX_TABLE_BLOCK_SIZES)):
+        if key in s and s[key] not in allowed:
+            raise recipe.error("formats", f.index, key, f"{key} = {s[key]}: use one of "
+                               f"{', '.join(str(v) for v in allowed)}")
+    if s.get("keep_embedding_float") and ("table_bits" in s or "table_block_size" in s):
+        raise recipe.error("formats", f.index, "keep_embedding_float", "keep_embedding_float = true keeps the "
+                           "embedding / lm_head float32; drop table_bits / table_block_size (they quantize them)")
+    if precision == "int8" and s.get("algo") == "awq":
+        raise recipe.error("formats", f.index, "algo", "algo = \"awq\" writes 4-bit weights only; use precision = "
+                           "\"int4\" with AWQ, or algo = \"rtn\" / \"gptq\" for int8")
     src = s.get("from")
     if src is not None:
         if src not in ids or ids[src].kind != "gptq":
@@ -372,9 +398,15 @@ def _check_onnx(recipe: Recipe, f: FormatEntry, ids: dict[str, FormatEntry]) -> 
             raise recipe.error("formats", f.index, "from", f"from = {src!r} names a compressed-tensors GPTQ format; "
                                "the ONNX export reuses GPTQ-layout checkpoints. Add a gptq format without format = "
                                "\"compressed-tensors\" and build from that one")
-        if s.get("precision", "int4") != "int4" or ids[src].settings.get("bits", 4) != 4:
-            raise recipe.error("formats", f.index, "from", "from = a GPTQ format works only for precision = "
-                               "\"int4\" from a 4-bit GPTQ format")
+        bits = ids[src].settings.get("bits", 4)
+        if precision != f"int{bits}":
+            fix = f"use precision = \"int{bits}\"" if f"int{bits}" in ONNX_QUANTIZED else "MatMulNBits maps 4- or 8-bit"
+            raise recipe.error("formats", f.index, "from", f"from = {src!r} is a {bits}-bit GPTQ format and precision "
+                               f"{precision!r} writes {precision[3:]}-bit MatMulNBits without requantizing: {fix}")
+        if ids[src].settings.get("act_order") and not ids[src].settings.get("static_groups"):
+            raise recipe.error("formats", f.index, "from", f"from = {src!r} uses act_order without static_groups; "
+                               "its permuted group indices cannot map to MatMulNBits blocks. Set static_groups = true "
+                               "on that gptq format, or drop act_order")
         group = ids[src].settings.get("group_size", 128)
         if s.get("block_size", group) != group:
             raise recipe.error("formats", f.index, "block_size", f"block_size {s['block_size']} differs from the "
