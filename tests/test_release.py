@@ -199,10 +199,8 @@ def test_compressed_tensors_format_key_names_and_ids(tmp_path: Path) -> None:
         "qwen2.5-demo-instruct-gptq-int4", "qwen2.5-demo-instruct-gptq-int4-ct", "qwen2.5-demo-instruct-awq-ct"]
 
 
-def test_compressed_tensors_release_artifact(tmp_path: Path) -> None:
-    """A release with a compressed-tensors GPTQ format: the checkpoint is pack-quantized, passes the release's
-    verification, and its card serves it without a GPTQ --quantization flag."""
-    recipe = write_recipe(tmp_path, '''
+# a one-thread CPU release of the demo fixture on few tokens; a test appends its [[formats]]
+SMALL_DEMO_RELEASE = '''
         [release]
         threads = 1
         device = "cpu"
@@ -215,6 +213,13 @@ def test_compressed_tensors_release_artifact(tmp_path: Path) -> None:
         [[models]]
         fixture = "demo"
         name = "qconvert/Qwen2.5-Demo-Instruct"
+'''
+
+
+def test_compressed_tensors_release_artifact(tmp_path: Path) -> None:
+    """A release with a compressed-tensors GPTQ format: the checkpoint is pack-quantized, passes the release's
+    verification, and its card serves it without a GPTQ --quantization flag."""
+    recipe = write_recipe(tmp_path, SMALL_DEMO_RELEASE + '''
         [[formats]]
         kind = "gptq"
         format = "compressed-tensors"
@@ -236,19 +241,7 @@ def test_compressed_tensors_release_artifact(tmp_path: Path) -> None:
 def test_w8a8_release_artifact(tmp_path: Path) -> None:
     """``kind = "w8a8"`` in a recipe: an int-quantized compressed-tensors checkpoint whose GPTQ weights and
     SmoothQuant gains come from the shared calibration tokens, verified by the release like every other artifact."""
-    recipe = write_recipe(tmp_path, '''
-        [release]
-        threads = 1
-        device = "cpu"
-        [calibration]
-        samples = 4
-        seq_len = 64
-        [evaluation]
-        ctx = 64
-        chunks = 4
-        [[models]]
-        fixture = "demo"
-        name = "qconvert/Qwen2.5-Demo-Instruct"
+    recipe = write_recipe(tmp_path, SMALL_DEMO_RELEASE + '''
         [[formats]]
         kind = "w8a8"
         weights = "gptq"
