@@ -60,6 +60,7 @@ def run_one(model: Path, method: str, out: Path, samples: int, seqlen: int, sear
     settings = CalibrationSettings("cpu", torch.float32, 8)
     start = time.perf_counter()
     kept: dict[str, int] = {}
+    check = ""
     if method in ("rtn", "rtn-asym"):  # rtn-asym: zero points, i.e. AWQ's quantizer without its scales and clips
         # written as a GPTQ-format checkpoint (v1 stores zero points too), so it is scored like every other output
         cfg = GPTQConfig(sym=method == "rtn")
@@ -74,11 +75,14 @@ def run_one(model: Path, method: str, out: Path, samples: int, seqlen: int, sear
             GPTQConfig(**gptq_opts)
         guard = None if method.endswith("-noguard") else holdout
         stats = collect_stats(model, calib.ids, settings, holdout=guard) if base == "gptq-stats" else None
-        kept = write_int4(model, model.name, out / method, "awq" if base in AWQ_VARIANTS else "gptq", cfg, calib, settings,
-                   force=True, stats=stats, evaluate=False,
-                   holdout=guard).kept
+        report = write_int4(model, model.name, out / method, "awq" if base in AWQ_VARIANTS else "gptq", cfg, calib,
+                            settings, force=True, stats=stats, evaluate=False, holdout=guard)
+        kept = dict(report.kept)
+        if report.model_check is not None:
+            check = report.model_check.summary()
+            print(f"{method}: {check}", file=sys.stderr)
     seconds = time.perf_counter() - start
-    return {"method": method, "kept": dict(kept), "seconds": seconds, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+    return {"method": method, "kept": dict(kept), "model_check": check, "seconds": seconds, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
             "tokens": calib.n_tokens}
 
 

@@ -23,7 +23,7 @@ from qconvert.io.safetensors import SafetensorsCheckpoint
 from qconvert.model import qwen2
 from qconvert.model.dims import Qwen2Dims
 from qconvert.registry import read_model_config
-from tests.model_helpers import quantized_weights
+from tests.model_helpers import forward, quantized_weights
 
 # ---------------------------------------------------------------- pure functions
 
@@ -82,10 +82,13 @@ def _calibration(model: Path, n: int, t: int) -> torch.Tensor:
     return load_calibration("builtin", model, chat=False, n_samples=n, seq_len=t, seed=0).ids
 
 
-def _run(model: Path, ids: torch.Tensor, method: str, cfg: GPTQConfig | AWQConfig, holdout: float | None):
+def _run(model: Path, ids: torch.Tensor, method: str, cfg: GPTQConfig | AWQConfig, holdout: float | None,
+         check_model: bool = False):
+    """Calibrate into dicts; the model-level check is off unless asked for (these tests judge the per-linear and
+    per-layer decisions, which a model-level fallback would replace)."""
     linears, floats = {}, {}
     report = calibrate(model, ids, method, cfg, linears.__setitem__, floats.__setitem__, CalibrationSettings(),
-                       holdout=holdout)
+                       holdout=holdout, check_model=check_model)
     return linears, floats, report
 
 
@@ -231,6 +234,92 @@ def test_awq_guard_layer_output_not_worse_than_zero_point_rtn(demo: Path) -> Non
             expected = rtn(torch.from_numpy(ckpt.read_f32(f"{module}.weight")), 4, 128, False)
             assert torch.equal(q.codes, expected.codes)
             assert not any(n.startswith(module.rsplit(".", 2)[0] + ".") for n in floats)
+
+
+# ---------------------------------------------------------------- the model-level check
+
+
+def _scores(model: Path, weights: dict[str, torch.Tensor], window: torch.Tensor) -> tuple[float, float]:
+    """(mean KL to the float model, mean next-token NLL) over positions 0 .. t-2 of ``window`` [n, t], by a
+    whole-model forward held in memory and torch's own kl_div / cross_entropy."""
+    config = read_model_config(model)
+    with torch.no_grad():
+        ref = forward(quantized_weights(model, {}), window, config)[:, :-1].reshape(-1, int(config["vocab_size"]))
+        got = forward(weights, window, config)[:, :-1].reshape(-1, int(config["vocab_size"]))
+    kl = torch.nn.functional.kl_div(torch.log_softmax(got.double(), -1), torch.log_softmax(ref.double(), -1),
+                                    log_target=True, reduction="batchmean")
+    nll = torch.nn.functional.cross_entropy(got.double(), window[:, 1:].reshape(-1))
+    return float(kl), float(nll)
+
+
+@pytest.mark.parametrize(("method", "cfg", "n", "t"), [("gptq", GPTQConfig(), 2, 4), ("awq", AWQConfig(), 4, 16)])
+def test_model_check_scores_both_models_on_the_heldout_windows(demo: Path, method: str, cfg, n: int, t: int) -> None:
+    """The check's KL and NLL are those of the whole quantized model (the method's, as handed on before any
+    restart) and of round-to-nearest of every float weight, on the held-out window; the kept one is handed on."""
+    ids = _calibration(demo, n, t)
+    linears: dict = {}
+    floats: dict = {}
+    before: list[tuple[dict, dict]] = []
+
+    def restart() -> None:
+        before.append((dict(linears), dict(floats)))
+        linears.clear()
+        floats.clear()
+
+    report = calibrate(demo, ids, method, cfg, linears.__setitem__, floats.__setitem__, holdout=0.25,
+                       on_restart=restart)
+    check = report.model_check
+    assert check is not None and check.positions == t - 1
+    method_model = before[0] if before else (linears, floats)
+    assert len(before) == int(check.kept == "rtn")
+    ckpt = SafetensorsCheckpoint(demo)
+    base = {m: rtn(torch.from_numpy(ckpt.read_f32(f"{m}.weight")), 4, 128, method == "gptq") for m in linears}
+    kl, nll = _scores(demo, quantized_weights(demo, *method_model), ids[-1:])
+    base_kl, base_nll = _scores(demo, quantized_weights(demo, base), ids[-1:])
+    assert math.isclose(check.kl, kl, rel_tol=2e-3) and math.isclose(check.nll, nll, rel_tol=1e-4), (check, kl, nll)
+    assert math.isclose(check.base_kl, base_kl, rel_tol=2e-3) and math.isclose(check.base_nll, base_nll, rel_tol=1e-4)
+    if check.kept == "rtn":  # what was handed on last is round-to-nearest of every float weight, norms untouched
+        assert report.kept == {"rtn": len(base)} and "round-to-nearest" in report.guard_summary()
+        for m, q in base.items():
+            assert torch.equal(linears[m].codes, q.codes) and torch.equal(linears[m].scales, q.scales)
+        assert all(torch.equal(floats[n].float(), torch.from_numpy(ckpt.read_f32(n))) for n in floats)
+        assert set(floats) == set(before[0][1])
+    else:
+        assert kl <= base_kl * (1 + 2e-3) and report.kept.get(method, 0) > 0
+
+
+def test_model_check_rule_and_its_standard_error() -> None:
+    """KL decides; the NLL vetoes only when worse by more than one standard error of its block means."""
+    from qconvert.int4.guard import ModelCheck, block_standard_error
+
+    assert ModelCheck("awq", 0.09, 3.00, 0.10, 2.99, 0.02, 1022).kept == "awq"  # NLL worse, within noise
+    assert ModelCheck("awq", 0.09, 3.05, 0.10, 2.99, 0.02, 1022).kept == "rtn"  # NLL worse by 3 SE
+    assert ModelCheck("gptq", 0.11, 2.90, 0.10, 2.99, 0.02, 1022).kept == "rtn"  # KL worse
+    assert ModelCheck("gptq", 0.09, 9.0, 0.10, 2.0, math.inf, 15).kept == "gptq"  # too few positions for the NLL
+    # two windows of 128 positions = 4 blocks of 64 with means 1, 2, 3, 4 -> std 1.29099, SE 0.645497
+    diff = torch.cat([torch.full((64,), v, dtype=torch.float64) for v in (1.0, 2.0, 3.0, 4.0)]).reshape(2, 128)
+    assert math.isclose(block_standard_error(diff), math.sqrt(5 / 3) / 2, rel_tol=1e-9)
+    assert block_standard_error(torch.ones(1, 100)) == math.inf  # one block: no spread to measure
+
+
+def test_gptq_with_too_few_tokens_falls_back_to_rtn_for_the_whole_model(demo: Path, tmp_path: Path) -> None:
+    """2 windows of 4 tokens: GPTQ's model is further from the float model on the held-out window than symmetric
+    round-to-nearest, so the command writes round-to-nearest everywhere (the writer restarts), and says so."""
+    from qconvert.int4.formats import dequantized_tensors
+
+    assert main(["gptq", "--model", str(demo), "--device", "cpu", "--quiet", "--no-eval", "--calib-samples", "2",
+                 "--calib-seqlen", "4", "--out-dir", str(tmp_path)]) == 0
+    out = tmp_path / f"{demo.name}-gptq-int4"
+    card = (out / "README.md").read_text()
+    assert "model-level check" in card and "every linear is round-to-nearest" in card, card
+    src, ckpt = SafetensorsCheckpoint(demo), SafetensorsCheckpoint(out)
+    qcfg = read_model_config(out)["quantization_config"]
+    config = read_model_config(demo)
+    for i in range(int(config["num_hidden_layers"])):
+        got = dequantized_tensors(ckpt, f"model.layers.{i}.", qcfg, "cpu")
+        for name in ("self_attn.q_proj", "mlp.down_proj"):
+            expected = rtn(torch.from_numpy(src.read_f32(f"model.layers.{i}.{name}.weight")), 4, 128, True)
+            torch.testing.assert_close(got[f"{name}.weight"].float(), expected.dequantize().float(), rtol=0, atol=1e-3)
 
 
 # ---------------------------------------------------------------- the command line

@@ -595,6 +595,32 @@ def test_writer_knows_its_size_up_front_and_refuses_a_full_disk(model_dir, tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ok"]
 
 
+def test_writer_restart_forgets_flushed_and_pending_tensors(model_dir, tmp_path: Path) -> None:
+    """After ``restart`` (the guard's model-level fallback) every linear is added again, no shard of the first
+    round survives, and the checkpoint holds the second round's weights."""
+    src = model_dir("tiny-tied")
+    first, second = _rtn_linears(src), {m: rtn(q.dequantize() * 0.5, 4, 128) for m, q in _rtn_linears(src).items()}
+    out = tmp_path / "q"
+    with QuantizedCheckpointWriter(src, out, GPTQ_CFG, tp_sizes=(), max_shard_bytes=100_000) as w:
+        for module, q in first.items():
+            w.add_linear(module, q)
+        w.add_float("model.norm.weight", torch.zeros(256))
+        assert len(w.shards) > 1
+        w.restart()
+        assert not list(w.tmp.glob("shard-*"))
+        for module, q in second.items():
+            w.add_linear(module, q)
+        w.finish()
+    tensors = _read_dir(out)
+    for module, q in second.items():
+        t = {k: tensors[f"{module}.{k}"] for k in ("qweight", "qzeros", "scales", "g_idx")}
+        assert torch.equal(dequantize_gptq(t, 4), q.dequantize())
+    from qconvert.io.safetensors import SafetensorsCheckpoint
+
+    norm = torch.from_numpy(SafetensorsCheckpoint(src).read_f32("model.norm.weight")).half()
+    assert torch.equal(tensors["model.norm.weight"], norm)  # the float added before the restart is gone
+
+
 def test_writer_is_strict_and_leaves_nothing_on_failure(model_dir, tmp_path: Path) -> None:
     src = model_dir("tiny-tied")
     linears = _rtn_linears(src)

@@ -700,3 +700,29 @@ def test_cuda_matches_cpu(exported, precision: str, bound: float) -> None:
     gpu, cpu = OnnxModel(out, device="cuda"), OnnxModel(out)
     assert rel(gpu.logits(ids), cpu.logits(ids)) < bound
     assert gpu.greedy(ids, 20) == cpu.greedy(ids, 20)
+
+
+def test_initializer_store_rolls_back_to_a_mark(tmp_path: Path) -> None:
+    """The ONNX export's restart after the guard's model-level fallback: everything added after the mark is gone,
+    its external bytes too, and onnxruntime reads what was added afterwards at the right offsets."""
+    import onnxruntime as ort
+
+    from qconvert.onnx_export.writer import DATA_FILE, InitializerStore
+
+    store = InitializerStore(tmp_path, external=True)
+    keep = np.arange(2048, dtype=np.float32).reshape(2, 1024)
+    store.add("keep", keep)
+    mark = store.mark()
+    store.add("dropped", np.ones((4, 4096), np.float32))
+    store.add("dropped_small", np.ones(3, np.float32))
+    store.rollback(mark)
+    later = np.full((2, 1024), 7.0, np.float32)
+    store.add("dropped", later)  # the name is free again
+    assert [t.name for t in store.tensors] == ["keep", "dropped"]
+    nodes = [helper.make_node("Add", ["keep", "dropped"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 1024])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    store.save(model, tmp_path / "model.onnx")
+    assert (tmp_path / DATA_FILE).stat().st_size == store.offset < 4 * 4096 * 4
+    y = ort.InferenceSession(str(tmp_path / "model.onnx")).run(None, {})[0]
+    np.testing.assert_array_equal(y, keep + later)

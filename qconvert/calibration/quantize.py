@@ -35,6 +35,7 @@ from qconvert.calibration.driver import (
     DeviceLayer,
     LayerContext,
     Progress,
+    StreamedHead,
     check_finite,
     read_config,
     resolve_device,
@@ -60,7 +61,15 @@ from qconvert.int4.awq import (
     search_clip,
     search_scales,
 )
-from qconvert.int4.guard import guarded, holdout_count, reconstruction_error, windows_needed
+from qconvert.int4.guard import (
+    ModelCheck,
+    block_standard_error,
+    guarded,
+    holdout_count,
+    position_scores,
+    reconstruction_error,
+    windows_needed,
+)
 from qconvert.int4.rtn import check_scheme
 from qconvert.io.safetensors import SafetensorsCheckpoint
 from qconvert.model import qwen2
@@ -74,6 +83,7 @@ METHODS = ("gptq", "awq", "rtn")
 
 OnLinear = Callable[[str, QuantizedLinear], None]  # ("model.layers.3.mlp.down_proj", q)
 OnFloat = Callable[[str, torch.Tensor], None]  # ("model.layers.3.input_layernorm.weight", new gain)
+OnRestart = Callable[[], None]  # forget every result handed on so far: they come again (the model-level check)
 
 
 @dataclass(frozen=True)
@@ -87,14 +97,17 @@ class CalibrationReport:
     holdout: int = 0  # windows held out for the guard (the last ones); 0: no guard
     kept: Mapping[str, int] = field(default_factory=dict)  # linears per result kept: {"gptq": 160, "rtn": 8}
     rank_warnings: tuple[str, ...] = ()  # input sites the fitted tokens cannot span (GPTQ)
+    model_check: ModelCheck | None = None  # the guard's decision on the whole model (None: not run)
 
     def guard_summary(self) -> str:
         """One line for the model card and the terminal: the split and what the guard kept."""
         if not self.holdout:
             return "held-out guard: off"
         kept = ", ".join(f"{k} {v}" for k, v in sorted(self.kept.items(), key=lambda kv: -kv[1]))
+        check = f"; {self.model_check.summary()}" if self.model_check is not None else ""
         return (f"held-out guard: the last {self.holdout} of {self.n_samples} calibration windows judged each result "
-                f"against round-to-nearest (fitted on the first {self.n_samples - self.holdout}); linears kept: {kept}")
+                f"against round-to-nearest (fitted on the first {self.n_samples - self.holdout}); linears kept: "
+                f"{kept}{check}")
 
 
 class _GroupDone(Exception):
@@ -146,17 +159,25 @@ def _gptq_layer(layer: DeviceLayer, h: torch.Tensor, dims: qwen2.Qwen2Dims, rope
             W = layer.weight(name).float()
             q = gptq(W, H, cfg)
             if H_out is not None:
-                q = guarded(q, rtn(W, cfg.bits, cfg.group_size, cfg.sym, cfg.min_zero), W, H_out, "gptq")
+                q = guarded(q, baseline(W, cfg), W, H_out, "gptq")
             layer.p[f"{name}.weight"] = q.dequantize().to(settings.dtype)
             out[name] = q
     return out
 
 
-def _rtn_layer(layer: DeviceLayer, spec: ArchSpec, cfg: GPTQConfig, settings: CalibrationSettings
+def baseline(W: torch.Tensor, cfg: GPTQConfig | AWQConfig) -> QuantizedLinear:
+    """The round-to-nearest the guard judges a method against, in the method's own format: GPTQ's (symmetric
+    unless ``cfg.sym`` is False), AWQ's zero-point quantizer without scales or clips."""
+    if isinstance(cfg, AWQConfig):
+        return rtn(W, cfg.bits, cfg.group_size, sym=False)
+    return rtn(W, cfg.bits, cfg.group_size, cfg.sym, cfg.min_zero)
+
+
+def _rtn_layer(layer: DeviceLayer, spec: ArchSpec, cfg: GPTQConfig | AWQConfig, settings: CalibrationSettings
                ) -> dict[str, QuantizedLinear]:
     out = {}
     for name in (s for group in spec.sequential for s in group):
-        q = rtn(layer.weight(name).float(), cfg.bits, cfg.group_size, cfg.sym, cfg.min_zero)
+        q = baseline(layer.weight(name).float(), cfg)
         layer.p[f"{name}.weight"] = q.dequantize().to(settings.dtype)
         out[name] = q
     return out
@@ -270,7 +291,7 @@ def _awq_layer(layer: DeviceLayer, h: torch.Tensor, dims: qwen2.Qwen2Dims, rope:
     if n_out:  # the layer against plain zero-point round-to-nearest, on the held-out windows
         h_out = h[n_fit:]
         reference = _layer_output(float_p, h_out, dims, rope, settings.batch_size)
-        base = {n: rtn(float_p[f"{n}.weight"].float(), cfg.bits, cfg.group_size, sym=False) for n in linears}
+        base = {n: baseline(float_p[f"{n}.weight"].float(), cfg) for n in linears}
         base_p = {**float_p, **{f"{n}.weight": q.dequantize().to(settings.dtype) for n, q in base.items()}}
         e_awq = _mse(_layer_output(layer.p, h_out, dims, rope, settings.batch_size), reference)
         e_rtn = _mse(_layer_output(base_p, h_out, dims, rope, settings.batch_size), reference)
@@ -292,23 +313,56 @@ def check_model_scheme(config: Mapping[str, Any], spec: ArchSpec, bits: int, gro
             check_scheme(bits, group_size, shapes[sub][1], f"{spec.block_prefix}.*.{sub} {list(shapes[sub])}")
 
 
+class _HeldOutStreams:
+    """The held-out windows through the float layers and through their round-to-nearest baseline, one layer at a
+    time beside the driver's own stream (the quantized model): the inputs of the model-level check."""
+
+    def __init__(self, h0: torch.Tensor) -> None:
+        self.ref = h0.clone()
+        self.base = h0.clone()
+
+    def advance(self, float_p: Mapping[str, torch.Tensor], base_p: Mapping[str, torch.Tensor], ctx: LayerContext
+                ) -> None:
+        batch = ctx.settings.batch_size
+        with torch.no_grad():
+            self.ref = torch.cat([qwen2.decoder_layer(float_p, self.ref[i:i + batch], ctx.dims, ctx.rope)
+                                  for i in range(0, self.ref.shape[0], batch)])
+            self.base = torch.cat([qwen2.decoder_layer(base_p, self.base[i:i + batch], ctx.dims, ctx.rope)
+                                   for i in range(0, self.base.shape[0], batch)])
+
+
 class _QuantizePass:
-    """The layer pass of ``calibrate``: quantize one layer's linears in place and hand the results on."""
+    """The layer pass of ``calibrate``: quantize one layer's linears in place and hand the results on.
+
+    ``streams``: also carry the held-out windows through the float and the round-to-nearest layers (the model
+    check); ``float_names`` collects the float tensors handed on (AWQ's rescaled norms), so a fallback can undo them.
+    """
 
     def __init__(self, method: str, cfg: GPTQConfig | AWQConfig, on_linear: OnLinear, on_float: OnFloat | None,
-                 n_out: int = 0) -> None:
+                 n_out: int = 0, streams: bool = False) -> None:
         self.method, self.cfg, self.on_linear, self.on_float, self.n_out = method, cfg, on_linear, on_float, n_out
         self.kept: dict[str, int] = {}
+        self.want_streams = streams
+        self.streams: _HeldOutStreams | None = None
+        self.float_names: list[str] = []
 
     def __call__(self, layer: DeviceLayer, h: torch.Tensor, ctx: LayerContext) -> None:
         floats: dict[str, torch.Tensor] = {}
         cfg = self.cfg
-        if isinstance(cfg, AWQConfig):
+        float_p = dict(layer.p)  # the float layer (the passes replace entries, never modify them in place)
+        if self.want_streams and self.streams is None:
+            self.streams = _HeldOutStreams(h[h.shape[0] - self.n_out:])
+        if isinstance(cfg, AWQConfig) and self.method == "awq":
             qs, floats = _awq_layer(layer, h, ctx.dims, ctx.rope, ctx.spec, cfg, ctx.settings, self.n_out)
         elif self.method == "gptq":
+            assert isinstance(cfg, GPTQConfig)
             qs = _gptq_layer(layer, h, ctx.dims, ctx.rope, ctx.spec, cfg, ctx.settings, self.n_out)
         else:
             qs = _rtn_layer(layer, ctx.spec, cfg, ctx.settings)
+        if self.streams is not None:
+            base_p = {**float_p, **{f"{n}.weight": baseline(float_p[f"{n}.weight"].float(), cfg).dequantize()
+                                    .to(ctx.settings.dtype) for n in qs}}
+            self.streams.advance(float_p, base_p, ctx)
         for name, q in qs.items():
             kept = str(q.info.get("kept", self.method))
             self.kept[kept] = self.kept.get(kept, 0) + 1
@@ -316,8 +370,27 @@ class _QuantizePass:
         for name, t in floats.items():
             if self.on_float is None:
                 raise CalibrationError("AWQ rescales norm gains; pass on_float to receive them.")
+            self.float_names.append(ctx.prefix + name)
             self.on_float(ctx.prefix + name, t)
         # the driver runs the layer with its quantized weights
+
+
+def model_check(ckpt: SafetensorsCheckpoint, config: Mapping[str, Any], method: str, quantized: torch.Tensor,
+                streams: _HeldOutStreams, ids: torch.Tensor, settings: CalibrationSettings) -> ModelCheck:
+    """Score the held-out windows' last hidden states: the quantized model's (``quantized``) and the baseline's
+    against the float model's, by the final logits (KL and next-token NLL at positions 0 .. t-2)."""
+    head = StreamedHead(ckpt, config, settings)
+    t = ids.shape[1] - 1
+    kl, nll = torch.zeros(2, ids.shape[0], t, dtype=torch.float64), torch.zeros(2, ids.shape[0], t, dtype=torch.float64)
+    with torch.no_grad():
+        for w in range(ids.shape[0]):  # one window's three logit sets at a time; the head is read once per window
+            logits = head(torch.cat([streams.ref[w, :-1], quantized[w, :-1], streams.base[w, :-1]]))
+            targets = ids[w, 1:].to(logits.device)
+            for k in range(2):
+                a, b = position_scores(logits[:t], logits[(k + 1) * t:(k + 2) * t], targets)
+                kl[k, w], nll[k, w] = a.cpu(), b.cpu()
+    return ModelCheck(method, float(kl[0].mean()), float(nll[0].mean()), float(kl[1].mean()), float(nll[1].mean()),
+                      block_standard_error(nll[0] - nll[1]), ids.shape[0] * t)
 
 
 def rank_warnings(config: Mapping[str, Any], spec: ArchSpec, n_fit: int, seq_len: int, n_out: int) -> list[str]:
@@ -342,7 +415,8 @@ def rank_warnings(config: Mapping[str, Any], spec: ArchSpec, n_fit: int, seq_len
 def calibrate(model_dir: str | Path, ids: torch.Tensor, method: str, cfg: GPTQConfig | AWQConfig, on_linear: OnLinear,
               on_float: OnFloat | None = None, settings: CalibrationSettings = CalibrationSettings(),
               progress: Progress | None = None, pad_to: int | None = None,
-              holdout: float | None = None) -> CalibrationReport:
+              holdout: float | None = None, *, on_restart: OnRestart | None = None,
+              check_model: bool = True) -> CalibrationReport:
     """Quantize every decoder linear of the checkpoint in ``model_dir`` with calibration tokens ``ids`` [n, t].
 
     ``method``: ``gptq`` (``cfg`` a GPTQConfig), ``awq`` (an AWQConfig) or ``rtn`` (a GPTQConfig; no statistics,
@@ -352,6 +426,12 @@ def calibrate(model_dir: str | Path, ids: torch.Tensor, method: str, cfg: GPTQCo
     ones, at least one) held out for the guard (``qconvert.int4.guard``); None (the driver's default, so the
     algorithms stay exactly the published ones here) turns it off. The product paths (``write_int4``, the ONNX
     export, the release) pass ``DEFAULT_HOLDOUT``.
+
+    With the guard and ``check_model``, the held-out windows also run through the float and the round-to-nearest
+    layers, and the guard's last decision is on the final logits (``ModelCheck``). Where the method's model is
+    worse, ``on_restart()`` is called (a writer drops what it has) and every linear comes again, now
+    round-to-nearest (``baseline``), with the original float tensors for any ``on_float`` had — so a sink that
+    cannot take a name twice must pass ``on_restart``.
     Returns what was used (token count, time, the guard's split and choices).
     """
     if method not in METHODS:
@@ -365,10 +445,26 @@ def calibrate(model_dir: str | Path, ids: torch.Tensor, method: str, cfg: GPTQCo
     spec = spec_for_config(config)
     check_model_scheme(config, spec, cfg.bits, cfg.group_size)
     n_out = holdout_count(ids.shape[0], holdout) if holdout is not None and method != "rtn" else 0
-    layer_pass = _QuantizePass(method, cfg, on_linear, on_float, n_out)
+    layer_pass = _QuantizePass(method, cfg, on_linear, on_float, n_out, streams=bool(n_out) and check_model)
     warnings = rank_warnings(config, spec, ids.shape[0] - n_out, ids.shape[1], n_out) if method == "gptq" else []
-    stream_layers(SafetensorsCheckpoint(model_dir), config, ids, layer_pass,
-                  settings, pad_to=pad_to, propagate=method != "rtn", progress=progress)
+    ckpt = SafetensorsCheckpoint(model_dir)
+    h = stream_layers(ckpt, config, ids, layer_pass,
+                      settings, pad_to=pad_to, propagate=method != "rtn", progress=progress)
+    kept, check = dict(layer_pass.kept), None
+    if layer_pass.streams is not None:
+        n_fit = ids.shape[0] - n_out
+        check = model_check(ckpt, config, method, h[n_fit:], layer_pass.streams, ids[n_fit:], settings)
+        del h, layer_pass.streams
+        if check.kept != method:
+            if on_restart is not None:
+                on_restart()
+            again = _QuantizePass("rtn", cfg, on_linear, on_float)
+            stream_layers(ckpt, config, ids, again, settings, pad_to=pad_to, propagate=False)
+            if layer_pass.float_names:
+                assert on_float is not None
+                for name in layer_pass.float_names:
+                    on_float(name, torch.from_numpy(ckpt.read_f32(name)))
+            kept = dict(again.kept)
     return CalibrationReport(ids.shape[0], ids.shape[1], ids.numel(), time.perf_counter() - start, settings.device,
-                             str(settings.dtype).removeprefix("torch."), n_out, dict(layer_pass.kept),
-                             tuple(warnings))
+                             str(settings.dtype).removeprefix("torch."), n_out, kept,
+                             tuple(warnings), check)

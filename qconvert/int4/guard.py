@@ -12,7 +12,11 @@ candidate on the held-out windows:
   one held-out Hessian per input site judges any number of candidates without a forward;
 * GPTQ: per linear, the GPTQ result or symmetric round-to-nearest in the same format, whichever is lower;
 * AWQ: per scaling site, the searched scales or ``s = 1``; per linear, the searched clip or none; per decoder
-  layer, the result or plain zero-point round-to-nearest, by the layer's output error (the calibration driver).
+  layer, the result or plain zero-point round-to-nearest, by the layer's output error (the calibration driver);
+* both, last, on the whole model (``ModelCheck``): the held-out windows' final logits through the quantized model
+  and through its round-to-nearest baseline, scored against the float model's (KL and next-token NLL). Layer
+  errors need not track the model's output (AWQ on a checkpoint dequantized from a 4-bit GGUF did better per
+  layer and worse per model); where the method's model is worse in either, every linear becomes round-to-nearest.
 
 So neither method is worse than round-to-nearest on the held-out tokens, by construction, at every level the
 guard decides. Pure functions; the driver (``qconvert.calibration.quantize``) decides where they run.
@@ -21,7 +25,7 @@ guard decides. Pure functions; the driver (``qconvert.calibration.quantize``) de
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 
 import torch
@@ -86,3 +90,59 @@ def rank_shortfall(n_inputs: int, n_tokens: int) -> float:
 def windows_needed(n_inputs: int, seq_len: int, holdout: int) -> int:
     """Calibration windows of ``seq_len`` tokens for a full-rank Hessian of ``n_inputs``, plus the held-out ones."""
     return math.ceil(n_inputs / seq_len) + holdout
+
+
+NLL_BLOCK = 64  # positions per block for the standard error of the NLL difference (neighbours are correlated)
+
+
+def position_scores(ref: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: ``KL(softmax(ref) ‖ softmax(logits))`` and the next token's ``-log softmax(logits)`` (float64).
+
+    ``ref``, ``logits`` [rows, vocab]; ``targets`` [rows] token ids.
+    """
+    lp = torch.log_softmax(ref.double(), dim=-1)
+    lq = torch.log_softmax(logits.double(), dim=-1)
+    return (lp.exp() * (lp - lq)).sum(-1), -lq.gather(1, targets.long().reshape(-1, 1))[:, 0]
+
+
+def block_standard_error(diff: torch.Tensor) -> float:
+    """One standard error of the mean of ``diff`` [windows, positions] from the spread of its block means
+    (``NLL_BLOCK`` consecutive positions of a window per block); infinite with fewer than two blocks."""
+    blocks = diff.shape[1] // NLL_BLOCK
+    if diff.shape[0] * blocks < 2:
+        return math.inf
+    means = diff[:, :blocks * NLL_BLOCK].reshape(diff.shape[0] * blocks, NLL_BLOCK).mean(1)
+    return float(means.std() / math.sqrt(means.numel()))
+
+
+@dataclass(frozen=True)
+class ModelCheck:
+    """The guard's last decision, on the whole model: the final logits of the held-out windows, through the method's
+    quantized model and through its round-to-nearest baseline, against the float model's.
+
+    ``kl`` / ``nll``: the method's mean KL to the float model and mean next-token NLL per scored position;
+    ``base_*`` the same for round-to-nearest; ``nll_se`` one standard error of the NLL difference (blocks of
+    ``NLL_BLOCK`` positions). The method is kept only where its KL is not above round-to-nearest's and its NLL not
+    above by more than one standard error (a held-out window of a few dozen tokens cannot resolve the NLL at all:
+    KL, far less noisy, decides alone there).
+    """
+
+    method: str
+    kl: float
+    nll: float
+    base_kl: float
+    base_nll: float
+    nll_se: float
+    positions: int
+
+    @property
+    def kept(self) -> str:
+        return self.method if self.kl <= self.base_kl and self.nll - self.base_nll <= self.nll_se else "rtn"
+
+    def summary(self) -> str:
+        verdict = (f"{self.method} kept" if self.kept == self.method else
+                   f"{self.method} was worse, so every linear is round-to-nearest")
+        se = f" ± {self.nll_se:.4f}" if math.isfinite(self.nll_se) else ""
+        return (f"model-level check on {self.positions} held-out positions: {self.method} KL {self.kl:.4f} vs "
+                f"round-to-nearest {self.base_kl:.4f}, NLL {self.nll - self.base_nll:+.4f}{se} vs round-to-nearest: "
+                f"{verdict}")

@@ -263,6 +263,13 @@ class QuantizedCheckpointWriter:
         self.state = "finished"
         return self.out_dir
 
+    def restart(self) -> None:
+        """Forget every tensor added so far (the calibration's model-level check re-sends them all)."""
+        self._check_open()
+        for i in range(len(self.shards)):
+            (self.tmp / f"shard-{i}.tmp").unlink(missing_ok=True)
+        self.pending, self.pending_bytes, self.shards, self.done = {}, 0, [], set()
+
     def abort(self) -> None:
         """Discard everything written so far (idempotent)."""
         if self.state == "open":

@@ -388,8 +388,15 @@ def _calibrated(plan: _Plan, store: InitializerStore, algo: str, calib: Calibrat
     def on_float(name: str, t: Any) -> None:
         floats[name] = t.detach().float().cpu().numpy()
 
+    mark = store.mark()
+
+    def on_restart() -> None:  # the guard's model-level check chose round-to-nearest: everything comes again
+        store.rollback(mark)
+        quantized.clear()
+        floats.clear()
+
     calibrate(plan.src, calib.ids, algo, cfg, on_linear, on_float, settings or CalibrationSettings(), progress,
-              holdout=DEFAULT_HOLDOUT)  # the held-out guard, as for the GPTQ/AWQ checkpoints
+              holdout=DEFAULT_HOLDOUT, on_restart=on_restart)  # the held-out guard, as for the GPTQ/AWQ checkpoints
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -72,6 +72,22 @@ class InitializerStore:
         self.tensors.append(t)
         return name
 
+    def mark(self) -> tuple[int, int, int]:
+        """Where the store is now, for ``rollback``."""
+        return len(self.tensors), self.offset, self.nbytes
+
+    def rollback(self, mark: tuple[int, int, int]) -> None:
+        """Drop every initializer added since ``mark`` (their external bytes too)."""
+        if self.closed:
+            raise RuntimeError("rollback after the store was closed")
+        n, self.offset, self.nbytes = mark
+        for t in self.tensors[n:]:
+            self.names.discard(t.name)
+        del self.tensors[n:]
+        if self._file is not None:
+            self._file.seek(self.offset)
+            self._file.truncate()
+
     def close(self) -> None:
         self.closed = True
         if self._file is not None:

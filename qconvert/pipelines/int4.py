@@ -167,7 +167,7 @@ def write_int4(model_dir: Path, model_name: str, out: Path, method: str, cfg: GP
             if calib is None:
                 raise ValueError("write_int4 needs a calibration set or statistics")
             report = calibrate(model_dir, calib.ids, method, cfg, writer.add_linear, writer.add_float, settings,
-                               progress, pad_to, holdout)
+                               progress, pad_to, holdout, on_restart=writer.restart)
             for line in report.rank_warnings:
                 print(f"qconvert: note: {line}", file=sys.stderr)
         else:
@@ -288,7 +288,7 @@ def write_w8a8(model_dir: Path, model_name: str, out: Path, weights: str, calib:
             for name in smoothed:
                 writer.add_float(name, gains.read_f32(name))
         report = calibrate(src, ids, weights, cfg, writer.add_linear, None, settings, progress,
-                           holdout=holdout if weights == "gptq" else None)
+                           holdout=holdout if weights == "gptq" else None, on_restart=writer.restart)
         seconds = time.perf_counter() - start
         desc = calib.describe() if calib is not None else "none (round-to-nearest weights, no smoothing)"
         forward = None if calib is not None else "none (round-to-nearest needs no activations)"
