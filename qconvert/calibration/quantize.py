@@ -49,8 +49,6 @@ from qconvert.int4 import (
     QuantizedLinear,
     active_mappings,
     add_to_hessian,
-    gptq,
-    rtn,
 )
 from qconvert.int4.awq import (
     AWQ_TABLES,
@@ -63,8 +61,9 @@ from qconvert.int4.awq import (
 )
 from qconvert.int4.guard import (
     ModelCheck,
+    baseline,
     block_standard_error,
-    guarded,
+    guarded_gptq,
     holdout_count,
     position_scores,
     reconstruction_error,
@@ -156,21 +155,10 @@ def _gptq_layer(layer: DeviceLayer, h: torch.Tensor, dims: qwen2.Qwen2Dims, rope
         H = _SiteHessian(group[0]).collect(layer, h[:n_fit], dims, rope, settings.batch_size)  # group[0]: the site
         H_out = _SiteHessian(group[0]).collect(layer, h[n_fit:], dims, rope, settings.batch_size) if n_out else None
         for name in group:
-            W = layer.weight(name).float()
-            q = gptq(W, H, cfg)
-            if H_out is not None:
-                q = guarded(q, baseline(W, cfg), W, H_out, "gptq")
+            q = guarded_gptq(layer.weight(name).float(), H, H_out, cfg)
             layer.p[f"{name}.weight"] = q.dequantize().to(settings.dtype)
             out[name] = q
     return out
-
-
-def baseline(W: torch.Tensor, cfg: GPTQConfig | AWQConfig) -> QuantizedLinear:
-    """The round-to-nearest the guard judges a method against, in the method's own format: GPTQ's (symmetric
-    unless ``cfg.sym`` is False), AWQ's zero-point quantizer without scales or clips."""
-    if isinstance(cfg, AWQConfig):
-        return rtn(W, cfg.bits, cfg.group_size, sym=False)
-    return rtn(W, cfg.bits, cfg.group_size, cfg.sym, cfg.min_zero)
 
 
 def _rtn_layer(layer: DeviceLayer, spec: ArchSpec, cfg: GPTQConfig | AWQConfig, settings: CalibrationSettings

@@ -371,8 +371,8 @@ def quantize_from_stats(model_dir: str | Path, stats: CalibrationStats, cfg: obj
     symmetric round-to-nearest, whichever does better on the held-out tokens. Returns the linears kept per result
     (``{"gptq": n}`` without the guard).
     """
-    from qconvert.int4 import GPTQConfig, gptq, rtn
-    from qconvert.int4.guard import fit_hessian, guarded
+    from qconvert.int4 import GPTQConfig
+    from qconvert.int4.guard import fit_hessian, guarded_gptq
 
     if not isinstance(cfg, GPTQConfig):
         raise CalibrationError("only GPTQ can run from stored statistics; AWQ searches its scales on the layer's "
@@ -391,10 +391,7 @@ def quantize_from_stats(model_dir: str | Path, stats: CalibrationStats, cfg: obj
             if H_out is not None:
                 H = fit_hessian(H, site.n_tokens, H_out, site.n_heldout)
             for sub in group:
-                W = layer.weight(sub).float()
-                q = gptq(W, H, cfg)
-                if H_out is not None:
-                    q = guarded(q, rtn(W, cfg.bits, cfg.group_size, cfg.sym, cfg.min_zero), W, H_out, "gptq")
+                q = guarded_gptq(layer.weight(sub).float(), H, H_out, cfg)
                 kind = str(q.info.get("kept", "gptq"))
                 kept[kind] = kept.get(kind, 0) + 1
                 on_linear(ctx.prefix + sub, q)

@@ -32,7 +32,9 @@ import torch
 
 from qconvert.constants import DEFAULT_HOLDOUT, MAX_HOLDOUT
 from qconvert.errors import QuantTypeError
-from qconvert.int4.rtn import QuantizedLinear
+from qconvert.int4.awq import AWQConfig
+from qconvert.int4.gptq import GPTQConfig, gptq
+from qconvert.int4.rtn import QuantizedLinear, rtn
 
 
 def holdout_count(n_samples: int, fraction: float) -> int:
@@ -71,6 +73,21 @@ def guarded(q: QuantizedLinear, r: QuantizedLinear, W: torch.Tensor, H_out: torc
     kept = q if e_q <= e_r else r
     return replace(kept, info=MappingProxyType({**q.info, "kept": method if kept is q else "rtn",
                                                 "heldout_error": e_q, "rtn_heldout_error": e_r}))
+
+
+def baseline(W: torch.Tensor, cfg: GPTQConfig | AWQConfig) -> QuantizedLinear:
+    """The round-to-nearest the guard judges a method against, in the method's own format: GPTQ's (symmetric
+    unless ``cfg.sym`` is False), AWQ's zero-point quantizer without scales or clips."""
+    if isinstance(cfg, AWQConfig):
+        return rtn(W, cfg.bits, cfg.group_size, sym=False)
+    return rtn(W, cfg.bits, cfg.group_size, cfg.sym, cfg.min_zero)
+
+
+def guarded_gptq(W: torch.Tensor, H: torch.Tensor, H_out: torch.Tensor | None, cfg: GPTQConfig) -> QuantizedLinear:
+    """GPTQ of ``W`` on the fitted tokens' Hessian ``H``; with the held-out one ``H_out``, kept only where it
+    reconstructs ``W`` better than ``baseline`` does on those tokens (``guarded``)."""
+    q = gptq(W, H, cfg)
+    return q if H_out is None else guarded(q, baseline(W, cfg), W, H_out, "gptq")
 
 
 def fit_hessian(H_all: torch.Tensor, n_all: int, H_out: torch.Tensor, n_out: int) -> torch.Tensor:
