@@ -25,6 +25,7 @@ examples:
   qconvert gguf --model ./my-finetune --type Q8_0
   qconvert gguf --size 72b --bits 4 --dry-run   # per-tensor plan and predicted size, no weights needed beyond config
   qconvert gguf --size 1.5b --bits 3 --calib builtin --save-imatrix imatrix.gguf   # importance-weighted K-quants
+  qconvert gguf --size 1.5b --bits 3 --calib builtin --optimize   # same size, codes chosen with error feedback
 
 --bits maps to llama.cpp's usual presets: 2=Q2_K 3=Q3_K_M 4=Q4_K_M 5=Q5_K_M 6=Q6_K 8=Q8_0 16=F16.
 Mixtures follow llama-quantize: the output (or tied embedding) gets Q6_K, about half of the attn_v/ffn_down
@@ -71,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "--save-stats (of gguf, gptq or awq)")
     g.add_argument("--save-imatrix", type=Path, metavar="FILE",
                    help="also write the importance matrix from --calib/--stats as a llama.cpp imatrix GGUF")
+    g.add_argument("--optimize", action="store_true",
+                   help="better codes at the same size: each decoder matrix's codes are chosen with GPTQ-style error "
+                        "feedback over the calibration Hessians (needs --calib or --stats with Hessians), in "
+                        "llama.cpp's own types, scales and block layout; a tensor keeps llama.cpp's encoding where "
+                        "that does better on held-out calibration windows. Not byte-identical to llama.cpp, by design")
     o = g.add_argument_group("output")
     o.add_argument("--out-dir", type=Path, help="directory for the .gguf file, under its default name (default: .)")
     o.add_argument("--output", metavar="PATH",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+import tempfile
 from pathlib import Path
 
 from qconvert.commands.argtypes import output_file
@@ -14,7 +15,7 @@ from qconvert.family import hub_id
 from qconvert.gguf.export import PlanOptions, export_gguf
 from qconvert.gguf.plan import parse_tensor_type_option, parse_type
 from qconvert.io.atomic import check_not_inside, check_writable_target, claim_output
-from qconvert.pipelines.gguf import importance_matrix, output_name, resolve_preset, seed_plan
+from qconvert.pipelines.gguf import Importance, importance_matrix, output_name, resolve_preset, seed_plan
 from qconvert.resolve import resolve_model
 
 
@@ -49,8 +50,10 @@ def _dry_run_from_seed(args: argparse.Namespace, preset: str) -> int:
     return 0
 
 
-def _importance(args: argparse.Namespace, model_dir: Path, model_name: str) -> dict | None:
-    """The importance matrix from --imatrix, --stats or --calib (at most one); --save-stats/--save-imatrix."""
+def _importance(args: argparse.Namespace, model_dir: Path, model_name: str, scratch: Path | None = None
+                ) -> Importance | None:
+    """The importance matrix from --imatrix, --stats or --calib (at most one); --save-stats/--save-imatrix;
+    with --optimize also the Hessians (streamed into ``scratch`` unless --save-stats names a file)."""
     from qconvert.commands.calibargs import calibration_from_args, layer_progress, settings_from_args
 
     calibrated = args.calib is not None
@@ -60,7 +63,8 @@ def _importance(args: argparse.Namespace, model_dir: Path, model_name: str) -> d
             model_dir, imatrix=args.imatrix, stats=args.stats,
             calib=(lambda: calibration_from_args(args, model_dir, model_name)) if calibrated else None,
             settings=settings_from_args(args) if calibrated else None, save_stats=args.save_stats,
-            save_imatrix=args.save_imatrix, force=args.force, progress=progress)
+            save_imatrix=args.save_imatrix, force=args.force, progress=progress, optimize=args.optimize,
+            scratch=scratch)
     finally:
         for bar in bars:
             bar.close()
@@ -72,7 +76,7 @@ def _importance(args: argparse.Namespace, model_dir: Path, model_name: str) -> d
         print(f"saved calibration statistics to {found.saved_stats}", file=sys.stderr)
     if found.saved_imatrix is not None:
         print(f"wrote importance matrix {found.saved_imatrix}", file=sys.stderr)
-    return found.imatrix
+    return found
 
 
 def run_gguf(args: argparse.Namespace) -> int:
@@ -101,14 +105,28 @@ def run_gguf(args: argparse.Namespace) -> int:
     with claim:
         if out is not None:
             check_not_inside(out, (resolved.path, args.imatrix, args.stats))
-        imatrix = None if out is None else _importance(args, resolved.path, resolved.repo_id or resolved.path.name)
-        try:
-            result = export_gguf(resolved.path, out, preset, options=_options(args),
-                                 model_name=resolved.repo_id or resolved.path.name, force=args.force, imatrix=imatrix,
-                                 progress=None if args.quiet else progress)
-        finally:
-            for bar in bars:
-                bar.close()
+        with contextlib.ExitStack() as stack:
+            scratch = None
+            if out is not None and args.optimize and args.calib is not None and args.save_stats is None:
+                scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=".qconvert-stats-",
+                                                                               dir=out.parent)))
+            found = None if out is None else _importance(args, resolved.path, resolved.repo_id or resolved.path.name,
+                                                         scratch)
+            hessians, note = None, ""
+            if found is not None and found.stats is not None:
+                from qconvert.gguf.optimize import stats_hessians
+
+                hessians = stats_hessians(found.stats)
+                note = (f"error-feedback codes from the GPTQ Hessians of {found.source}; per tensor kept only where "
+                        "better than llama.cpp's on held-out calibration windows")
+            try:
+                result = export_gguf(resolved.path, out, preset, options=_options(args),
+                                     model_name=resolved.repo_id or resolved.path.name, force=args.force,
+                                     imatrix=None if found is None else found.imatrix,
+                                     progress=None if args.quiet else progress, hessians=hessians, optimize_note=note)
+            finally:
+                for bar in bars:
+                    bar.close()
     for line in result.warnings:
         print(line, file=sys.stderr)
     plan = result.plan
@@ -120,4 +138,7 @@ def run_gguf(args: argparse.Namespace) -> int:
     size = f"{result.bytes_written / 1e9:.3f} GB" if result.bytes_written >= 1e8 else f"{result.bytes_written / 1e6:.2f} MB"
     print(f"wrote {out} ({size}, {8 * plan.tensor_bytes() / n:.2f} bpw, "
           f"{result.seconds:.1f} s)")
+    if result.optimized:
+        kept = ", ".join(f"{k} {v}" for k, v in sorted(result.optimized.items()))
+        print(f"--optimize: tensors kept per encoding (judged on held-out calibration windows): {kept}")
     return 0

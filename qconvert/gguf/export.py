@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -28,7 +28,11 @@ from qconvert.names import quantize_order_key
 from qconvert.quant import quantize_rows
 from qconvert.registry import ArchSpec, read_model_config, spec_for_config
 
+if TYPE_CHECKING:
+    from qconvert.gguf.optimize import HessianSource
+
 FLOAT_PRESETS = frozenset({"F32", "F16", "BF16"})
+OPTIMIZE_KEY = "qconvert.optimize"  # what --optimize did (llama.cpp ignores keys it does not know)
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,7 @@ class ExportResult:
     bytes_written: int = 0
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    optimized: dict[str, int] = field(default_factory=dict)  # --optimize: tensors per encoding kept (``KEPT``)
 
 
 def load_config(model_dir: Path) -> dict[str, Any]:
@@ -105,7 +110,8 @@ def metadata_order(kvs: list[KV], preset: str) -> list[KV]:
 
 def export_gguf(model_dir: Path, out_path: Path | None, preset: str, *, options: PlanOptions = PlanOptions(),
                 model_name: str | None = None, force: bool = False, imatrix: Mapping[str, np.ndarray] | None = None,
-                progress: Callable[[int, int, str], None] | None = None) -> ExportResult:
+                progress: Callable[[int, int, str], None] | None = None, hessians: HessianSource | None = None,
+                optimize_note: str = "") -> ExportResult:
     """Convert ``model_dir`` to ``out_path`` with llama-quantize's ``preset`` mixture.
 
     ``out_path=None`` plans only (``--dry-run``). ``imatrix`` (GGUF tensor name -> f32[n_in] mean of x², see
@@ -113,6 +119,9 @@ def export_gguf(model_dir: Path, out_path: Path | None, preset: str, *, options:
     ``progress(done, total, name)`` is called after each tensor. ``model_name``: the hub id a hub-cache snapshot
     was resolved from (``Qwen/Qwen2.5-1.5B-Instruct``), or None for a local directory; llama.cpp's naming
     heuristics read its last component as the directory name (see ``qconvert.gguf.metadata.card_metadata``).
+    ``hessians`` (``--optimize``, ``qconvert.gguf.optimize``): the decoder linears' input Hessians by checkpoint
+    tensor name; each such tensor of an affine type gets error-feedback codes where they beat llama.cpp's on the
+    held-out tokens (same types, same size). ``optimize_note`` is stored as ``qconvert.optimize``.
     """
     model_dir = Path(model_dir)
     preset = get_preset(preset).name
@@ -131,6 +140,10 @@ def export_gguf(model_dir: Path, out_path: Path | None, preset: str, *, options:
     n_params = sum(int(np.prod(ckpt.entries[h].shape)) for h in mapped.values())
     kvs = gguf_metadata(spec, config, vocab, model_name=model_name or model_dir.name, model_dir=model_dir,
                         n_params=n_params, file_type=get_preset(preset).file_type)
+    if hessians is not None:
+        from qconvert.gguf.metadata import V
+
+        kvs.append(KV(OPTIMIZE_KEY, V.STRING, optimize_note or "error-feedback codes (qconvert gguf --optimize)"))
     start = time.perf_counter()
     with atomic_output(Path(out_path), force=force, needed=plan.data_section_bytes(), inputs=(model_dir,)) as tmp:
         writer = GGUFWriter(tmp)
@@ -140,7 +153,7 @@ def export_gguf(model_dir: Path, out_path: Path | None, preset: str, *, options:
             for entry in plan.entries:
                 writer.add_tensor_info(entry.name, entry.shape, entry.type)
             writer.write_header()
-            _stream_tensors(writer, ckpt, mapped, plan, imatrix or {}, progress)
+            _stream_tensors(writer, ckpt, mapped, plan, imatrix or {}, progress, hessians, result.optimized)
             writer.close()
         finally:
             writer.abort()
@@ -168,9 +181,23 @@ def _check_imatrix(imatrix: Mapping[str, np.ndarray], plan: Plan) -> None:
 
 
 def _stream_tensors(writer: GGUFWriter, ckpt: SafetensorsCheckpoint, mapped: dict[str, str], plan: Plan,
-                    imatrix: Mapping[str, np.ndarray], progress: Callable[[int, int, str], None] | None) -> None:
-    """Quantize and write each tensor; a reader thread fetches the next one meanwhile."""
+                    imatrix: Mapping[str, np.ndarray], progress: Callable[[int, int, str], None] | None,
+                    hessians: HessianSource | None = None, kept: dict[str, int] | None = None) -> None:
+    """Quantize and write each tensor; a reader thread fetches the next one meanwhile. With ``hessians`` the
+    tensors that have them go through ``optimized_rows``; ``kept`` counts what each kept."""
     entries = plan.entries
+    encode: Callable[[GGMLType, np.ndarray, str], np.ndarray | None] = lambda qtype, rows, name: None
+    if hessians is not None:  # torch and the GPTQ solver load only for --optimize
+        from qconvert.gguf.optimize import can_optimize, optimized_rows
+
+        def encode(qtype: GGMLType, rows: np.ndarray, name: str) -> np.ndarray | None:
+            h = hessians(mapped[name]) if can_optimize(qtype) else None
+            if h is None:
+                return None
+            data, which = optimized_rows(qtype, rows, h, imatrix.get(name))
+            if kept is not None:
+                kept[which] = kept.get(which, 0) + 1
+            return data
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(ckpt.read_f32, mapped[entries[0].name]) if entries else None
         for i, entry in enumerate(entries):
@@ -178,7 +205,10 @@ def _stream_tensors(writer: GGUFWriter, ckpt: SafetensorsCheckpoint, mapped: dic
             x = pending.result()
             pending = pool.submit(ckpt.read_f32, mapped[entries[i + 1].name]) if i + 1 < len(entries) else None
             _check_finite(x, mapped[entry.name])
-            data = quantize_rows(entry.type, np.ascontiguousarray(x.reshape(-1, x.shape[-1])), imatrix.get(entry.name))
+            rows = np.ascontiguousarray(x.reshape(-1, x.shape[-1]))
+            data = encode(entry.type, rows, entry.name)
+            if data is None:
+                data = quantize_rows(entry.type, rows, imatrix.get(entry.name))
             writer.write_tensor(entry.name, data)
             if progress:
                 progress(i + 1, len(entries), entry.name)

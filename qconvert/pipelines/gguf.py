@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -64,21 +64,32 @@ class Importance:
     source: str  # the file it was read from, or the calibration description
     saved_stats: Path | None = None
     saved_imatrix: Path | None = None
+    stats: Any = None  # the CalibrationStats (Hessians read on demand) when --optimize asked for them
 
 
 def importance_matrix(model_dir: Path, *, imatrix: Path | None = None, stats: Path | None = None,
                       calib: CalibrationSet | Callable[[], CalibrationSet] | None = None,
                       settings: CalibrationSettings | None = None, save_stats: Path | None = None,
                       save_imatrix: Path | None = None, force: bool = False,
-                      progress: Callable[[int, int], None] | None = None) -> Importance | None:
+                      progress: Callable[[int, int], None] | None = None, optimize: bool = False,
+                      scratch: Path | None = None) -> Importance | None:
     """The K-quants' importance matrix from one of: a llama.cpp ``imatrix`` GGUF, a ``stats`` file saved by an
     earlier pass, or a float pass over ``calib`` (a ``CalibrationSet``, or a function loading it: called only once
     every argument check has passed). ``save_stats`` streams that pass's statistics (with GPTQ Hessians) to a file;
     ``save_imatrix`` writes the matrix as a llama.cpp imatrix GGUF. None when no source is given.
+    ``optimize`` (``--optimize``) also keeps the GPTQ Hessians, with the held-out guard's split, for
+    ``qconvert.gguf.optimize``: from ``calib`` they stream into ``save_stats`` or, without it, into
+    ``scratch/stats.safetensors`` (the caller removes it); a ``stats`` file must hold them.
     """
     given = [f for f, v in (("--imatrix", imatrix), ("--stats", stats), ("--calib", calib)) if v is not None]
     if len(given) > 1:
         raise UsageError(f"{' and '.join(given)} each give an importance matrix; use one of them.")
+    if optimize and calib is None and stats is None:
+        raise UsageError("--optimize chooses the codes with the calibration Hessians: give --calib SOURCE (e.g. "
+                         "--calib builtin) or --stats FILE saved by --save-stats"
+                         + (" (an imatrix file holds only their diagonals)." if imatrix is not None else "."))
+    if optimize and calib is not None and save_stats is None and scratch is None:
+        raise ValueError("--optimize from --calib needs save_stats or a scratch directory for the Hessians")
     if save_stats is not None and calib is None:
         raise UsageError("--save-stats needs --calib SOURCE (statistics are collected on calibration text).")
     if save_imatrix is not None and calib is None and stats is None:
@@ -97,17 +108,22 @@ def importance_matrix(model_dir: Path, *, imatrix: Path | None = None, stats: Pa
         collected = CalibrationStats.load(stats)
         collected.check_model(model_dir)
         source = f"{stats} ({collected.source or 'unknown source'})"
+        if optimize and not all(site.has_hessian for site in collected.sites.values()):
+            raise UsageError(f"{stats} holds no GPTQ Hessians, which --optimize needs; recollect it with "
+                             "`qconvert gguf --calib SOURCE --save-stats FILE --optimize` (or gptq --save-stats).")
     elif calib is not None:
         from qconvert.calibration.quantize import CalibrationSettings
         from qconvert.calibration.stats import collect_stats
+        from qconvert.constants import DEFAULT_HOLDOUT
 
         calib_set = calib() if callable(calib) else calib
+        path = save_stats if save_stats is not None or not optimize else Path(scratch or ".") / "stats.safetensors"
         collected = collect_stats(model_dir, calib_set.ids, settings or CalibrationSettings(), progress,
-                                  source=calib_set.describe(), path=save_stats, force=force,
-                                  hessians=save_stats is not None)
+                                  source=calib_set.describe(), path=path, force=force,
+                                  hessians=path is not None, holdout=DEFAULT_HOLDOUT if optimize else None)
         source = calib_set.describe()
     else:
         return None
     if save_imatrix is not None:
         collected.write_imatrix(save_imatrix, force=force)
-    return Importance(collected.imatrix(), source, save_stats, save_imatrix)
+    return Importance(collected.imatrix(), source, save_stats, save_imatrix, collected if optimize else None)

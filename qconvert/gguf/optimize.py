@@ -1,0 +1,81 @@
+"""``qconvert gguf --optimize``: llama.cpp's types and sizes, codes chosen with the calibration Hessians.
+
+    per quantized tensor W [rows, cols] whose input statistics exist (the decoder linears):
+        H_fit, H_out = the Hessians of the fitted and of the held-out calibration windows (``collect_stats``)
+        plain    = llama.cpp's encoding (``quantize_rows``, with the importance matrix where llama.cpp uses one)
+        feedback = ``encode_with_feedback`` on H_fit (GPTQ's damping and Cholesky, ``inverse_hessian_factor``)
+        keep whichever reconstructs W better on the held-out tokens: tr(ΔW H_out ΔWᵀ) (``reconstruction_error``)
+    other tensors (embeddings, norms, a type without affine codes): exactly llama.cpp's
+
+So every tensor is at least as good as llama.cpp's own on tokens the optimisation never saw, and the file has
+llama.cpp's types and byte size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from qconvert.constants import GGMLType
+from qconvert.int4.gptq import GPTQConfig, inverse_hessian_factor
+from qconvert.int4.guard import fit_hessian, reconstruction_error
+from qconvert.quant import dequantize_rows, quantize_rows
+from qconvert.quant.feedback import AFFINE_TYPES, encode_with_feedback
+
+KEPT = ("feedback", "llama.cpp")
+
+
+@dataclass(frozen=True)
+class TensorHessians:
+    """The Hessians of one tensor's inputs: of the fitted windows and (None without a split) of the held-out ones."""
+
+    fit: torch.Tensor
+    heldout: torch.Tensor | None
+
+
+HessianSource = Callable[[str], "TensorHessians | None"]  # checkpoint tensor name -> its inputs' Hessians
+
+
+def stats_hessians(stats: object) -> HessianSource:
+    """The Hessians of a ``CalibrationStats`` (read on demand) by checkpoint tensor name
+    (``model.layers.3.mlp.down_proj.weight``); None for tensors without statistics."""
+    from qconvert.calibration.stats import CalibrationStats
+
+    assert isinstance(stats, CalibrationStats)
+
+    def get(name: str) -> TensorHessians | None:
+        module = name.removesuffix(".weight")
+        if module not in stats.linears:
+            return None
+        site = stats.site(module)
+        if not site.n_heldout:
+            return TensorHessians(site.hessian, None)
+        H_out = site.heldout_hessian
+        return TensorHessians(fit_hessian(site.hessian, site.n_tokens, H_out, site.n_heldout), H_out)
+    return get
+
+
+def can_optimize(qtype: GGMLType) -> bool:
+    return qtype in AFFINE_TYPES
+
+
+def optimized_rows(qtype: GGMLType, W: np.ndarray, hessians: TensorHessians, imatrix: np.ndarray | None = None,
+                   damp_percent: float = 0.01) -> tuple[np.ndarray, str]:
+    """``W`` f32[rows, cols] encoded as ``qtype`` with error feedback, or llama.cpp's encoding where that does
+    better on the held-out Hessian. Returns the bytes and which was kept (``KEPT``)."""
+    plain = quantize_rows(qtype, W, imatrix)
+    H = hessians.fit.float().clone()
+    dead = torch.diagonal(H) == 0  # an input that is always zero: any code is as good
+    H[dead, dead] = 1.0
+    U, _ = inverse_hessian_factor(H, GPTQConfig(damp_percent=damp_percent))
+    fed = encode_with_feedback(qtype, W, U, imatrix)
+    if hessians.heldout is None:
+        return fed, KEPT[0]
+    Wt = torch.from_numpy(W)
+    cols = W.shape[1]
+    e_fed = reconstruction_error(Wt, torch.from_numpy(dequantize_rows(qtype, fed, cols)), hessians.heldout.float())
+    e_plain = reconstruction_error(Wt, torch.from_numpy(dequantize_rows(qtype, plain, cols)), hessians.heldout.float())
+    return (fed, KEPT[0]) if e_fed <= e_plain else (plain, KEPT[1])
