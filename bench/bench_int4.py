@@ -159,6 +159,11 @@ def main() -> None:
         print(f"{r['method']:<20} {r['seconds']:>8.1f} {r['peak_rss_gb']:>12.2f} {q.ppl:>9.3f} "
               f"{q.dppl_pct:>+8.2f} {q.kl_mean:>9.5f} {100 * q.top1:>8.1f} "
               f"{paired(per_window['nll'], first['nll'], True):>16} {paired(per_window['kl'], first['kl']):>20}  {kept}")
+    for r in runs:
+        if r.get("model_check"):
+            print(f"{r['method']}: {r['model_check']}")
+    if not args.eval_only:
+        (args.workdir / "runs.json").write_text(json.dumps(runs, indent=1))
 
 
 def window_means(into: dict[str, list[float]]) -> Callable[[int, Any], None]:

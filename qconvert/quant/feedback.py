@@ -166,30 +166,30 @@ def encode_with_feedback(qtype: GGMLType, W: np.ndarray, Hinv: torch.Tensor, ima
     if cols % B:
         raise QuantTypeError(f"rows of {cols} weights cannot be stored as {qtype.name} (blocks of {B}).")
     layout = code_layout(qtype)
-    Wt = torch.from_numpy(np.array(W, dtype=np.float32, copy=True))
+    WT = torch.from_numpy(np.array(W, dtype=np.float32, copy=True).T.copy())  # [cols, rows]: a column is contiguous
     U = Hinv.float().cpu()
     out = np.empty((rows, cols // B, qtype.block_bytes), np.uint8)
     for b in range(0, cols, B):
-        Wb = Wt[:, b:b + B]
-        blocks = quantize_rows(qtype, np.ascontiguousarray(Wb.numpy()),
+        block = WT[b:b + B]  # [B, rows], a view: the feedback below lands in WT
+        blocks = quantize_rows(qtype, np.ascontiguousarray(block.numpy().T),
                                None if imatrix is None else np.ascontiguousarray(imatrix[b:b + B]))
         base_np, step_np = block_grid(qtype, blocks, layout)
-        base, step = torch.from_numpy(base_np), torch.from_numpy(step_np)
-        keep = torch.from_numpy(layout.read(blocks)).float()
-        codes = torch.empty((rows, B), dtype=torch.int64)
-        err = torch.zeros((rows, B))
+        base, step = torch.from_numpy(base_np.T.copy()), torch.from_numpy(step_np.T.copy())  # [B, rows]
+        keep = torch.from_numpy(layout.read(blocks).T.astype(np.float32))
+        live = step != 0
+        inv = torch.where(live, 1.0 / torch.where(live, step, 1.0), 0.0)
+        codes = torch.empty((B, rows), dtype=torch.float32)
+        err = torch.empty((B, rows))
         Ub = U[b:b + B, b:b + B]
         for c in range(B):
-            w = Wb[:, c]
-            live = step[:, c] != 0
-            n = torch.where(live, torch.round((w - base[:, c]) / torch.where(live, step[:, c], 1.0)), keep[:, c])
-            n = n.clamp(layout.lo, layout.hi)
-            q = base[:, c] + step[:, c] * n
-            e = (w - q) / Ub[c, c]
-            Wb[:, c + 1:] -= e[:, None] * Ub[c, c + 1:][None, :]
-            err[:, c] = e
-            codes[:, c] = n.long()
+            w = block[c]
+            n = torch.where(live[c], torch.round((w - base[c]) * inv[c]), keep[c]).clamp_(layout.lo, layout.hi)
+            e = (w - (base[c] + step[c] * n)) / Ub[c, c]
+            if c + 1 < B:
+                block[c + 1:] -= Ub[c, c + 1:, None] * e[None, :]
+            err[c] = e
+            codes[c] = n
         if b + B < cols:
-            Wt[:, b + B:] -= err @ U[b:b + B, b + B:]
-        out[:, b // B] = layout.write(blocks, codes.numpy())
+            WT[b + B:] -= U[b:b + B, b + B:].T @ err
+        out[:, b // B] = layout.write(blocks, codes.T.numpy().astype(np.int64))
     return out.reshape(rows, -1)
