@@ -15,6 +15,7 @@ import shutil
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from qconvert.cli import main
@@ -266,6 +267,41 @@ def test_w8a8_release_artifact(tmp_path: Path) -> None:
     assert qcfg["qconvert"]["method"] == "gptq" and qcfg["qconvert"]["smoothquant_alpha"] == 0.5
     card = (art / "README.md").read_text()
     assert "W8A8 INT8 (compressed-tensors)" in card and "vllm serve ./qwen2.5-demo-instruct-w8a8" in card
+
+
+def test_optimized_gguf_release_artifact(tmp_path: Path) -> None:
+    """``optimize = true`` in a GGUF format: beside the plain imatrix file of the same preset (its own artifact
+    name), from the one shared statistics pass, with the plain file's tensor types and sizes; llama.cpp scores it.
+    (Its quality is tests/test_gguf_optimize.py's subject: 4 x 64 calibration tokens are too few to judge it.)"""
+    from qconvert.gguf.reader import read_gguf
+
+    recipe = write_recipe(tmp_path, SMALL_DEMO_RELEASE + '''
+        [[formats]]
+        kind = "gguf"
+        presets = ["Q3_K_M"]
+        imatrix = true
+        [[formats]]
+        kind = "gguf"
+        id = "gguf-optimized"
+        presets = ["Q3_K_M"]
+        optimize = true
+        ''')
+    out = tmp_path / "rel"
+    assert main(["release", str(recipe), "--out", str(out), "--quiet"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    by_opt = {bool(e["settings"].get("optimize")): e for e in manifest["artifacts"].values()}
+    assert set(by_opt) == {False, True} and all(e["passed"] for e in by_opt.values())
+    opt, plain = by_opt[True], by_opt[False]
+    assert Path(opt["path"]).name.endswith("-gguf-q3_k_m-optimized")
+    assert opt["statistics"] == plain["statistics"] and opt["size_bytes"] > 0
+    (path,) = (out / opt["path"]).glob("*.gguf")
+    (plain_path,) = (out / plain["path"]).glob("*.gguf")
+    g, g_plain = read_gguf(path), read_gguf(plain_path)
+    assert "error-feedback" in g.metadata["qconvert.optimize"] and "qconvert.optimize" not in g_plain.metadata
+    assert [(n, t.type, t.nbytes) for n, t in g.tensors.items()] == \
+        [(n, t.type, t.nbytes) for n, t in g_plain.tensors.items()]
+    assert any(not np.array_equal(g.read_tensor_bytes(n), g_plain.read_tensor_bytes(n)) for n in g.tensors)
+    assert opt["metrics"]["kl_mean"] > 0
 
 
 def test_pure_k_quant_on_a_fallback_shape_is_refused_before_any_work(tmp_path: Path, capsys) -> None:

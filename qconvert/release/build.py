@@ -131,10 +131,19 @@ def _build_gguf(ctx: ModelContext, job: Job, out: Path, settings: Any, deps: dic
                        output_tensor_type=parse_type(s["output_tensor_type"]) if "output_tensor_type" in s else None,
                        token_embedding_type=parse_type(s["token_embedding_type"]) if "token_embedding_type" in s
                        else None)
-    imatrix = _stats(ctx).imatrix() if s.get("imatrix", False) else None
+    optimize = s.get("optimize", False)  # error-feedback codes (qconvert.gguf.optimize); uses the imatrix too
+    imatrix = _stats(ctx).imatrix() if s.get("imatrix", False) or optimize else None
+    hessians, note = None, ""
+    if optimize:
+        from qconvert.gguf.optimize import stats_hessians
+
+        hessians = stats_hessians(_stats(ctx))
+        note = (f"error-feedback codes from the GPTQ Hessians of {_stats(ctx).source}; per tensor kept only where "
+                "better than llama.cpp's on held-out calibration windows")
     out.mkdir()
     path = out / output_name(job.model.name, job.preset or "")
-    export_gguf(ctx.source.path, path, job.preset or "", options=opts, model_name=job.model.name, imatrix=imatrix)
+    export_gguf(ctx.source.path, path, job.preset or "", options=opts, model_name=job.model.name, imatrix=imatrix,
+                hessians=hessians, optimize_note=note)
     return path
 
 

@@ -52,7 +52,7 @@ ARRAY_SECTIONS = frozenset({"models", "formats"})
 # [[formats]] keys allowed per kind, on top of kind / id / thresholds.
 FORMAT_KEYS: MappingProxyType[str, MappingProxyType[str, str]] = MappingProxyType({
     "gguf": MappingProxyType({"presets": _STRS, "imatrix": _BOOL, "pure": _BOOL, "output_tensor_type": _STR,
-                              "token_embedding_type": _STR}),
+                              "token_embedding_type": _STR, "optimize": _BOOL}),
     "gptq": MappingProxyType({"bits": _INT, "group_size": _INT, "sym": _BOOL, "act_order": _BOOL,
                               "static_groups": _BOOL, "group_aware": _BOOL, "damp": _FLOAT,
                               "from_stats": _BOOL, "format": _STR}),
