@@ -63,7 +63,8 @@ def _importance(args: argparse.Namespace, model_dir: Path, model_name: str, scra
             model_dir, imatrix=args.imatrix, stats=args.stats,
             calib=(lambda: calibration_from_args(args, model_dir, model_name)) if calibrated else None,
             settings=settings_from_args(args) if calibrated else None, save_stats=args.save_stats,
-            save_imatrix=args.save_imatrix, force=args.force, progress=progress, optimize=args.optimize,
+            save_imatrix=args.save_imatrix, force=args.force, progress=progress,
+            optimize=args.optimize or args.target_size is not None,
             scratch=scratch)
     finally:
         for bar in bars:
@@ -77,6 +78,32 @@ def _importance(args: argparse.Namespace, model_dir: Path, model_name: str, scra
     if found.saved_imatrix is not None:
         print(f"wrote importance matrix {found.saved_imatrix}", file=sys.stderr)
     return found
+
+
+def _budget(args: argparse.Namespace, model_dir: Path, model_name: str, preset: str, options: PlanOptions,
+            found: Importance | None, optimize_note: str | None) -> tuple[PlanOptions, list]:
+    """--target-size: the per-tensor types for the budget (printed), as plan options and a metadata record."""
+    from qconvert.pipelines.gguf import budget_plan
+
+    if found is None or found.stats is None:
+        raise QConvertError("--target-size measures each matrix's error on the calibration Hessians: give --calib "
+                            "SOURCE or --stats FILE (saved by --save-stats).")
+    from qconvert.gguf.export import OPTIMIZE_KEY
+    from qconvert.gguf.metadata import KV, V
+
+    more = [] if optimize_note is None else [KV(OPTIMIZE_KEY, V.STRING, optimize_note)]
+    bp = budget_plan(model_dir, preset, options, found.stats, found.imatrix, args.target_size, model_name=model_name,
+                     more_metadata=more)
+    c = bp.choice
+    counts: dict[str, int] = {}
+    for t in c.types.values():
+        counts[t.name] = counts.get(t.name, 0) + 1
+    how = (f"{preset}'s own mixture fits and is not worse" if c.kept_preset else
+           f"output error {c.cost / c.preset_cost:.3f}x {preset}'s" if c.preset_bytes <= int(args.target_size * 1e9)
+           else f"{preset} itself ({c.preset_bytes / 1e9:.3f} GB) does not fit")
+    print(f"--target-size {args.target_size} GB: predicted file {c.total_bytes / 1e9:.4f} GB; decoder matrices "
+          f"{', '.join(f'{k} {v}' for k, v in sorted(counts.items()))}; {how}", file=sys.stderr)
+    return bp.options, bp.metadata
 
 
 def run_gguf(args: argparse.Namespace) -> int:
@@ -106,28 +133,36 @@ def run_gguf(args: argparse.Namespace) -> int:
         if out is not None:
             check_not_inside(out, (resolved.path, args.imatrix, args.stats))
         with contextlib.ExitStack() as stack:
+            budget = args.target_size is not None
             scratch = None
-            if out is not None and args.optimize and args.calib is not None and args.save_stats is None:
-                scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=".qconvert-stats-",
-                                                                               dir=out.parent)))
-            found = None if out is None else _importance(args, resolved.path, resolved.repo_id or resolved.path.name,
-                                                         scratch)
-            hessians, note = None, ""
-            if found is not None and found.stats is not None:
+            if (args.optimize or budget) and args.calib is not None and args.save_stats is None:
+                scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(
+                    prefix=".qconvert-stats-", dir=out.parent if out is not None else Path.cwd())))
+            found = None if out is None and not budget else \
+                _importance(args, resolved.path, resolved.repo_id or resolved.path.name, scratch)
+            options, hessians, note = _options(args), None, ""
+            extra: list = []
+            if args.optimize and found is not None and found.stats is not None:
                 from qconvert.gguf.optimize import stats_hessians
 
                 hessians = stats_hessians(found.stats)
                 note = (f"error-feedback codes from the GPTQ Hessians of {found.source}; per tensor kept only where "
                         "better than llama.cpp's on held-out calibration windows")
+            if budget:
+                options, extra = _budget(args, resolved.path, resolved.repo_id or resolved.path.name, preset, options,
+                                         found, note if hessians is not None else None)
             try:
-                result = export_gguf(resolved.path, out, preset, options=_options(args),
+                result = export_gguf(resolved.path, out, preset, options=options,
                                      model_name=resolved.repo_id or resolved.path.name, force=args.force,
                                      imatrix=None if found is None else found.imatrix,
-                                     progress=None if args.quiet else progress, hessians=hessians, optimize_note=note)
+                                     progress=None if args.quiet else progress, hessians=hessians, optimize_note=note,
+                                     extra_metadata=extra)
             finally:
                 for bar in bars:
                     bar.close()
     for line in result.warnings:
+        if args.target_size is not None and "applying manual override" in line:
+            continue  # the budget's per-tensor types: summarised above, not one line per tensor
         print(line, file=sys.stderr)
     plan = result.plan
     if out is None:
@@ -141,4 +176,7 @@ def run_gguf(args: argparse.Namespace) -> int:
     if result.optimized:
         kept = ", ".join(f"{k} {v}" for k, v in sorted(result.optimized.items()))
         print(f"--optimize: tensors kept per encoding (judged on held-out calibration windows): {kept}")
+    elif args.optimize:
+        print(f"qconvert: note: --optimize changed nothing: no decoder matrix of {preset} has an affine type (Q4_0 "
+              "... Q8_0, Q2_K ... Q6_K); the I-quants index codebooks and keep llama.cpp's encoding.", file=sys.stderr)
     return 0

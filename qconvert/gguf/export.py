@@ -7,7 +7,7 @@ and the next tensor's read overlaps the current one's quantization.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,21 +108,37 @@ def metadata_order(kvs: list[KV], preset: str) -> list[KV]:
     return rest[:first_tok] + [tail["general.file_type"], tail["general.quantization_version"]] + rest[first_tok:]
 
 
-def export_gguf(model_dir: Path, out_path: Path | None, preset: str, *, options: PlanOptions = PlanOptions(),
-                model_name: str | None = None, force: bool = False, imatrix: Mapping[str, np.ndarray] | None = None,
-                progress: Callable[[int, int, str], None] | None = None, hessians: HessianSource | None = None,
-                optimize_note: str = "") -> ExportResult:
-    """Convert ``model_dir`` to ``out_path`` with llama-quantize's ``preset`` mixture.
+@dataclass
+class Prepared:
+    """What a conversion knows before any tensor is encoded: the checkpoint, the name map, the plan, the metadata."""
 
-    ``out_path=None`` plans only (``--dry-run``). ``imatrix`` (GGUF tensor name -> f32[n_in] mean of x², see
-    ``qconvert.gguf.imatrix``) switches to llama.cpp's weighted quantizers for the tensors it covers.
-    ``progress(done, total, name)`` is called after each tensor. ``model_name``: the hub id a hub-cache snapshot
-    was resolved from (``Qwen/Qwen2.5-1.5B-Instruct``), or None for a local directory; llama.cpp's naming
-    heuristics read its last component as the directory name (see ``qconvert.gguf.metadata.card_metadata``).
-    ``hessians`` (``--optimize``, ``qconvert.gguf.optimize``): the decoder linears' input Hessians by checkpoint
-    tensor name; each such tensor of an affine type gets error-feedback codes where they beat llama.cpp's on the
-    held-out tokens (same types, same size). ``optimize_note`` is stored as ``qconvert.optimize``.
-    """
+    ckpt: SafetensorsCheckpoint
+    mapped: dict[str, str]  # GGUF name -> checkpoint name
+    plan: Plan
+    config: dict[str, Any]
+    spec: ArchSpec
+    model_name: str
+
+    def metadata(self, model_dir: Path, preset: str, extra: Sequence[KV] = ()) -> list[KV]:
+        n_params = sum(int(np.prod(self.ckpt.entries[h].shape)) for h in self.mapped.values())
+        vocab = read_vocab(model_dir, self.config)  # fail on tokenizer problems before writing anything
+        kvs = gguf_metadata(self.spec, self.config, vocab, model_name=self.model_name, model_dir=model_dir,
+                            n_params=n_params, file_type=get_preset(preset).file_type)
+        return metadata_order(kvs, preset) + list(extra)
+
+    def header_bytes(self, kvs: Sequence[KV]) -> int:
+        """The size of the file's header (metadata, tensor infos, padding): independent of the tensors' types."""
+        writer = GGUFWriter(Path("/nonexistent/header-only"))
+        for kv in kvs:
+            writer.add(kv.key, kv.vtype, kv.value, kv.elem_type)
+        for entry in self.plan.entries:
+            writer.add_tensor_info(entry.name, entry.shape, entry.type)
+        return len(writer.header_bytes())
+
+
+def prepare(model_dir: Path, preset: str, options: PlanOptions = PlanOptions(), *, model_name: str | None = None,
+            imatrix: Mapping[str, np.ndarray] | None = None) -> Prepared:
+    """Read the checkpoint's config and tensor index, map names, plan the types (no tensor is read)."""
     model_dir = Path(model_dir)
     preset = get_preset(preset).name
     config = load_config(model_dir)
@@ -132,28 +148,49 @@ def export_gguf(model_dir: Path, out_path: Path | None, preset: str, *, options:
     order = sorted(mapped, key=quantize_order_key) if preset not in FLOAT_PRESETS else list(mapped)
     plan = build_plan(config, preset, options, [(g, ckpt.entries[mapped[g]].shape) for g in order], bool(imatrix))
     _check_imatrix(imatrix or {}, plan)
+    return Prepared(ckpt, {g: mapped[g] for g in order}, plan, config, spec, model_name or model_dir.name)
+
+
+def export_gguf(model_dir: Path, out_path: Path | None, preset: str, *, options: PlanOptions = PlanOptions(),
+                model_name: str | None = None, force: bool = False, imatrix: Mapping[str, np.ndarray] | None = None,
+                progress: Callable[[int, int, str], None] | None = None, hessians: HessianSource | None = None,
+                optimize_note: str = "", extra_metadata: Sequence[KV] = ()) -> ExportResult:
+    """Convert ``model_dir`` to ``out_path`` with llama-quantize's ``preset`` mixture.
+
+    ``out_path=None`` plans only (``--dry-run``). ``imatrix`` (GGUF tensor name -> f32[n_in] mean of x², see
+    ``qconvert.gguf.imatrix``) switches to llama.cpp's weighted quantizers for the tensors it covers.
+    ``progress(done, total, name)`` is called after each tensor. ``model_name``: the hub id a hub-cache snapshot
+    was resolved from (``Qwen/Qwen2.5-1.5B-Instruct``), or None for a local directory; llama.cpp's naming
+    heuristics read its last component as the directory name (see ``qconvert.gguf.metadata.card_metadata``).
+    ``hessians`` (``--optimize``, ``qconvert.gguf.optimize``): the decoder linears' input Hessians by checkpoint
+    tensor name; each such tensor of an affine type gets error-feedback codes where they beat llama.cpp's on the
+    held-out tokens (same types, same size). ``optimize_note`` is stored as ``qconvert.optimize``;
+    ``extra_metadata``: more ``qconvert.*`` keys (a size budget's record).
+    """
+    model_dir = Path(model_dir)
+    preset = get_preset(preset).name
+    prep = prepare(model_dir, preset, options, model_name=model_name, imatrix=imatrix)
+    plan = prep.plan
     result = ExportResult(None, plan, warnings=plan.warnings())
     if out_path is None:
         return result
     plan.check_imatrix(set(imatrix) if imatrix else None)  # Q2_K_S and the like: refused without one, as llama.cpp
-    vocab = read_vocab(model_dir, config)  # fail on tokenizer problems before writing anything
-    n_params = sum(int(np.prod(ckpt.entries[h].shape)) for h in mapped.values())
-    kvs = gguf_metadata(spec, config, vocab, model_name=model_name or model_dir.name, model_dir=model_dir,
-                        n_params=n_params, file_type=get_preset(preset).file_type)
+    extra = list(extra_metadata)
     if hessians is not None:
         from qconvert.gguf.metadata import V
 
-        kvs.append(KV(OPTIMIZE_KEY, V.STRING, optimize_note or "error-feedback codes (qconvert gguf --optimize)"))
+        extra.append(KV(OPTIMIZE_KEY, V.STRING, optimize_note or "error-feedback codes (qconvert gguf --optimize)"))
+    kvs = prep.metadata(model_dir, preset, extra)
     start = time.perf_counter()
     with atomic_output(Path(out_path), force=force, needed=plan.data_section_bytes(), inputs=(model_dir,)) as tmp:
         writer = GGUFWriter(tmp)
         try:
-            for kv in metadata_order(kvs, preset):
+            for kv in kvs:
                 writer.add(kv.key, kv.vtype, kv.value, kv.elem_type)
             for entry in plan.entries:
                 writer.add_tensor_info(entry.name, entry.shape, entry.type)
             writer.write_header()
-            _stream_tensors(writer, ckpt, mapped, plan, imatrix or {}, progress, hessians, result.optimized)
+            _stream_tensors(writer, prep.ckpt, prep.mapped, plan, imatrix or {}, progress, hessians, result.optimized)
             writer.close()
         finally:
             writer.abort()

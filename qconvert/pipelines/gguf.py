@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -85,8 +85,8 @@ def importance_matrix(model_dir: Path, *, imatrix: Path | None = None, stats: Pa
     if len(given) > 1:
         raise UsageError(f"{' and '.join(given)} each give an importance matrix; use one of them.")
     if optimize and calib is None and stats is None:
-        raise UsageError("--optimize chooses the codes with the calibration Hessians: give --calib SOURCE (e.g. "
-                         "--calib builtin) or --stats FILE saved by --save-stats"
+        raise UsageError("--optimize and --target-size work from the calibration Hessians: give --calib SOURCE "
+                         "(e.g. --calib builtin) or --stats FILE saved by --save-stats"
                          + (" (an imatrix file holds only their diagonals)." if imatrix is not None else "."))
     if optimize and calib is not None and save_stats is None and scratch is None:
         raise ValueError("--optimize from --calib needs save_stats or a scratch directory for the Hessians")
@@ -127,3 +127,48 @@ def importance_matrix(model_dir: Path, *, imatrix: Path | None = None, stats: Pa
     if save_imatrix is not None:
         collected.write_imatrix(save_imatrix, force=force)
     return Importance(collected.imatrix(), source, save_stats, save_imatrix, collected if optimize else None)
+
+
+BUDGET_KEY = "qconvert.budget"  # the size budget's record in the GGUF (llama.cpp ignores unknown keys)
+
+
+@dataclass
+class BudgetPlan:
+    options: PlanOptions  # the caller's options with the budget's exact per-tensor types in front
+    choice: Any  # qconvert.gguf.budget.BudgetChoice
+    metadata: list[Any]  # the KV recording it
+
+
+def budget_plan(model_dir: Path, preset: str, options: PlanOptions, stats: Any, imatrix: dict[str, np.ndarray],
+                size_gb: float, *, model_name: str | None = None, more_metadata: Sequence[Any] = (),
+                progress: Callable[[int, int, str], None] | None = None) -> BudgetPlan:
+    """Each decoder matrix's type for a file of at most ``size_gb`` GB (10^9 bytes), from the preset's plan and
+    the Hessians of ``stats`` (``qconvert.gguf.budget``). ``more_metadata``: the other ``qconvert.*`` keys the file
+    will carry (``--optimize``'s), counted in its header. When the preset's own mixture is the choice, the file is
+    that preset's and carries no budget record (so a budget equal to the preset's file size gives the preset)."""
+    from dataclasses import replace
+
+    from qconvert.gguf.budget import plan_budget
+    from qconvert.gguf.export import prepare
+    from qconvert.gguf.metadata import KV, V
+
+    if not size_gb > 0:
+        raise UsageError(f"--target-size {size_gb} must be a positive number of GB (10^9 bytes).")
+    budget = int(size_gb * 1e9)
+    prep = prepare(model_dir, preset, options, model_name=model_name, imatrix=imatrix)
+    record = KV(BUDGET_KEY, V.STRING, f"types chosen for a file of at most {size_gb} GB from {preset}'s mixture by "
+                                      f"the output error on {stats.source or 'calibration tokens'}")
+    header = prep.header_bytes(prep.metadata(model_dir, preset, [*more_metadata, record]))
+    bare = prep.header_bytes(prep.metadata(model_dir, preset, list(more_metadata)))
+
+    def hessian(name: str) -> Any:
+        module = prep.mapped[name].removesuffix(".weight")
+        return stats.site(module).hessian if module in stats.linears else None
+
+    entries = [(e.name, tuple(e.shape), e.type) for e in prep.plan.entries]
+    choice = plan_budget(entries, lambda g: prep.ckpt.read_f32(prep.mapped[g]), hessian, imatrix, header, budget,
+                         progress, preset_header=bare)
+    if choice.kept_preset:
+        return BudgetPlan(options, choice, [])
+    return BudgetPlan(replace(options, tensor_types=choice.overrides() + tuple(options.tensor_types)), choice,
+                      [record])
