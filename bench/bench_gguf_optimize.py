@@ -8,7 +8,9 @@ split, saved to WORKDIR/stats.safetensors and reused) gives both the importance 
 - llama.cpp static:  ``llama_model_quantize`` (libllama) of the F16 GGUF, no importance matrix;
 - llama.cpp imatrix: the same with the importance matrix of those calibration tokens (what llama-quantize
   --imatrix loads from the file ``--save-imatrix`` writes);
-- qconvert optimized: ``export_gguf(..., imatrix=..., hessians=...)``, i.e. ``qconvert gguf --stats FILE --optimize``.
+- qconvert optimized: ``export_gguf(..., imatrix=..., hessians=...)``, i.e. ``qconvert gguf --stats FILE --optimize``;
+- qconvert budget: ``--target-size`` = the llama.cpp imatrix file's size (types per matrix, llama.cpp's encoding);
+- qconvert budget + optimized: both.
 Every file is scored in llama.cpp by ``qconvert verify``'s method on the project's held-out text (windows of
 512, positions 256..510), with the per-window KL paired against the llama.cpp imatrix file (± one standard error
 over windows). Times: the statistics pass once, then each file's quantization.
@@ -32,9 +34,11 @@ def main() -> None:
     from qconvert.calibration.stats import CalibrationStats, collect_stats
     from qconvert.calibset import load_calibration
     from qconvert.constants import DEFAULT_HOLDOUT
-    from qconvert.gguf.export import export_gguf
+    from qconvert.gguf.export import OPTIMIZE_KEY, PlanOptions, export_gguf
+    from qconvert.gguf.metadata import KV, V
     from qconvert.gguf.optimize import stats_hessians
     from qconvert.gguf.plan import get_preset
+    from qconvert.pipelines.gguf import budget_plan
     from qconvert.runtimes import llamacpp
     from qconvert.verify import build_reference, eval_tokens, verify_artifact
 
@@ -67,20 +71,30 @@ def main() -> None:
     print(f"model {args.model.name}; statistics pass ({args.samples} x {args.seqlen} built-in tokens, held-out "
           f"split {DEFAULT_HOLDOUT}): {stats_s:.0f} s; evaluation: {reference.windows.size} held-out tokens in "
           "llama.cpp, windows of 512")
-    print(f"{'type':<8} {'file':<18} {'MB':>8} {'bpw':>6} {'time s':>7} {'dPPL %':>8} {'KL':>9} {'top-1 %':>8} "
+    print(f"{'type':<8} {'file':<20} {'MB':>8} {'bpw':>6} {'time s':>7} {'dPPL %':>8} {'KL':>9} {'top-1 %':>8} "
           f"{'KL vs imatrix':>22}  kept")
     for preset in args.types:
         ftype = int(get_preset(preset).file_type)
         outs: list[tuple[str, Path, float, dict[str, int]]] = []
-        for label in ("llama.cpp static", "llama.cpp imatrix", "qconvert optimized"):
-            path = args.workdir / f"{preset}-{label.replace(' ', '-')}.gguf"
+        for label in ("llama.cpp static", "llama.cpp imatrix", "qconvert optimized", "qconvert budget",
+                      "budget + optimized"):
+            path = args.workdir / f"{preset}-{label.replace(' ', '-').replace('+', 'and')}.gguf"
             start = time.perf_counter()
             kept: dict[str, int] = {}
-            if label == "qconvert optimized":
-                kept = export_gguf(args.model, path, preset, imatrix=imatrix, force=True,
-                                   hessians=stats_hessians(stats)).optimized
-            else:
+            optimize = "optimized" in label
+            note = "error-feedback codes (bench)" if optimize else ""
+            if label.startswith("llama.cpp"):
                 llamacpp.llama_quantize(f16, path, ftype, imatrix=imatrix if "imatrix" in label else None)
+            else:
+                options, extra = PlanOptions(), []
+                if "budget" in label:
+                    more = [KV(OPTIMIZE_KEY, V.STRING, note)] if optimize else []
+                    bp = budget_plan(args.model, preset, options, stats, imatrix, outs[1][1].stat().st_size / 1e9,
+                                     more_metadata=more)
+                    options, extra = bp.options, bp.metadata
+                kept = export_gguf(args.model, path, preset, options=options, imatrix=imatrix, force=True,
+                                   hessians=stats_hessians(stats) if optimize else None, optimize_note=note,
+                                   extra_metadata=extra).optimized
             outs.append((label, path, time.perf_counter() - start, kept))
         scored = []
         for label, path, seconds, kept in outs:
@@ -90,7 +104,7 @@ def main() -> None:
             scored.append((label, path, seconds, kept, r, per_window))
         base = scored[1][5]  # llama.cpp imatrix
         for label, path, seconds, kept, r, per_window in scored:
-            print(f"{preset:<8} {label:<18} {path.stat().st_size / 1e6:>8.1f} {r.bits_per_weight:>6.2f} "
+            print(f"{preset:<8} {label:<20} {path.stat().st_size / 1e6:>8.1f} {r.bits_per_weight:>6.2f} "
                   f"{seconds:>7.1f} {r.dppl_pct:>+8.2f} {r.kl_mean:>9.5f} {100 * r.top1:>8.1f} "
                   f"{paired(per_window, base):>22}  {', '.join(f'{k} {v}' for k, v in sorted(kept.items()))}")
 
