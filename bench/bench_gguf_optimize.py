@@ -27,6 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+ROWS = ("llama.cpp static", "llama.cpp imatrix", "qconvert optimized", "qconvert budget", "budget + optimized")
 DEFAULT_MODEL = Path.home() / ".cache/qconvert-real/hf/qwen2.5-coder-0.5b-tied"
 
 
@@ -48,6 +49,8 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--types", nargs="+", default=["Q4_K_M", "Q3_K_M", "Q2_K"])
+    ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS, metavar="ROW",
+                    help=f"which files to make (default all; the llama.cpp imatrix one always): {', '.join(ROWS)}")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/qconvert-bench-gguf-optimize"))
     args = ap.parse_args()
     if not (args.model / "config.json").exists():
@@ -76,8 +79,9 @@ def main() -> None:
     for preset in args.types:
         ftype = int(get_preset(preset).file_type)
         outs: list[tuple[str, Path, float, dict[str, int]]] = []
-        for label in ("llama.cpp static", "llama.cpp imatrix", "qconvert optimized", "qconvert budget",
-                      "budget + optimized"):
+        rows = [r for r in ROWS if r in args.rows or r == "llama.cpp imatrix"]
+        imatrix_file = args.workdir / f"{preset}-llama.cpp-imatrix.gguf"
+        for label in rows:
             path = args.workdir / f"{preset}-{label.replace(' ', '-').replace('+', 'and')}.gguf"
             start = time.perf_counter()
             kept: dict[str, int] = {}
@@ -89,7 +93,7 @@ def main() -> None:
                 options, extra = PlanOptions(), []
                 if "budget" in label:
                     more = [KV(OPTIMIZE_KEY, V.STRING, note)] if optimize else []
-                    bp = budget_plan(args.model, preset, options, stats, imatrix, outs[1][1].stat().st_size / 1e9,
+                    bp = budget_plan(args.model, preset, options, stats, imatrix, imatrix_file.stat().st_size / 1e9,
                                      more_metadata=more)
                     options, extra = bp.options, bp.metadata
                 kept = export_gguf(args.model, path, preset, options=options, imatrix=imatrix, force=True,
@@ -102,7 +106,7 @@ def main() -> None:
             r = verify_artifact(path, reference, progress=False,
                                 on_scored=lambda w, st, acc=per_window: acc.append(float(st.kl.mean())))
             scored.append((label, path, seconds, kept, r, per_window))
-        base = scored[1][5]  # llama.cpp imatrix
+        base = next(r[5] for r in scored if r[0] == "llama.cpp imatrix")
         for label, path, seconds, kept, r, per_window in scored:
             print(f"{preset:<8} {label:<20} {path.stat().st_size / 1e6:>8.1f} {r.bits_per_weight:>6.2f} "
                   f"{seconds:>7.1f} {r.dppl_pct:>+8.2f} {r.kl_mean:>9.5f} {100 * r.top1:>8.1f} "
