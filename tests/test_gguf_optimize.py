@@ -118,6 +118,25 @@ def stats_file(demo, tmp_path_factory) -> Path:
     return path
 
 
+def test_hessians_are_the_files_and_a_shared_input_site_is_read_once(stats_file, monkeypatch) -> None:
+    from qconvert.calibration.stats import CalibrationStats, SiteStats
+    from qconvert.gguf.optimize import stats_hessians
+
+    stats = CalibrationStats.load(stats_file)
+    reads: list[int] = []
+    plain = SiteStats.hessian.fget
+    monkeypatch.setattr(SiteStats, "hessian", property(lambda site: reads.append(id(site)) or plain(site)))
+    get = stats_hessians(stats)
+    names = [f"model.layers.0.self_attn.{p}_proj.weight" for p in "qkv"] + ["model.layers.0.self_attn.o_proj.weight"]
+    got = [get(n) for n in names]
+    assert len(reads) == 2  # q, k and v: one site; o: another
+    for name, h in zip(names, got):
+        site = stats.site(name.removesuffix(".weight"))
+        assert h.heldout is not None and torch.equal(h.heldout, site.heldout_hessian)
+        assert h.fit.shape == site.hessian.shape and not torch.equal(h.fit, site.hessian)  # the other windows'
+    assert get("model.embed_tokens.weight") is None
+
+
 def _make(demo: Path, stats_file: Path, out: Path, preset: str, optimize: bool) -> Path:
     path = out / f"{preset}-{'opt' if optimize else 'plain'}.gguf"
     assert main(["gguf", "--model", str(demo), "--type", preset, "--stats", str(stats_file), "--quiet",

@@ -363,6 +363,9 @@ class _QuantizePass:
         # the driver runs the layer with its quantized weights
 
 
+SCORE_ROWS = 64  # positions scored at once: 64 x 152k vocabulary x float64 x a few temporaries ~ 0.3 GB
+
+
 def model_check(ckpt: SafetensorsCheckpoint, config: Mapping[str, Any], method: str, quantized: torch.Tensor,
                 streams: _HeldOutStreams, ids: torch.Tensor, settings: CalibrationSettings) -> ModelCheck:
     """Score the held-out windows' last hidden states: the quantized model's (``quantized``) and the baseline's
@@ -375,8 +378,10 @@ def model_check(ckpt: SafetensorsCheckpoint, config: Mapping[str, Any], method: 
             logits = head(torch.cat([streams.ref[w, :-1], quantized[w, :-1], streams.base[w, :-1]]))
             targets = ids[w, 1:].to(logits.device)
             for k in range(2):
-                a, b = position_scores(logits[:t], logits[(k + 1) * t:(k + 2) * t], targets)
-                kl[k, w], nll[k, w] = a.cpu(), b.cpu()
+                for s in range(0, t, SCORE_ROWS):  # float64 softmaxes of a few rows at a time, not of the window
+                    e = min(s + SCORE_ROWS, t)
+                    a, b = position_scores(logits[s:e], logits[(k + 1) * t + s:(k + 1) * t + e], targets[s:e])
+                    kl[k, w, s:e], nll[k, w, s:e] = a.cpu(), b.cpu()
     return ModelCheck(method, float(kl[0].mean()), float(nll[0].mean()), float(kl[1].mean()), float(nll[1].mean()),
                       block_standard_error(nll[0] - nll[1]), ids.shape[0] * t)
 

@@ -143,11 +143,9 @@ def run_gguf(args: argparse.Namespace) -> int:
             options, hessians, note = _options(args), None, ""
             extra: list = []
             if args.optimize and found is not None and found.stats is not None:
-                from qconvert.gguf.optimize import stats_hessians
+                from qconvert.gguf.optimize import optimize_note, stats_hessians
 
-                hessians = stats_hessians(found.stats)
-                note = (f"error-feedback codes from the GPTQ Hessians of {found.source}; per tensor kept only where "
-                        "better than llama.cpp's on held-out calibration windows")
+                hessians, note = stats_hessians(found.stats), optimize_note(found.source)
             if budget:
                 options, extra = _budget(args, resolved.path, resolved.repo_id or resolved.path.name, preset, options,
                                          found, note if hessians is not None else None)

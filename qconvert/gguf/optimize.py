@@ -46,16 +46,29 @@ def stats_hessians(stats: object) -> HessianSource:
 
     assert isinstance(stats, CalibrationStats)
 
+    last: dict[str, TensorHessians] = {}  # q/k/v and gate/up share one input site: read and fit it once
+
     def get(name: str) -> TensorHessians | None:
         module = name.removesuffix(".weight")
         if module not in stats.linears:
             return None
-        site = stats.site(module)
-        if not site.n_heldout:
-            return TensorHessians(site.hessian, None)
-        H_out = site.heldout_hessian
-        return TensorHessians(fit_hessian(site.hessian, site.n_tokens, H_out, site.n_heldout), H_out)
+        key = stats.linears[module]
+        if key not in last:
+            last.clear()  # one site at a time: memory stays one layer's Hessians
+            site = stats.site(module)
+            if not site.n_heldout:
+                last[key] = TensorHessians(site.hessian, None)
+            else:
+                H_out = site.heldout_hessian
+                last[key] = TensorHessians(fit_hessian(site.hessian, site.n_tokens, H_out, site.n_heldout), H_out)
+        return last[key]
     return get
+
+
+def optimize_note(source: str) -> str:
+    """The ``qconvert.optimize`` metadata value and model-card line for Hessians collected on ``source``."""
+    return (f"error-feedback codes from the GPTQ Hessians of {source}; per tensor kept only where better than "
+            "llama.cpp's on held-out calibration windows")
 
 
 def can_optimize(qtype: GGMLType) -> bool:

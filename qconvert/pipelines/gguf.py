@@ -161,9 +161,17 @@ def budget_plan(model_dir: Path, preset: str, options: PlanOptions, stats: Any, 
     header = prep.header_bytes(prep.metadata(model_dir, preset, [*more_metadata, record]))
     bare = prep.header_bytes(prep.metadata(model_dir, preset, list(more_metadata)))
 
+    last: dict[str, Any] = {}  # q/k/v and gate/up share one input site: read it once, hold one at a time
+
     def hessian(name: str) -> Any:
         module = prep.mapped[name].removesuffix(".weight")
-        return stats.site(module).hessian if module in stats.linears else None
+        if module not in stats.linears:
+            return None
+        key = stats.linears[module]
+        if key not in last:
+            last.clear()
+            last[key] = stats.site(module).hessian
+        return last[key]
 
     entries = [(e.name, tuple(e.shape), e.type) for e in prep.plan.entries]
     choice = plan_budget(entries, lambda g: prep.ckpt.read_f32(prep.mapped[g]), hessian, imatrix, header, budget,

@@ -135,11 +135,9 @@ def _build_gguf(ctx: ModelContext, job: Job, out: Path, settings: Any, deps: dic
     imatrix = _stats(ctx).imatrix() if s.get("imatrix", False) or optimize else None
     hessians, note = None, ""
     if optimize:
-        from qconvert.gguf.optimize import stats_hessians
+        from qconvert.gguf.optimize import optimize_note, stats_hessians
 
-        hessians = stats_hessians(_stats(ctx))
-        note = (f"error-feedback codes from the GPTQ Hessians of {_stats(ctx).source}; per tensor kept only where "
-                "better than llama.cpp's on held-out calibration windows")
+        hessians, note = stats_hessians(_stats(ctx)), optimize_note(_stats(ctx).source)
     out.mkdir()
     path = out / output_name(job.model.name, job.preset or "")
     export_gguf(ctx.source.path, path, job.preset or "", options=opts, model_name=job.model.name, imatrix=imatrix,
