@@ -157,6 +157,34 @@ def test_dead_partial_directory_is_removed_by_the_directory_writer(model_copy, t
     assert not (tmp_path / ".q.lock").exists()
 
 
+def test_a_published_directory_has_the_usual_permissions(model_copy, tmp_path):
+    """safetensors writes 0600 files and tempfile makes 0700 directories: a published checkpoint is readable by
+    others as the umask allows, like any file the user makes."""
+    import stat
+    import tempfile
+
+    import torch
+    from safetensors.torch import save_file
+
+    from qconvert.io.atomic import StagedDirectory
+
+    old = os.umask(0o022)
+    try:
+        staged = StagedDirectory(tmp_path / "q", inputs=(model_copy,))
+        save_file({"w": torch.zeros(2)}, str(staged.tmp / "model.safetensors"))
+        sub = Path(tempfile.mkdtemp(dir=staged.tmp))
+        (sub / "x").write_text("x")
+        os.chmod(sub / "x", 0o600)
+        (staged.tmp / "link").symlink_to("model.safetensors")
+        final = staged.commit()
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((final / "model.safetensors").stat().st_mode) == 0o644
+    assert stat.S_IMODE((final / sub.name / "x").stat().st_mode) == 0o644
+    assert stat.S_IMODE((final / sub.name).stat().st_mode) == 0o755
+    assert stat.S_IMODE(final.stat().st_mode) == 0o755
+
+
 def test_a_file_that_appears_meanwhile_is_not_replaced(tmp_path):
     final = tmp_path / "f.bin"
     with pytest.raises(OutputError, match="appeared while it was being written"), atomic_output(final) as tmp:

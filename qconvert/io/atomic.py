@@ -272,6 +272,13 @@ def _prepare(final: Path, force: bool, needed: int, inputs: Iterable[Path | None
     return claim
 
 
+def _umask() -> int:
+    """The process's umask (read by setting it and setting it back)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 @contextlib.contextmanager
 def atomic_output(final: Path, *, force: bool = False, needed: int = 0,
                   inputs: Iterable[Path | None] = ()) -> Iterator[Path]:
@@ -287,9 +294,7 @@ def atomic_output(final: Path, *, force: bool = False, needed: int = 0,
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # some writers create 0600 files; give the usual permissions
+        os.chmod(tmp, 0o666 & ~_umask())  # some writers create 0600 files; give the usual permissions
         publish(tmp, final, force=force)
     except OSError as e:
         if e.errno == errno.ENOSPC:
@@ -322,6 +327,14 @@ class StagedDirectory:
             raise
 
     def commit(self) -> Path:
+        usual = _umask()
+        os.chmod(self.tmp, 0o777 & ~usual)
+        for root, dirs, files in os.walk(self.tmp):  # safetensors and tempfile create 0600 files / 0700 directories
+            for d in dirs:
+                os.chmod(Path(root) / d, 0o777 & ~usual)
+            for f in files:
+                if not (Path(root) / f).is_symlink():
+                    os.chmod(Path(root) / f, 0o666 & ~usual)
         publish(self.tmp, self.final, force=self.force)
         self.claim.release()
         return self.final
