@@ -89,6 +89,8 @@ def llama_quantize(src: Path, dst: Path, ftype: int, *, nthread: int = 0, pure: 
     with captured_log() as log:
         rc = lib.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
     if rc != 0:
+        if not dry_run:
+            Path(dst).unlink(missing_ok=True)  # what it wrote before failing is not a GGUF
         raise CheckpointError(f"llama_model_quantize failed (rc={rc}) on {src}:\n" + "\n".join(log[-20:]))
     return log
 
