@@ -150,6 +150,9 @@ def block_grid(qtype: GGMLType, blocks: np.ndarray, layout: CodeLayout) -> tuple
     return base, dequantize_rows(qtype, one, n) - base
 
 
+FEED_COLUMNS = 32  # columns fed back one by one before the rest of the block is updated at once (a K-quant sub-block)
+
+
 def encode_with_feedback(qtype: GGMLType, W: np.ndarray, Hinv: torch.Tensor, imatrix: np.ndarray | None = None
                          ) -> np.ndarray:
     """``W`` f32[rows, cols] as ggml ``qtype`` bytes u8[rows, row_bytes], codes chosen with error feedback.
@@ -181,14 +184,18 @@ def encode_with_feedback(qtype: GGMLType, W: np.ndarray, Hinv: torch.Tensor, ima
         codes = torch.empty((B, rows), dtype=torch.float32)
         err = torch.empty((B, rows))
         Ub = U[b:b + B, b:b + B]
-        for c in range(B):
-            w = block[c]
-            n = torch.where(live[c], torch.round((w - base[c]) * inv[c]), keep[c]).clamp_(layout.lo, layout.hi)
-            e = (w - (base[c] + step[c] * n)) / Ub[c, c]
-            if c + 1 < B:
-                block[c + 1:] -= Ub[c, c + 1:, None] * e[None, :]
-            err[c] = e
-            codes[c] = n
+        for s in range(0, B, FEED_COLUMNS):  # GPTQ's lazy batch inside the block: rank-1 updates stay in L1/L2
+            t = min(s + FEED_COLUMNS, B)
+            for c in range(s, t):
+                w = block[c]
+                n = torch.where(live[c], torch.round((w - base[c]) * inv[c]), keep[c]).clamp_(layout.lo, layout.hi)
+                e = (w - (base[c] + step[c] * n)) / Ub[c, c]
+                if c + 1 < t:
+                    block[c + 1:t].addr_(Ub[c, c + 1:t], e, alpha=-1.0)
+                err[c] = e
+                codes[c] = n
+            if t < B:
+                block[t:].addmm_(Ub[s:t, t:].T, err[s:t], alpha=-1.0)
         if b + B < cols:
             WT[b + B:] -= U[b:b + B, b + B:].T @ err
         out[:, b // B] = layout.write(blocks, codes.T.numpy().astype(np.int64))
