@@ -77,13 +77,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "feedback over the calibration Hessians (needs --calib or --stats with Hessians), in "
                         "llama.cpp's own types, scales and block layout; a tensor keeps llama.cpp's encoding where "
                         "that does better on held-out calibration windows. Not byte-identical to llama.cpp, by design")
-    g.add_argument("--target-size", type=float, metavar="GB",
-                   help="choose each decoder matrix's type (K-quants Q2_K..Q8_0, or the 32-block types where rows "
-                        "are not a multiple of 256) so the file is at most GB gigabytes (10^9 bytes) with the least "
-                        "output error on the calibration Hessians; starts from --type's mixture (embedding and "
-                        "output keep its types) and keeps that mixture when it fits and nothing better does. Needs "
-                        "--calib or --stats; combine with --optimize for error-feedback codes; --dry-run prints the "
-                        "plan")
+    budget = g.add_mutually_exclusive_group()
+    budget.add_argument("--target-size", type=float, metavar="GB",
+                        help="choose each decoder matrix's type (K-quants Q2_K..Q8_0, or the 32-block types where rows "
+                             "are not a multiple of 256) so the file is at most GB gigabytes (10^9 bytes) with the least "
+                             "output error on the calibration Hessians; starts from --type's mixture (embedding and "
+                             "output keep its types) and keeps that mixture when it fits and nothing better does. Needs "
+                             "--calib or --stats; combine with --optimize for error-feedback codes; --dry-run prints the "
+                             "plan")
+    budget.add_argument("--target-bpw", type=float, metavar="BITS",
+                        help="the same budget in bits per weight of tensor data (the bpw qconvert prints; the header "
+                             "comes on top): one figure for every model size, e.g. 4.5. Give --target-size or "
+                             "--target-bpw, not both")
     o = g.add_argument_group("output")
     o.add_argument("--out-dir", type=Path, help="directory for the .gguf file, under its default name (default: .)")
     o.add_argument("--output", metavar="PATH",

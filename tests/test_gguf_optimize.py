@@ -277,3 +277,36 @@ def test_target_size_bad_values_and_dry_run(demo, stats_file, tmp_path, capsys) 
     out = capsys.readouterr()
     assert "--target-size 0.0023 GB: predicted file" in out.err and "blk.0.ffn_down.weight" in out.out
     assert list(tmp_path.iterdir()) == []
+
+
+def _tensor_bpw(path: Path) -> float:
+    import math
+
+    from qconvert.gguf.reader import read_gguf
+
+    tensors = read_gguf(path).tensors.values()
+    return 8 * sum(t.nbytes for t in tensors) / sum(math.prod(t.shape) for t in tensors)
+
+
+def test_target_bpw_is_met_in_tensor_data_and_recorded(demo, stats_file, q3, tmp_path, capsys) -> None:
+    """--target-bpw a little under Q3_K_M's: the tensor data stays within the bits per weight asked (the file is
+    smaller than Q3_K_M's), the record says so; bad values and both budgets at once are refused, nothing written."""
+    from qconvert.gguf.reader import read_gguf
+
+    want = round(_tensor_bpw(q3) - 0.2, 2)
+    base = ["gguf", "--model", str(demo), "--type", "Q3_K_M", "--stats", str(stats_file), "--quiet"]
+    out = tmp_path / "bpw.gguf"
+    assert main([*base, "--target-bpw", str(want), "--output", str(out)]) == 0
+    got = _tensor_bpw(out)
+    assert want - 0.05 < got <= want and out.stat().st_size < q3.stat().st_size
+    assert f"at most {want} bits per weight" in read_gguf(out).metadata["qconvert.budget"]
+    assert f"--target-bpw {want} bpw: predicted file" in capsys.readouterr().err
+    for value, message in (("0", "must be a number of bits per weight above 0"),
+                           ("1", "is not possible for this model")):
+        rc = main([*base, "--target-bpw", value, "--output", str(tmp_path / "x.gguf")])
+        err = capsys.readouterr().err
+        assert rc == 2 and message in err and "Traceback" not in err, err
+    with pytest.raises(SystemExit) as exit_:
+        main([*base, "--target-bpw", "4", "--target-size", "0.002", "--output", str(tmp_path / "x.gguf")])
+    assert exit_.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bpw.gguf"]

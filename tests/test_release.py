@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import re
 import shutil
 import textwrap
@@ -117,6 +118,8 @@ def test_shipped_recipes_validate_and_expand() -> None:
      "w8a8 weights = 'awq': use 'rtn' or 'gptq'"),
     ('[[models]]\nfixture = "demo"\n[[formats]]\nkind = "w8a8"\nsmooth = 1.5\n', 5,
      "smooth = 1.5 is SmoothQuant's alpha, in [0, 1]"),
+    ('[[models]]\nfixture = "demo"\n[[formats]]\nkind = "gguf"\npresets = ["Q4_K_M"]\ntarget_bpw = 0.0\n', 6,
+     "target_bpw = 0.0 must be bits per weight above 0"),
     ('[[models]]\nfixture = "demo"\n[[formats]]\nkind = "w8a8"\nbits = 4\n', 5,
      "unknown key 'bits' in [[formats]] (kind w8a8)"),
     ('[[models]]\nfixture = "demo"\n[[formats]]\nkind = "onnx"\nprecision = "int8"\naccuracy_level = 3\n', 6,
@@ -285,11 +288,25 @@ def test_optimized_gguf_release_artifact(tmp_path: Path) -> None:
         id = "gguf-optimized"
         presets = ["Q3_K_M"]
         optimize = true
+        [[formats]]
+        kind = "gguf"
+        id = "gguf-budget"
+        presets = ["Q3_K_M"]
+        target_bpw = 4.0
         ''')
     out = tmp_path / "rel"
     assert main(["release", str(recipe), "--out", str(out), "--quiet"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
-    by_opt = {bool(e["settings"].get("optimize")): e for e in manifest["artifacts"].values()}
+    (budget,) = [e for e in manifest["artifacts"].values() if "target_bpw" in e["settings"]]
+    assert Path(budget["path"]).name.endswith("-gguf-q3_k_m-4bpw") and budget["passed"]
+    assert budget["statistics"] == "shared float pass" and budget["bits_per_weight"] <= 4.0 + 0.1  # + metadata
+    (bpath,) = (out / budget["path"]).glob("*.gguf")
+    tensors = read_gguf(bpath).tensors.values()
+    assert 8 * sum(t.nbytes for t in tensors) / sum(math.prod(t.shape) for t in tensors) <= 4.0
+    assert "at most 4.0 bits per weight" in read_gguf(bpath).metadata["qconvert.budget"]
+    assert "target_bpw" in (out / budget["path"] / "README.md").read_text()
+    by_opt = {bool(e["settings"].get("optimize")): e for e in manifest["artifacts"].values()
+              if "target_bpw" not in e["settings"]}
     assert set(by_opt) == {False, True} and all(e["passed"] for e in by_opt.values())
     opt, plain = by_opt[True], by_opt[False]
     assert Path(opt["path"]).name.endswith("-gguf-q3_k_m-optimized")

@@ -64,7 +64,7 @@ def _importance(args: argparse.Namespace, model_dir: Path, model_name: str, scra
             calib=(lambda: calibration_from_args(args, model_dir, model_name)) if calibrated else None,
             settings=settings_from_args(args) if calibrated else None, save_stats=args.save_stats,
             save_imatrix=args.save_imatrix, force=args.force, progress=progress,
-            optimize=args.optimize or args.target_size is not None,
+            optimize=args.optimize or _budgeted(args),
             scratch=scratch)
     finally:
         for bar in bars:
@@ -80,28 +80,35 @@ def _importance(args: argparse.Namespace, model_dir: Path, model_name: str, scra
     return found
 
 
+def _budgeted(args: argparse.Namespace) -> bool:
+    return args.target_size is not None or args.target_bpw is not None
+
+
 def _budget(args: argparse.Namespace, model_dir: Path, model_name: str, preset: str, options: PlanOptions,
             found: Importance | None, optimize_note: str | None) -> tuple[PlanOptions, list]:
-    """--target-size: the per-tensor types for the budget (printed), as plan options and a metadata record."""
+    """--target-size / --target-bpw: the per-tensor types for the budget (printed), as plan options and a metadata
+    record."""
     from qconvert.pipelines.gguf import budget_plan
 
+    flag = "--target-size" if args.target_size is not None else "--target-bpw"
     if found is None or found.stats is None:
-        raise QConvertError("--target-size measures each matrix's error on the calibration Hessians: give --calib "
+        raise QConvertError(f"{flag} measures each matrix's error on the calibration Hessians: give --calib "
                             "SOURCE or --stats FILE (saved by --save-stats).")
     from qconvert.gguf.export import OPTIMIZE_KEY
     from qconvert.gguf.metadata import KV, V
 
     more = [] if optimize_note is None else [KV(OPTIMIZE_KEY, V.STRING, optimize_note)]
-    bp = budget_plan(model_dir, preset, options, found.stats, found.imatrix, args.target_size, model_name=model_name,
-                     more_metadata=more)
+    bp = budget_plan(model_dir, preset, options, found.stats, found.imatrix, args.target_size, bpw=args.target_bpw,
+                     model_name=model_name, more_metadata=more)
     c = bp.choice
     counts: dict[str, int] = {}
     for t in c.types.values():
         counts[t.name] = counts.get(t.name, 0) + 1
     how = (f"{preset}'s own mixture fits and is not worse" if c.kept_preset else
-           f"output error {c.cost / c.preset_cost:.3f}x {preset}'s" if c.preset_bytes <= int(args.target_size * 1e9)
+           f"output error {c.cost / c.preset_cost:.3f}x {preset}'s" if c.preset_bytes <= bp.budget
            else f"{preset} itself ({c.preset_bytes / 1e9:.3f} GB) does not fit")
-    print(f"--target-size {args.target_size} GB: predicted file {c.total_bytes / 1e9:.4f} GB; decoder matrices "
+    asked = f"{args.target_size} GB" if args.target_size is not None else f"{args.target_bpw} bpw"
+    print(f"{flag} {asked}: predicted file {c.total_bytes / 1e9:.4f} GB; decoder matrices "
           f"{', '.join(f'{k} {v}' for k, v in sorted(counts.items()))}; {how}", file=sys.stderr)
     return bp.options, bp.metadata
 
@@ -133,7 +140,7 @@ def run_gguf(args: argparse.Namespace) -> int:
         if out is not None:
             check_not_inside(out, (resolved.path, args.imatrix, args.stats))
         with contextlib.ExitStack() as stack:
-            budget = args.target_size is not None
+            budget = _budgeted(args)
             scratch = None
             if (args.optimize or budget) and args.calib is not None and args.save_stats is None:
                 scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(
@@ -159,7 +166,7 @@ def run_gguf(args: argparse.Namespace) -> int:
                 for bar in bars:
                     bar.close()
     for line in result.warnings:
-        if args.target_size is not None and "applying manual override" in line:
+        if _budgeted(args) and "applying manual override" in line:
             continue  # the budget's per-tensor types: summarised above, not one line per tensor
         print(line, file=sys.stderr)
     plan = result.plan

@@ -137,13 +137,16 @@ class BudgetPlan:
     options: PlanOptions  # the caller's options with the budget's exact per-tensor types in front
     choice: Any  # qconvert.gguf.budget.BudgetChoice
     metadata: list[Any]  # the KV recording it
+    budget: int  # the file size asked for, in bytes
 
 
 def budget_plan(model_dir: Path, preset: str, options: PlanOptions, stats: Any, imatrix: dict[str, np.ndarray],
-                size_gb: float, *, model_name: str | None = None, more_metadata: Sequence[Any] = (),
-                progress: Callable[[int, int, str], None] | None = None) -> BudgetPlan:
-    """Each decoder matrix's type for a file of at most ``size_gb`` GB (10^9 bytes), from the preset's plan and
-    the Hessians of ``stats`` (``qconvert.gguf.budget``). ``more_metadata``: the other ``qconvert.*`` keys the file
+                size_gb: float | None = None, *, bpw: float | None = None, model_name: str | None = None,
+                more_metadata: Sequence[Any] = (), progress: Callable[[int, int, str], None] | None = None
+                ) -> BudgetPlan:
+    """Each decoder matrix's type for a file of at most ``size_gb`` GB (10^9 bytes), or of at most ``bpw`` bits per
+    weight of tensor data (what ``qconvert gguf`` prints; the header comes on top), from the preset's plan and the
+    Hessians of ``stats`` (``qconvert.gguf.budget``). ``more_metadata``: the other ``qconvert.*`` keys the file
     will carry (``--optimize``'s), counted in its header. When the preset's own mixture is the choice, the file is
     that preset's and carries no budget record (so a budget equal to the preset's file size gives the preset)."""
     from dataclasses import replace
@@ -152,13 +155,22 @@ def budget_plan(model_dir: Path, preset: str, options: PlanOptions, stats: Any, 
     from qconvert.gguf.export import prepare
     from qconvert.gguf.metadata import KV, V
 
-    if not size_gb > 0:
+    if (size_gb is None) == (bpw is None):
+        raise UsageError("give one budget: --target-size GB or --target-bpw BITS, not both.")
+    if size_gb is not None and not size_gb > 0:
         raise UsageError(f"--target-size {size_gb} must be a positive number of GB (10^9 bytes).")
-    budget = int(size_gb * 1e9)
+    if bpw is not None and not 0 < bpw <= 32:
+        raise UsageError(f"--target-bpw {bpw} must be a number of bits per weight above 0 (e.g. 4.5; F32 is 32).")
     prep = prepare(model_dir, preset, options, model_name=model_name, imatrix=imatrix)
-    record = KV(BUDGET_KEY, V.STRING, f"types chosen for a file of at most {size_gb} GB from {preset}'s mixture by "
+    what = f"{size_gb} GB" if size_gb is not None else f"{bpw} bits per weight"
+    record = KV(BUDGET_KEY, V.STRING, f"types chosen for a file of at most {what} from {preset}'s mixture by "
                                       f"the output error on {stats.source or 'calibration tokens'}")
     header = prep.header_bytes(prep.metadata(model_dir, preset, [*more_metadata, record]))
+    if size_gb is not None:
+        budget = int(size_gb * 1e9)
+    else:
+        assert bpw is not None
+        budget = header + int(bpw * sum(e.n_elements for e in prep.plan.entries) / 8)
     bare = prep.header_bytes(prep.metadata(model_dir, preset, list(more_metadata)))
 
     last: dict[str, Any] = {}  # q/k/v and gate/up share one input site: read it once, hold one at a time
@@ -177,6 +189,6 @@ def budget_plan(model_dir: Path, preset: str, options: PlanOptions, stats: Any, 
     choice = plan_budget(entries, lambda g: prep.ckpt.read_f32(prep.mapped[g]), hessian, imatrix, header, budget,
                          progress, preset_header=bare)
     if choice.kept_preset:
-        return BudgetPlan(options, choice, [])
+        return BudgetPlan(options, choice, [], budget)
     return BudgetPlan(replace(options, tensor_types=choice.overrides() + tuple(options.tensor_types)), choice,
-                      [record])
+                      [record], budget)

@@ -138,10 +138,21 @@ def _build_gguf(ctx: ModelContext, job: Job, out: Path, settings: Any, deps: dic
         from qconvert.gguf.optimize import optimize_note, stats_hessians
 
         hessians, note = stats_hessians(_stats(ctx)), optimize_note(_stats(ctx).source)
+    extra: list = []
+    if "target_bpw" in s:  # each decoder matrix's type chosen for the budget (qconvert.gguf.budget)
+        from qconvert.gguf.export import OPTIMIZE_KEY
+        from qconvert.gguf.metadata import KV, V
+        from qconvert.pipelines.gguf import budget_plan
+
+        stats = _stats(ctx)
+        imatrix = stats.imatrix() if imatrix is None else imatrix
+        bp = budget_plan(ctx.source.path, job.preset or "", opts, stats, imatrix, bpw=s["target_bpw"],
+                         model_name=job.model.name, more_metadata=[KV(OPTIMIZE_KEY, V.STRING, note)] if optimize else [])
+        opts, extra = bp.options, bp.metadata
     out.mkdir()
     path = out / output_name(job.model.name, job.preset or "")
     export_gguf(ctx.source.path, path, job.preset or "", options=opts, model_name=job.model.name, imatrix=imatrix,
-                hessians=hessians, optimize_note=note)
+                hessians=hessians, optimize_note=note, extra_metadata=extra)
     return path
 
 

@@ -53,7 +53,8 @@ class Job:
     @property
     def needs_stats(self) -> bool:
         s = self.fmt.settings
-        return (self.fmt.kind == "gguf" and (s.get("imatrix", False) or s.get("optimize", False))) or \
+        return (self.fmt.kind == "gguf" and (s.get("imatrix", False) or s.get("optimize", False)
+                                             or "target_bpw" in s)) or \
             (self.fmt.kind == "gptq" and s.get("from_stats", True))
 
     @property
@@ -70,7 +71,8 @@ def artifact_name(model: ModelEntry, fmt: FormatEntry, preset: str | None) -> st
 
     if fmt.kind == "gguf":
         assert preset is not None
-        return f"{model.slug}-gguf-{preset.lower()}" + ("-optimized" if fmt.settings.get("optimize") else "")
+        bpw = f"-{fmt.settings['target_bpw']:g}bpw" if "target_bpw" in fmt.settings else ""
+        return f"{model.slug}-gguf-{preset.lower()}{bpw}" + ("-optimized" if fmt.settings.get("optimize") else "")
     if fmt.kind in ("gptq", "awq"):
         return output_dir_name(model.name, fmt.kind, fmt.settings.get("bits", 4), fmt.settings.get("format"))
     if fmt.kind == "w8a8":

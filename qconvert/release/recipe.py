@@ -52,7 +52,8 @@ ARRAY_SECTIONS = frozenset({"models", "formats"})
 # [[formats]] keys allowed per kind, on top of kind / id / thresholds.
 FORMAT_KEYS: MappingProxyType[str, MappingProxyType[str, str]] = MappingProxyType({
     "gguf": MappingProxyType({"presets": _STRS, "imatrix": _BOOL, "pure": _BOOL, "output_tensor_type": _STR,
-                              "token_embedding_type": _STR, "optimize": _BOOL}),
+                              "token_embedding_type": _STR, "optimize": _BOOL,
+                              "target_bpw": _FLOAT}),
     "gptq": MappingProxyType({"bits": _INT, "group_size": _INT, "sym": _BOOL, "act_order": _BOOL,
                               "static_groups": _BOOL, "group_aware": _BOOL, "damp": _FLOAT,
                               "from_stats": _BOOL, "format": _STR}),
@@ -333,6 +334,10 @@ def _check_formats(recipe: Recipe) -> None:
                 for key in ("output_tensor_type", "token_embedding_type"):
                     if key in s:
                         parse_type(s[key])
+                if "target_bpw" in s and not 0 < s["target_bpw"] <= 32:
+                    raise recipe.error("formats", f.index, "target_bpw", f"target_bpw = {s['target_bpw']} must be "
+                                       "bits per weight above 0 (e.g. 4.5; each preset's figure is in the plan "
+                                       "`qconvert gguf --dry-run` prints)")
             elif f.kind == "gptq":
                 int4_quantization_config(int4_config("gptq", s), s.get("format"))
             elif f.kind == "awq":
