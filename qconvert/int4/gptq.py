@@ -164,10 +164,12 @@ def inverse_hessian_factor(H: torch.Tensor, cfg: GPTQConfig) -> tuple[torch.Tens
     eye = torch.eye(H.shape[0], dtype=Hd.dtype, device=Hd.device)
     damp = cfg.damp_percent
     for _ in range(cfg.damp_retries + 1):
-        L, info = torch.linalg.cholesky_ex(Hd + damp * mean_diag * eye)
+        # U is upper with UᵀU = (H + λI)⁻¹. With J the reversal, J(H + λI)J = L'L'ᵀ gives U = J L'⁻¹ J: one
+        # Cholesky and one triangular solve (torch.cholesky_inverse + a second Cholesky took ~25x longer here)
+        Lr, info = torch.linalg.cholesky_ex((Hd + damp * mean_diag * eye).flip(0, 1))
         if int(info) == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-            if int(info) == 0:
+            U = torch.linalg.solve_triangular(Lr, eye, upper=False).flip(0, 1)
+            if bool(torch.isfinite(U).all()) and bool((torch.diagonal(U) > 0).all()):
                 return U.float(), damp
         damp += cfg.damp_auto_increment
     raise HessianError(
