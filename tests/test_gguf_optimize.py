@@ -130,6 +130,7 @@ def test_hessians_are_the_files_and_a_shared_input_site_is_read_once(stats_file,
     names = [f"model.layers.0.self_attn.{p}_proj.weight" for p in "qkv"] + ["model.layers.0.self_attn.o_proj.weight"]
     got = [get(n) for n in names]
     assert len(reads) == 2  # q, k and v: one site; o: another
+    assert got[0].inverse_factor(0.01) is got[2].inverse_factor(0.01)  # GPTQ's factor: once per site too
     for name, h in zip(names, got):
         site = stats.site(name.removesuffix(".weight"))
         assert h.heldout is not None and torch.equal(h.heldout, site.heldout_hessian)

@@ -14,7 +14,7 @@ llama.cpp's types and byte size.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -34,6 +34,17 @@ class TensorHessians:
 
     fit: torch.Tensor
     heldout: torch.Tensor | None
+    _factors: dict[float, torch.Tensor] = field(default_factory=dict, compare=False, repr=False)
+
+    def inverse_factor(self, damp_percent: float) -> torch.Tensor:
+        """GPTQ's upper factor of the damped inverse of ``fit`` (inputs that are always zero get a unit diagonal:
+        any code is as good for them); computed once per site, which q/k/v and gate/up share."""
+        if damp_percent not in self._factors:
+            H = self.fit.float().clone()
+            dead = torch.diagonal(H) == 0
+            H[dead, dead] = 1.0
+            self._factors[damp_percent] = inverse_hessian_factor(H, GPTQConfig(damp_percent=damp_percent))[0]
+        return self._factors[damp_percent]
 
 
 HessianSource = Callable[[str], "TensorHessians | None"]  # checkpoint tensor name -> its inputs' Hessians
@@ -80,11 +91,7 @@ def optimized_rows(qtype: GGMLType, W: np.ndarray, hessians: TensorHessians, ima
     """``W`` f32[rows, cols] encoded as ``qtype`` with error feedback, or llama.cpp's encoding where that does
     better on the held-out Hessian. Returns the bytes and which was kept (``KEPT``)."""
     plain = quantize_rows(qtype, W, imatrix)
-    H = hessians.fit.float().clone()
-    dead = torch.diagonal(H) == 0  # an input that is always zero: any code is as good
-    H[dead, dead] = 1.0
-    U, _ = inverse_hessian_factor(H, GPTQConfig(damp_percent=damp_percent))
-    fed = encode_with_feedback(qtype, W, U, imatrix)
+    fed = encode_with_feedback(qtype, W, hessians.inverse_factor(damp_percent), imatrix)
     if hessians.heldout is None:
         return fed, KEPT[0]
     Wt = torch.from_numpy(W)
