@@ -314,7 +314,8 @@ def test_imatrix_required_presets_are_refused_without_one(tmp_path, model_dir, f
         llamacpp.llama_quantize(float_gguf("tiny-untied", "BF16"), ref, int(get_preset(preset).file_type), imatrix=im)
     with pytest.raises(QuantTypeError, match="no entry for 1 tensor.*blk.1.attn_q.weight"):
         export_gguf(model_dir("tiny-untied"), ours, preset, imatrix=im)
-    assert not ours.exists() and [p.name for p in tmp_path.iterdir()] == ["llama.gguf"]  # llama.cpp leaves a partial file
+    # libllama leaves a partial file when it refuses; the oracle wrapper removes it, qconvert writes none
+    assert list(tmp_path.iterdir()) == []
     assert export_gguf(model_dir("tiny-untied"), None, preset).plan.warnings()[-1].endswith("will require an imatrix!")
 
 
