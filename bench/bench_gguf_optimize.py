@@ -96,6 +96,10 @@ def main() -> None:
                     bp = budget_plan(args.model, preset, options, stats, imatrix, imatrix_file.stat().st_size / 1e9,
                                      more_metadata=more)
                     options, extra = bp.options, bp.metadata
+                    if bp.check is not None:
+                        print(f"{preset} {label}: {bp.check.summary()}", flush=True)
+                    elif bp.choice.kept_preset:
+                        print(f"{preset} {label}: the proxy kept {preset}'s own mixture", flush=True)
                 kept = export_gguf(args.model, path, preset, options=options, imatrix=imatrix, force=True,
                                    hessians=stats_hessians(stats) if optimize else None, optimize_note=note,
                                    extra_metadata=extra).optimized

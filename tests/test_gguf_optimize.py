@@ -7,6 +7,7 @@ project's held-out text (``qconvert verify``'s llama.cpp runner).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -220,6 +221,47 @@ def test_budget_choice_fits_and_never_loses_to_a_preset_that_fits() -> None:
                     assert m.cost[t] >= m.cost[c.types[m.name]] - 1e-12 or c.kept_preset, (trial, m.name, t)
 
 
+def test_steps_from_the_preset_fit_change_little_and_leave_no_helpful_upgrade() -> None:
+    """``anchored`` on random cost tables: the result fits; where the preset fits it is never worse than the
+    preset and differs only by upgrades; no single upgrade that fits and helps is left; and on a hand-made table
+    it frees the bytes where they cost least."""
+    from qconvert.gguf.budget import MatrixCosts, anchored
+
+    rng = np.random.default_rng(1)
+    ladder = (GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K, GGMLType.Q8_0)
+    for trial in range(200):
+        mats = []
+        for i in range(int(rng.integers(2, 12))):
+            size = int(rng.integers(1, 20)) * 1000
+            base = float(rng.uniform(0.1, 10))
+            mats.append(MatrixCosts(f"m{i}", ladder[int(rng.integers(1, 5))],
+                                    {t: size * (k + 2) for k, t in enumerate(ladder)},
+                                    {t: base * 0.3 ** k * float(rng.uniform(0.8, 1.2)) for k, t in enumerate(ladder)}))
+        fixed = 5000
+        lo = fixed + sum(min(m.nbytes.values()) for m in mats)
+        hi = fixed + sum(max(m.nbytes.values()) for m in mats)
+        budget = int(rng.integers(lo, hi + 1))
+        c = anchored(mats, fixed, budget)
+        used = fixed + sum(m.nbytes[c.types[m.name]] for m in mats)
+        assert used == c.total_bytes <= budget, trial
+        preset_bytes = fixed + sum(m.nbytes[m.preset_type] for m in mats)
+        if preset_bytes <= budget:
+            assert c.cost <= sum(m.cost[m.preset_type] for m in mats) + 1e-12, trial
+            assert all(m.nbytes[c.types[m.name]] >= m.nbytes[m.preset_type] for m in mats), trial
+        for m in mats:
+            for t in m.nbytes:
+                if m.nbytes[t] > m.nbytes[c.types[m.name]] and used - m.nbytes[c.types[m.name]] + m.nbytes[t] <= budget:
+                    assert m.cost[t] >= m.cost[c.types[m.name]], (trial, m.name, t)
+    q2, q4, q6 = GGMLType.Q2_K, GGMLType.Q4_K, GGMLType.Q6_K
+    cheap = MatrixCosts("cheap", q4, {q2: 100, q4: 200, q6: 300}, {q2: 1.1, q4: 1.0, q6: 0.99})  # 0.001 per byte
+    dear = MatrixCosts("dear", q4, {q2: 100, q4: 200, q6: 300}, {q2: 9.0, q4: 1.0, q6: 0.5})
+    c = anchored([cheap, dear], 0, 390)  # the preset (400 bytes) is 10 over: free them where it costs least
+    assert c.types == {"cheap": q2, "dear": q4} and c.total_bytes == 300 and not c.kept_preset
+    c = anchored([cheap, dear], 0, 500)  # 100 bytes to spend: where they save most
+    assert c.types == {"cheap": q4, "dear": q6} and c.total_bytes == 500
+    assert anchored([cheap, dear], 0, 450).kept_preset
+
+
 def test_budget_outside_the_possible_sizes_is_refused_with_the_range() -> None:
     from qconvert.errors import UsageError
     from qconvert.gguf.budget import MatrixCosts, choose
@@ -264,6 +306,116 @@ def test_target_size_of_q3_k_m_is_met_and_closer_to_the_float_model_in_llamacpp(
     assert r.kl_mean < r3.kl_mean
     again = tmp_path / "again.gguf"
     assert main([*args, "--output", str(again)]) == 0 and again.read_bytes() == out.read_bytes()
+
+
+def _decoded_file(demo: Path, path: Path) -> dict[str, torch.Tensor]:
+    """The float model (HF names) with every decoder matrix replaced by the file's, decoded by gguf-py."""
+    import gguf
+
+    from qconvert.registry import QWEN2
+    from tests.model_helpers import quantized_weights
+
+    w = quantized_weights(demo, {})
+    hf = {QWEN2.name_map.gguf_name(n): n for n in w if n.startswith("model.layers.") and n.endswith("proj.weight")}
+    for t in gguf.GGUFReader(str(path)).tensors:
+        if t.name in hf:
+            decoded = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+            w[hf[t.name]] = torch.from_numpy(decoded.reshape(w[hf[t.name]].shape))
+    return w
+
+
+def _kl_nll(demo: Path, weights: dict[str, torch.Tensor], window: torch.Tensor) -> tuple[float, float]:
+    """Mean KL to the float model and next-token NLL over positions 0 .. t-2: whole-model forwards in memory."""
+    from qconvert.registry import read_model_config
+    from tests.model_helpers import forward, quantized_weights
+
+    config = read_model_config(demo)
+    vocab = int(config["vocab_size"])
+    with torch.no_grad():
+        ref = forward(quantized_weights(demo, {}), window, config)[:, :-1].reshape(-1, vocab)
+        got = forward(weights, window, config)[:, :-1].reshape(-1, vocab)
+    kl = torch.nn.functional.kl_div(torch.log_softmax(got.double(), -1), torch.log_softmax(ref.double(), -1),
+                                    log_target=True, reduction="batchmean")
+    return float(kl), float(torch.nn.functional.cross_entropy(got.double(), window[:, 1:].reshape(-1)))
+
+
+def test_a_budget_choice_worse_than_the_preset_on_held_out_windows_gives_the_presets_file(
+        demo, stats_file, q3, tmp_path, monkeypatch, capsys) -> None:
+    """A planted bad choice (Q3_K_M's mixture with every ffn_down and attn_v at the cheapest type: smaller, so it
+    fits): the model-level check scores exactly the two files' mixtures (whole-model forwards of the weights
+    gguf-py decodes from them, on the statistics' held-out windows, give the same KL and NLL) and finds it worse,
+    so ``--target-size`` of Q3_K_M's size writes Q3_K_M's own file, byte for byte, and says why."""
+    import re
+
+    from qconvert.calibration.stats import CalibrationStats
+    from qconvert.gguf import budget
+    from qconvert.gguf.budget import candidates
+    from qconvert.gguf.budget_check import check_budget
+    from qconvert.gguf.export import PlanOptions, export_gguf
+    from qconvert.gguf.reader import read_gguf
+    from qconvert.io.safetensors import SafetensorsCheckpoint
+    from qconvert.registry import QWEN2
+
+    stats = CalibrationStats.load(stats_file)
+    ids = stats.heldout_ids
+    assert ids is not None and tuple(ids.shape) == (stats.holdout_windows, 128)
+    from_gguf = {QWEN2.name_map.gguf_name(h): h for h in SafetensorsCheckpoint(demo).names()
+                 if h.startswith("model.layers.") and h.endswith("proj.weight")}
+    cols = {g: SafetensorsCheckpoint(demo).read_f32(h).shape[1] for g, h in from_gguf.items()}
+    preset = {n: t.type for n, t in read_gguf(q3).tensors.items() if n in from_gguf}
+    planted = {n: candidates(cols[n])[0] if re.search("ffn_down|attn_v", n) else t for n, t in preset.items()}
+    assert len(preset) == len(from_gguf) and any(planted[n] != preset[n] for n in preset)
+    imatrix = stats.imatrix()
+    bad = tmp_path / "planted.gguf"
+    export_gguf(demo, bad, "Q3_K_M", imatrix=imatrix,
+                options=PlanOptions(tensor_types=tuple((f"^{re.escape(n)}$", t) for n, t in planted.items())))
+    assert bad.stat().st_size < q3.stat().st_size
+    check = check_budget(demo, "Q3_K_M", {from_gguf[g]: t for g, t in preset.items()},
+                         {from_gguf[g]: t for g, t in planted.items()},
+                         {from_gguf[g]: v for g, v in imatrix.items() if g in from_gguf}, ids)
+    kl3, nll3 = _kl_nll(demo, _decoded_file(demo, q3), ids)
+    kl_bad, nll_bad = _kl_nll(demo, _decoded_file(demo, bad), ids)
+    assert math.isclose(check.preset_kl, kl3, rel_tol=2e-3) and math.isclose(check.preset_nll, nll3, rel_tol=1e-4)
+    assert math.isclose(check.kl, kl_bad, rel_tol=2e-3) and math.isclose(check.nll, nll_bad, rel_tol=1e-4)
+    assert check.positions == ids.numel() - len(ids) and kl_bad > kl3 and not check.better
+
+    real_choose = budget.choose
+
+    def planted_choose(matrices, fixed, size, preset_fixed=None):  # the budget's choices, replaced by the bad one
+        c = real_choose(matrices, fixed, size, preset_fixed)
+        by_name = {m.name: m for m in matrices}
+        used = fixed + sum(m.nbytes[planted[m.name]] for m in matrices)
+        return budget.BudgetChoice({n: planted[n] for n in by_name}, used,
+                                   sum(m.cost[planted[m.name]] for m in matrices), c.preset_cost, c.preset_bytes, False)
+
+    monkeypatch.setattr("qconvert.gguf.budget_check.choose", planted_choose)  # every choice it tries
+    monkeypatch.setattr("qconvert.gguf.budget_check.anchored", planted_choose)
+    out = tmp_path / "budget.gguf"
+    assert main(["gguf", "--model", str(demo), "--type", "Q3_K_M", "--stats", str(stats_file), "--quiet",
+                 "--target-size", repr(q3.stat().st_size / 1e9), "--output", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "not closer to the float model, so the file is Q3_K_M's own" in err, err
+    assert f"budget (by output error) KL {check.kl:.5f} vs Q3_K_M's {check.preset_kl:.5f}" in err
+    assert out.read_bytes() == q3.read_bytes()
+
+
+def test_a_budget_from_statistics_without_held_out_windows_says_it_is_unchecked(demo, q3, tmp_path, capsys) -> None:
+    """Statistics collected without the held-out split (no held-out windows to judge on): the budget's choice is
+    written as the proxy made it, and the command says it was not checked and how to get the check."""
+    from qconvert.calibration.stats import CalibrationStats, collect_stats
+    from qconvert.calibset import load_calibration
+    from qconvert.gguf.reader import read_gguf
+
+    calib = load_calibration("builtin", demo, chat=False, n_samples=4, seq_len=64, seed=0)
+    plain = tmp_path / "plain-stats.safetensors"
+    collect_stats(demo, calib.ids, path=plain)
+    assert CalibrationStats.load(plain).heldout_ids is None
+    out = tmp_path / "budget.gguf"
+    assert main(["gguf", "--model", str(demo), "--type", "Q3_K_M", "--stats", str(plain), "--quiet",
+                 "--target-size", repr(q3.stat().st_size / 1e9), "--output", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "was not checked against Q3_K_M's; recollect them with --calib SOURCE --save-stats FILE --optimize" in err
+    assert "model-level check" not in err and "checked against" not in read_gguf(out).metadata["qconvert.budget"]
 
 
 def test_target_size_bad_values_and_dry_run(demo, stats_file, tmp_path, capsys) -> None:

@@ -168,6 +168,8 @@ def test_statistics_split_their_hessians_and_gptq_from_them_is_guarded(demo: Pat
     stats = CalibrationStats.load(path)
     fit_only, out_only = collect_stats(demo, ids[:1]), collect_stats(demo, ids[1:])
     assert stats.holdout_windows == 1
+    assert torch.equal(stats.heldout_ids, ids[1:])  # the held-out windows' text, for a model-level check
+    assert torch.equal(collect_stats(demo, ids, holdout=0.25).heldout_ids, ids[1:]) and fit_only.heldout_ids is None
     for key, site in stats.sites.items():
         assert site.n_tokens == 8 and site.n_heldout == out_only.sites[key].n_tokens == 4
         torch.testing.assert_close(site.heldout_hessian, out_only.sites[key].hessian, rtol=1e-5, atol=1e-6)

@@ -366,24 +366,35 @@ class _QuantizePass:
 SCORE_ROWS = 64  # positions scored at once: 64 x 152k vocabulary x float64 x a few temporaries ~ 0.3 GB
 
 
+def score_against_float(head: StreamedHead, ref: torch.Tensor, others: Sequence[torch.Tensor], ids: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per window and position 0 .. t-2 of ``ids`` [n, t]: each of ``others``' KL to the float model and next-token
+    NLL, from the last hidden states (``ref``, each of ``others`` [n, t, hidden]) through ``head``.
+    Returns (kl, nll), float64 [len(others), n, t - 1]."""
+    t, k = ids.shape[1] - 1, len(others)  # memory: two windows' logits, [t, vocab] each
+    kl = torch.zeros(k, ids.shape[0], t, dtype=torch.float64)
+    nll = torch.zeros(k, ids.shape[0], t, dtype=torch.float64)
+    with torch.no_grad():
+        for w in range(ids.shape[0]):  # two logit sets of one window at a time: the float model's and one other
+            ref_logits = head(ref[w, :-1])
+            targets = ids[w, 1:].to(ref_logits.device)
+            for j, other in enumerate(others):
+                logits = head(other[w, :-1])
+                for s in range(0, t, SCORE_ROWS):  # float64 softmaxes of a few rows at a time, not of the window
+                    e = min(s + SCORE_ROWS, t)
+                    a, b = position_scores(ref_logits[s:e], logits[s:e], targets[s:e])
+                    kl[j, w, s:e], nll[j, w, s:e] = a.cpu(), b.cpu()
+                del logits
+    return kl, nll
+
+
 def model_check(ckpt: SafetensorsCheckpoint, config: Mapping[str, Any], method: str, quantized: torch.Tensor,
                 streams: _HeldOutStreams, ids: torch.Tensor, settings: CalibrationSettings) -> ModelCheck:
     """Score the held-out windows' last hidden states: the quantized model's (``quantized``) and the baseline's
     against the float model's, by the final logits (KL and next-token NLL at positions 0 .. t-2)."""
-    head = StreamedHead(ckpt, config, settings)
-    t = ids.shape[1] - 1
-    kl, nll = torch.zeros(2, ids.shape[0], t, dtype=torch.float64), torch.zeros(2, ids.shape[0], t, dtype=torch.float64)
-    with torch.no_grad():
-        for w in range(ids.shape[0]):  # one window's three logit sets at a time; the head is read once per window
-            logits = head(torch.cat([streams.ref[w, :-1], quantized[w, :-1], streams.base[w, :-1]]))
-            targets = ids[w, 1:].to(logits.device)
-            for k in range(2):
-                for s in range(0, t, SCORE_ROWS):  # float64 softmaxes of a few rows at a time, not of the window
-                    e = min(s + SCORE_ROWS, t)
-                    a, b = position_scores(logits[s:e], logits[(k + 1) * t + s:(k + 1) * t + e], targets[s:e])
-                    kl[k, w, s:e], nll[k, w, s:e] = a.cpu(), b.cpu()
+    kl, nll = score_against_float(StreamedHead(ckpt, config, settings), streams.ref, [quantized, streams.base], ids)
     return ModelCheck(method, float(kl[0].mean()), float(nll[0].mean()), float(kl[1].mean()), float(nll[1].mean()),
-                      block_standard_error(nll[0] - nll[1]), ids.shape[0] * t)
+                      block_standard_error(nll[0] - nll[1]), ids.shape[0] * (ids.shape[1] - 1))
 
 
 def rank_warnings(config: Mapping[str, Any], spec: ArchSpec, n_fit: int, seq_len: int, n_out: int) -> list[str]:

@@ -11,7 +11,8 @@
 Unlike the GPTQ/AWQ drivers this pass never quantizes, so one pass serves every consumer: ``qconvert gguf
 --stats`` (imatrix), ``qconvert gptq --stats`` (quantizes from the stored Hessians with no further forward)
 and a release that builds several formats. Saved as one safetensors file (``save`` / ``load``), one entry per
-input site, with the calibration set's description and token hash in its metadata.
+input site, with the calibration set's description and token hash in its metadata (and, with a held-out split, the
+held-out windows' token ids: the text a size budget's model-level check runs, ``qconvert.gguf.budget_check``).
 
 The held-out guard (``qconvert.int4.guard``): with ``collect_stats(..., holdout=F)`` the last windows are also
 summed into a second Hessian per site (``hessian_heldout``, doubling the Hessians' size); ``quantize_from_stats``
@@ -54,6 +55,7 @@ from qconvert.registry import spec_for_config
 from qconvert.tokenhash import tokens_sha256
 
 FORMAT = "qconvert-calibration-stats/1"
+HELDOUT_IDS = "heldout_ids"  # the held-out windows' token ids, I32 [n, t] (files with a held-out split)
 
 
 class SiteStats:
@@ -118,6 +120,7 @@ class CalibrationStats:
     tokens_sha256: str = ""
     seconds: float = 0.0
     meta: dict[str, str] = field(default_factory=dict)
+    heldout_ids: torch.Tensor | None = None  # the held-out windows' token ids [n, t] (a model-level check's text)
 
     def site(self, module: str) -> SiteStats:
         if module not in self.linears:
@@ -153,8 +156,11 @@ class CalibrationStats:
             raise CalibrationError("these statistics have no GPTQ Hessians to save; collect them with hessians=True.")
         with atomic_output(Path(path), force=force) as tmp:
             writer = _StatsWriter(tmp, {k: s.in_features for k, s in self.sites.items()}, self._metadata(),
-                                  self.holdout_windows > 0)
+                                  self.holdout_windows > 0,
+                                  None if self.heldout_ids is None else tuple(self.heldout_ids.shape))
             try:
+                if self.heldout_ids is not None:
+                    writer.write_ids(self.heldout_ids)
                 for key, site in self.sites.items():
                     writer.write_site(key, site.hessian, site.sum_sq, site.mean_abs,
                                       site.heldout_hessian if self.holdout_windows else None)
@@ -194,12 +200,13 @@ class CalibrationStats:
                                       file=(path, f"{k}.hessian") if f"{k}.hessian" in names else None,
                                       n_heldout=int(heldout.get(k, 0)) if f"{k}.hessian_heldout" in names else 0)
                          for k, n in counts.items()}
+                ids = f.get_tensor(HELDOUT_IDS).long() if HELDOUT_IDS in names else None
         except CheckpointError:
             raise
         except Exception as e:  # safetensors raises several types for a bad header
             raise CheckpointError(f"{path} is not a qconvert statistics file ({e}); recreate it with --save-stats.") from e
         return cls(sites, json.loads(meta["linears"]), meta.get("source", ""), meta.get("tokens_sha256", ""),
-                   float(meta.get("seconds", 0)), json.loads(meta.get("meta", "{}")))
+                   float(meta.get("seconds", 0)), json.loads(meta.get("meta", "{}")), ids)
 
     def check_model(self, model_dir: Path) -> None:
         """Refuse statistics collected on a model with other linears or other input widths."""
@@ -221,13 +228,18 @@ class CalibrationStats:
 class _StatsWriter:
     """Streams site statistics (hessian, sum_sq, mean_abs per site, in site order) into one safetensors file."""
 
-    def __init__(self, path: Path, widths: dict[str, int], draft_meta: dict[str, str], heldout: bool) -> None:
-        decl: dict[str, tuple[str, tuple[int, ...]]] = {}
+    def __init__(self, path: Path, widths: dict[str, int], draft_meta: dict[str, str], heldout: bool,
+                 ids_shape: tuple[int, ...] | None = None) -> None:
+        decl: dict[str, tuple[str, tuple[int, ...]]] = {} if ids_shape is None else {HELDOUT_IDS: ("I32", ids_shape)}
         for key, n in widths.items():
             decl.update({f"{key}.hessian": ("F32", (n, n)), f"{key}.sum_sq": ("F64", (n,)), f"{key}.mean_abs": ("F32", (n,))})
             if heldout:
                 decl[f"{key}.hessian_heldout"] = ("F32", (n, n))
         self._w = SafetensorsStreamWriter(path, decl, reserve=len(json.dumps(draft_meta)) + 1024)
+
+    def write_ids(self, ids: torch.Tensor) -> None:
+        """The held-out windows' token ids: first, before any site."""
+        self._w.write(HELDOUT_IDS, ids.to(torch.int32).cpu().numpy())
 
     def write_site(self, key: str, hessian: torch.Tensor, sum_sq: torch.Tensor, mean_abs: torch.Tensor,
                    heldout: torch.Tensor | None = None) -> None:
@@ -345,12 +357,14 @@ def _collect(model_dir: Path, ids: torch.Tensor, settings: CalibrationSettings,
         draft = CalibrationStats({k: SiteStats(torch.zeros(0), torch.zeros(0), ids.numel()) for k in widths},
                                  linears, source, tokens_sha256(ids), 1e9, meta)._metadata()
         draft["n_heldout"] = json.dumps({k: ids.numel() for k in widths})  # room for the final counts
-        writer = _StatsWriter(out, widths, draft, n_out > 0)
+        writer = _StatsWriter(out, widths, draft, n_out > 0, tuple(ids[len(ids) - n_out:].shape) if n_out else None)
     try:
+        if writer is not None and n_out:
+            writer.write_ids(ids[len(ids) - n_out:])
         stats_pass = _StatsPass(hessians, writer, n_out)
         stream_layers(SafetensorsCheckpoint(model_dir), config, ids, stats_pass, settings, progress=progress)
         stats = CalibrationStats(stats_pass.sites, linears, source, tokens_sha256(ids), time.perf_counter() - start,
-                                 meta)
+                                 meta, ids[len(ids) - n_out:].clone() if n_out else None)
         if writer is not None:
             writer.finish(stats._metadata())
     finally:

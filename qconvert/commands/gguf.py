@@ -104,12 +104,20 @@ def _budget(args: argparse.Namespace, model_dir: Path, model_name: str, preset: 
     counts: dict[str, int] = {}
     for t in c.types.values():
         counts[t.name] = counts.get(t.name, 0) + 1
-    how = (f"{preset}'s own mixture fits and is not worse" if c.kept_preset else
+    how = (f"{preset}'s own mixture: the budget's was not closer to the float model on held-out windows"
+           if c.kept_preset and bp.check is not None else
+           f"{preset}'s own mixture fits and is not worse" if c.kept_preset else
            f"output error {c.cost / c.preset_cost:.3f}x {preset}'s" if c.preset_bytes <= bp.budget
            else f"{preset} itself ({c.preset_bytes / 1e9:.3f} GB) does not fit")
     asked = f"{args.target_size} GB" if args.target_size is not None else f"{args.target_bpw} bpw"
     print(f"{flag} {asked}: predicted file {c.total_bytes / 1e9:.4f} GB; decoder matrices "
           f"{', '.join(f'{k} {v}' for k, v in sorted(counts.items()))}; {how}", file=sys.stderr)
+    if bp.check is not None:
+        print(f"{flag}: {bp.check.summary()}", file=sys.stderr)
+    elif not c.kept_preset and c.preset_bytes <= bp.budget:
+        print(f"{flag}: the statistics hold no held-out windows, so the budget's mixture was not checked against "
+              f"{preset}'s; recollect them with --calib SOURCE --save-stats FILE --optimize to check it.",
+              file=sys.stderr)
     return bp.options, bp.metadata
 
 

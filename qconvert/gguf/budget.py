@@ -12,6 +12,11 @@
             lower total cost wins), so a budget equal to the preset's size can only match or beat it on the proxy
     result: per-tensor types (``--tensor-type``-style exact overrides), the predicted file size, the plan
 
+The cost compares within a role but not across roles (q_proj's error passes a softmax, ffn_down's enters the
+residual stream as it is): with held-out windows in the statistics, ``qconvert.gguf.budget_check`` weights each
+role by its measured KL per unit of cost (``scaled``), chooses again, and keeps a choice only if the whole model
+is closer to the float one there than with the preset's mixture.
+
 Pure planning: no tensor is written here. ``qconvert.gguf.export`` writes the file from the overrides.
 """
 
@@ -112,12 +117,7 @@ def choose(matrices: Sequence[MatrixCosts], fixed_bytes: int, budget: int, prese
 
     Raises ``UsageError`` naming the possible range when no assignment fits or the budget exceeds the largest file.
     """
-    smallest = fixed_bytes + sum(min(m.nbytes.values()) for m in matrices)
-    largest = fixed_bytes + sum(max(m.nbytes.values()) for m in matrices)
-    if budget < smallest or budget > largest:
-        raise UsageError(f"a file of {budget / 1e6:.2f} MB is not possible for this model: with these candidate "
-                         f"types files range from {smallest / 1e6:.2f} MB to {largest / 1e6:.2f} MB "
-                         f"({'raise' if budget < smallest else 'lower'} --target-size / --target-bpw).")
+    _in_range(matrices, fixed_bytes, budget)
     hulls = {m.name: _hull(m) for m in matrices}
     pos = {m.name: 0 for m in matrices}
     by_name = {m.name: m for m in matrices}
@@ -161,14 +161,76 @@ def choose(matrices: Sequence[MatrixCosts], fixed_bytes: int, budget: int, prese
     return BudgetChoice(types, used, cost, preset_cost, preset_bytes, kept_preset)
 
 
-def plan_budget(entries: Sequence[tuple[str, tuple[int, ...], GGMLType]], read: Callable[[str], np.ndarray],
+def _in_range(matrices: Sequence[MatrixCosts], fixed_bytes: int, budget: int) -> None:
+    smallest = fixed_bytes + sum(min(m.nbytes.values()) for m in matrices)
+    largest = fixed_bytes + sum(max(m.nbytes.values()) for m in matrices)
+    if budget < smallest or budget > largest:
+        raise UsageError(f"a file of {budget / 1e6:.2f} MB is not possible for this model: with these candidate "
+                         f"types files range from {smallest / 1e6:.2f} MB to {largest / 1e6:.2f} MB "
+                         f"({'raise' if budget < smallest else 'lower'} --target-size / --target-bpw).")
+
+
+def anchored(matrices: Sequence[MatrixCosts], fixed_bytes: int, budget: int, preset_fixed: int | None = None
+             ) -> BudgetChoice:
+    """The smallest departure from the preset's mixture that fits ``budget``: from the preset's types, the
+    downgrades that cost least per byte freed until the file fits, then the upgrades that save most per byte
+    while it still fits. Arguments as ``choose``'s; ``kept_preset`` where no type changed and the preset fits."""
+    _in_range(matrices, fixed_bytes, budget)
+    types = {m.name: m.preset_type for m in matrices}
+    used = fixed_bytes + sum(m.nbytes[m.preset_type] for m in matrices)
+
+    def best_step(up: bool) -> tuple[str, GGMLType] | None:
+        best: tuple[float, str, GGMLType] | None = None
+        for m in matrices:
+            cur = types[m.name]
+            for t in m.nbytes:
+                delta = m.nbytes[t] - m.nbytes[cur]
+                if up and delta > 0 and used + delta <= budget and m.cost[t] < m.cost[cur]:
+                    rate = (m.cost[t] - m.cost[cur]) / delta  # negative: cost saved per byte spent
+                elif not up and delta < 0:
+                    rate = (m.cost[t] - m.cost[cur]) / -delta  # cost added per byte freed
+                else:
+                    continue
+                if best is None or rate < best[0]:
+                    best = (rate, m.name, t)
+        return None if best is None else (best[1], best[2])
+
+    by_name = {m.name: m for m in matrices}
+
+    def take(step: tuple[str, GGMLType] | None) -> None:
+        nonlocal used
+        assert step is not None  # the budget is in range: downgrades always reach it
+        name, t = step
+        used += by_name[name].nbytes[t] - by_name[name].nbytes[types[name]]
+        types[name] = t
+
+    while used > budget:
+        take(best_step(up=False))
+    while (step := best_step(up=True)) is not None:
+        take(step)
+    preset_bytes = (fixed_bytes if preset_fixed is None else preset_fixed) + \
+        sum(m.nbytes[m.preset_type] for m in matrices)
+    preset_cost = sum(m.cost[m.preset_type] for m in matrices)
+    same = all(types[m.name] == m.preset_type for m in matrices) and preset_bytes <= budget
+    if same:
+        used = preset_bytes
+    return BudgetChoice(types, used, sum(m.cost[types[m.name]] for m in matrices), preset_cost, preset_bytes, same)
+
+
+def scaled(matrices: Sequence[MatrixCosts], weight: Callable[[str], float]) -> list[MatrixCosts]:
+    """The same candidates with each matrix's costs multiplied by ``weight(name)`` (a role's KL per unit of output
+    error: ``qconvert.gguf.budget_check.role_weights``), so that costs of different roles compare."""
+    return [MatrixCosts(m.name, m.preset_type, m.nbytes, {t: c * weight(m.name) for t, c in m.cost.items()})
+            for m in matrices]
+
+
+def measure_all(entries: Sequence[tuple[str, tuple[int, ...], GGMLType]], read: Callable[[str], np.ndarray],
                 hessian: Callable[[str], torch.Tensor | None], imatrix: Mapping[str, np.ndarray], header_bytes: int,
-                budget: int, progress: Callable[[int, int, str], None] | None = None,
-                preset_header: int | None = None) -> BudgetChoice:
-    """Measure every matrix with a Hessian and ``choose``. ``entries``: the preset plan's (GGUF name, shape, type)
-    in file order; ``read(name)`` its float32 weights; ``hessian(name)`` its inputs' Hessian or None (a fixed
-    tensor); ``header_bytes``: the file's header with this plan (the types do not change its size);
-    ``preset_header``: the header of the preset's own file (no budget record)."""
+                progress: Callable[[int, int, str], None] | None = None) -> tuple[list[MatrixCosts], int]:
+    """Measure every matrix with a Hessian: its candidates for ``choose``, and the fixed bytes of the rest.
+    ``entries``: the preset plan's (GGUF name, shape, type) in file order; ``read(name)`` its float32 weights;
+    ``hessian(name)`` its inputs' Hessian or None (a fixed tensor); ``header_bytes``: the file's header with this
+    plan (the types do not change its size)."""
     fixed = header_bytes
     matrices: list[MatrixCosts] = []
     for i, (name, shape, qtype) in enumerate(entries):
@@ -180,4 +242,4 @@ def plan_budget(entries: Sequence[tuple[str, tuple[int, ...], GGMLType]], read: 
             matrices.append(measure(name, W, H.float(), qtype, imatrix.get(name)))
         if progress is not None:
             progress(i + 1, len(entries), name)
-    return choose(matrices, fixed, budget, None if preset_header is None else fixed - header_bytes + preset_header)
+    return matrices, fixed

@@ -138,20 +138,25 @@ class BudgetPlan:
     choice: Any  # qconvert.gguf.budget.BudgetChoice
     metadata: list[Any]  # the KV recording it
     budget: int  # the file size asked for, in bytes
+    check: Any = None  # qconvert.gguf.budget_check.BudgetCheck: the two mixtures on held-out windows, when run
 
 
 def budget_plan(model_dir: Path, preset: str, options: PlanOptions, stats: Any, imatrix: dict[str, np.ndarray],
                 size_gb: float | None = None, *, bpw: float | None = None, model_name: str | None = None,
-                more_metadata: Sequence[Any] = (), progress: Callable[[int, int, str], None] | None = None
-                ) -> BudgetPlan:
+                more_metadata: Sequence[Any] = (), progress: Callable[[int, int, str], None] | None = None,
+                settings: Any = None, check: bool = True) -> BudgetPlan:
     """Each decoder matrix's type for a file of at most ``size_gb`` GB (10^9 bytes), or of at most ``bpw`` bits per
     weight of tensor data (what ``qconvert gguf`` prints; the header comes on top), from the preset's plan and the
     Hessians of ``stats`` (``qconvert.gguf.budget``). ``more_metadata``: the other ``qconvert.*`` keys the file
     will carry (``--optimize``'s), counted in its header. When the preset's own mixture is the choice, the file is
-    that preset's and carries no budget record (so a budget equal to the preset's file size gives the preset)."""
+    that preset's and carries no budget record (so a budget equal to the preset's file size gives the preset).
+
+    With a held-out split in ``stats`` the types are chosen on the other windows' Hessians, and (``check``) where
+    the preset's own file also fits, both mixtures then run on the held-out windows (``check_budget``, on
+    ``settings``' device): the budget's is kept only if it is closer to the float model there."""
     from dataclasses import replace
 
-    from qconvert.gguf.budget import plan_budget
+    from qconvert.gguf.budget import choose, measure_all
     from qconvert.gguf.export import prepare
     from qconvert.gguf.metadata import KV, V
 
@@ -163,8 +168,11 @@ def budget_plan(model_dir: Path, preset: str, options: PlanOptions, stats: Any, 
         raise UsageError(f"--target-bpw {bpw} must be a number of bits per weight above 0 (e.g. 4.5; F32 is 32).")
     prep = prepare(model_dir, preset, options, model_name=model_name, imatrix=imatrix)
     what = f"{size_gb} GB" if size_gb is not None else f"{bpw} bits per weight"
+    held_out = stats.heldout_ids if check else None
     record = KV(BUDGET_KEY, V.STRING, f"types chosen for a file of at most {what} from {preset}'s mixture by "
-                                      f"the output error on {stats.source or 'calibration tokens'}")
+                                      f"the output error on {stats.source or 'calibration tokens'}"
+                                      + (f", checked against {preset} on held-out windows" if held_out is not None
+                                         else ""))
     header = prep.header_bytes(prep.metadata(model_dir, preset, [*more_metadata, record]))
     if size_gb is not None:
         budget = int(size_gb * 1e9)
@@ -182,13 +190,31 @@ def budget_plan(model_dir: Path, preset: str, options: PlanOptions, stats: Any, 
         key = stats.linears[module]
         if key not in last:
             last.clear()
-            last[key] = stats.site(module).hessian
+            site = stats.site(module)
+            if site.n_heldout and held_out is not None:  # choose on the windows the check does not use
+                from qconvert.int4.guard import fit_hessian
+
+                last[key] = fit_hessian(site.hessian, site.n_tokens, site.heldout_hessian, site.n_heldout)
+            else:
+                last[key] = site.hessian
         return last[key]
 
     entries = [(e.name, tuple(e.shape), e.type) for e in prep.plan.entries]
-    choice = plan_budget(entries, lambda g: prep.ckpt.read_f32(prep.mapped[g]), hessian, imatrix, header, budget,
-                         progress, preset_header=bare)
+    matrices, fixed = measure_all(entries, lambda g: prep.ckpt.read_f32(prep.mapped[g]), hessian, imatrix, header,
+                                  progress)
+    preset_fixed = fixed - header + bare
+    checked = None
+    if held_out is not None:
+        from qconvert.calibration.driver import CalibrationSettings
+        from qconvert.gguf.budget_check import choose_checked
+
+        hf = {m.name: prep.mapped[m.name] for m in matrices}
+        checked = choose_checked(model_dir, preset, matrices, fixed, budget, preset_fixed, hf,
+                                 {hf[g]: v for g, v in imatrix.items() if g in hf}, held_out,
+                                 settings or CalibrationSettings())
+    choice = checked.choice if checked is not None else choose(matrices, fixed, budget, preset_fixed)
+    verdict = checked.check if checked is not None else None
     if choice.kept_preset:
-        return BudgetPlan(options, choice, [], budget)
+        return BudgetPlan(options, choice, [], budget, verdict)
     return BudgetPlan(replace(options, tensor_types=choice.overrides() + tuple(options.tensor_types)), choice,
-                      [record], budget)
+                      [record], budget, verdict)

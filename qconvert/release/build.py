@@ -82,8 +82,9 @@ def prepare_model(recipe: Recipe, source: Source, calib: CalibrationSet | None, 
     stats_path = None
     if need_stats:
         assert calib is not None and calib_info is not None
-        # the held-out split is part of the name: statistics from a release before the guard are not reused
-        stats_path = work_dir / f"stats-{calib_info['sha256'][:16]}-holdout{DEFAULT_HOLDOUT}.safetensors"
+        # the held-out split (and its token ids, the budget check's text) is part of the name: statistics from an
+        # older release are not reused
+        stats_path = work_dir / f"stats-{calib_info['sha256'][:16]}-holdout{DEFAULT_HOLDOUT}-ids.safetensors"
         if not stats_path.is_file():
             from qconvert.calibration.stats import collect_stats
 
@@ -147,7 +148,8 @@ def _build_gguf(ctx: ModelContext, job: Job, out: Path, settings: Any, deps: dic
         stats = _stats(ctx)
         imatrix = stats.imatrix() if imatrix is None else imatrix
         bp = budget_plan(ctx.source.path, job.preset or "", opts, stats, imatrix, bpw=s["target_bpw"],
-                         model_name=job.model.name, more_metadata=[KV(OPTIMIZE_KEY, V.STRING, note)] if optimize else [])
+                         model_name=job.model.name, more_metadata=[KV(OPTIMIZE_KEY, V.STRING, note)] if optimize else [],
+                         settings=settings)
         opts, extra = bp.options, bp.metadata
     out.mkdir()
     path = out / output_name(job.model.name, job.preset or "")
