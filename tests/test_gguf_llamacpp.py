@@ -103,8 +103,11 @@ def _sample_ids(model_path, n=96):
 # Q4_K_M 1.2e-2, Q3_K_M 1.8e-2, Q2_K 2.7e-2 (top-1 1.0 ... 0.91). The K-quant errors sit near 1e-2 because
 # llama.cpp's CPU matmuls quantize activations to Q8_K. Bounds are about 2x the measured error, so a broken
 # kernel or mixture fails them while thread-count noise does not.
+# (max relative logit error, min top-1 agreement) on 96 positions. Top-1 moves in steps of ~1% there and is not
+# monotone in bits (on an AMX/AVX-512 CPU, whose llama.cpp kernels differ: Q3_K_M 0.896, Q2_K 0.906, relative
+# errors 1.5e-2 and 4.3e-2), so the relative error is the tight contract and top-1 a loose one.
 LOGIT_BOUNDS = {"F32": (1e-4, 0.99), "F16": (3e-4, 0.98), "BF16": (2e-3, 0.98), "Q8_0": (8e-3, 0.97),
-                "Q6_K": (2.5e-2, 0.95), "Q5_K_M": (2e-2, 0.95), "Q4_K_M": (2.5e-2, 0.94), "Q3_K_M": (4e-2, 0.9),
+                "Q6_K": (2.5e-2, 0.95), "Q5_K_M": (2e-2, 0.95), "Q4_K_M": (2.5e-2, 0.94), "Q3_K_M": (4e-2, 0.85),
                 "Q2_K": (6e-2, 0.8)}
 
 

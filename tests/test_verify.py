@@ -296,11 +296,13 @@ def test_q4_k_m_passes(ref, gguf):
 
 
 def test_gptq_format_passes_and_damaged_one_fails(ref, int4, tmp_path):
+    """Measured (bfloat16 dequantized forward, AMX CPU): ΔPPL -0.03%, KL 0.0028 (gate 13.7%, 0.123); layer 0's
+    scales x2: ΔPPL +23.7%, KL 0.204. (x1.5 gave +12.2% there: too close to the gate to tell damage apart.)"""
     good = verify_artifact(int4("rtn"), ref, progress=False)
     assert (good.kind, good.runtime, good.format) == ("gptq", "qconvert-dequant", "int4-g128")
     assert 4.0 < good.bits_per_weight < 4.5
     assert _gate(good) == [], good
-    _damage_gptq(int4("rtn"), tmp_path / "damaged", layer=0)
+    _damage_gptq(int4("rtn"), tmp_path / "damaged", layer=0, factor=2.0)
     bad = verify_artifact(tmp_path / "damaged", ref, progress=False)
     assert _gate(bad), f"damaged GPTQ passed: ΔPPL {bad.dppl_pct:+.3f}%, KL {bad.kl_mean:.5f}"
 
