@@ -321,9 +321,14 @@ def test_gptqmodel_path_is_skipped_or_agrees(ref, int4):
         with pytest.raises(RuntimeMissingError, match="gptqmodel|GPTQModel"):
             verify_artifact(int4("rtn"), ref, runtime="gptqmodel", progress=False)
         return
+    # the same weights through GPTQModel's kernel and through qconvert's dequantized forward agree. Measured on an
+    # AMX CPU (both bf16): ΔPPL -0.05% vs -0.03%, KL 0.00292 vs 0.00280, top-1 0.939 vs 0.931 (an absolute top-1
+    # bound of 0.95, met on the previous machine, would fail both paths here)
     ours = verify_artifact(int4("rtn"), ref, progress=False)
     kernel = verify_artifact(int4("rtn"), ref, runtime="gptqmodel", progress=False)
-    assert abs(kernel.dppl_pct - ours.dppl_pct) < 0.5 and kernel.top1 > 0.95
+    assert abs(kernel.dppl_pct - ours.dppl_pct) < 0.5
+    assert abs(kernel.kl_mean - ours.kl_mean) < 0.2 * ours.kl_mean and abs(kernel.top1 - ours.top1) < 0.03
+    assert _gate(kernel) == [], kernel
 
 
 def test_default_thresholds_shrink_with_size_and_bits():
