@@ -3,7 +3,7 @@
     python tests/vllm_logprobs.py CHECKPOINT_DIR IDS_JSON
 
 Used by tests/test_vllm.py in its own process (vLLM keeps global engine state). vLLM runs in-process
-(VLLM_ENABLE_V1_MULTIPROCESSING=0, the "uni" executor) in float16.
+(VLLM_ENABLE_V1_MULTIPROCESSING=0, the "uni" executor) in float16, or in the dtype given as a third argument.
 
 vLLM's CPU build runs 4-bit GPTQ/AWQ through ``torch.ops._C.cpu_gemm_wna16``, which it compiles only into its
 AVX-512 library. On a CPU without AVX-512 that op is missing, and this script substitutes ``emulated_gemm_wna16``:
@@ -55,9 +55,10 @@ def main() -> None:
     from vllm.platforms import current_platform
 
     checkpoint, ids_file = sys.argv[1], sys.argv[2]
+    dtype = sys.argv[3] if len(sys.argv) > 3 else "float16"
     windows = json.loads(Path(ids_file).read_text())
 
-    llm = LLM(model=checkpoint, dtype="float16", max_model_len=max(map(len, windows)) + 8, enforce_eager=True,
+    llm = LLM(model=checkpoint, dtype=dtype, max_model_len=max(map(len, windows)) + 8, enforce_eager=True,
               max_num_seqs=1, distributed_executor_backend="uni", seed=0)
     kernel = "vllm's own"
     if current_platform.is_cpu() and not hasattr(torch.ops._C, "cpu_gemm_wna16"):  # looked up at call time
