@@ -190,12 +190,12 @@ def test_optimize_without_hessians_is_a_clear_error(demo, tmp_path, capsys, extr
 # ---------------------------------------------------------------- --target-size
 
 
-def test_budget_choice_fits_and_never_loses_to_a_preset_that_fits() -> None:
-    """Random cost tables: the choice never exceeds the budget, is at least as good as the preset's assignment
-    whenever that fits, and uses the budget (no single upgrade that fits and helps is left)."""
-    from qconvert.gguf.budget import MatrixCosts, choose
+def _random_cost_tables(seed: int, top_preset: int):
+    """200 random budget problems: (trial, matrices, fixed bytes, budget in the possible range); presets drawn from
+    the ladder's positions 1 .. top_preset - 1."""
+    from qconvert.gguf.budget import MatrixCosts
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     ladder = (GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K, GGMLType.Q8_0)
     for trial in range(200):
         mats = []
@@ -204,11 +204,19 @@ def test_budget_choice_fits_and_never_loses_to_a_preset_that_fits() -> None:
             nbytes = {t: size * (k + 2) for k, t in enumerate(ladder)}
             base = float(rng.uniform(0.1, 10))
             cost = {t: base * 0.3 ** k * float(rng.uniform(0.8, 1.2)) for k, t in enumerate(ladder)}
-            mats.append(MatrixCosts(f"m{i}", ladder[int(rng.integers(1, 4))], nbytes, cost))
+            mats.append(MatrixCosts(f"m{i}", ladder[int(rng.integers(1, top_preset))], nbytes, cost))
         fixed = 5000
         lo = fixed + sum(min(m.nbytes.values()) for m in mats)
         hi = fixed + sum(max(m.nbytes.values()) for m in mats)
-        budget = int(rng.integers(lo, hi + 1))
+        yield trial, mats, fixed, int(rng.integers(lo, hi + 1))
+
+
+def test_budget_choice_fits_and_never_loses_to_a_preset_that_fits() -> None:
+    """Random cost tables: the choice never exceeds the budget, is at least as good as the preset's assignment
+    whenever that fits, and uses the budget (no single upgrade that fits and helps is left)."""
+    from qconvert.gguf.budget import choose
+
+    for trial, mats, fixed, budget in _random_cost_tables(0, 4):
         c = choose(mats, fixed, budget)
         used = fixed + sum(m.nbytes[c.types[m.name]] for m in mats)
         assert used == c.total_bytes <= budget, trial
@@ -227,20 +235,7 @@ def test_steps_from_the_preset_fit_change_little_and_leave_no_helpful_upgrade() 
     it frees the bytes where they cost least."""
     from qconvert.gguf.budget import MatrixCosts, anchored
 
-    rng = np.random.default_rng(1)
-    ladder = (GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K, GGMLType.Q8_0)
-    for trial in range(200):
-        mats = []
-        for i in range(int(rng.integers(2, 12))):
-            size = int(rng.integers(1, 20)) * 1000
-            base = float(rng.uniform(0.1, 10))
-            mats.append(MatrixCosts(f"m{i}", ladder[int(rng.integers(1, 5))],
-                                    {t: size * (k + 2) for k, t in enumerate(ladder)},
-                                    {t: base * 0.3 ** k * float(rng.uniform(0.8, 1.2)) for k, t in enumerate(ladder)}))
-        fixed = 5000
-        lo = fixed + sum(min(m.nbytes.values()) for m in mats)
-        hi = fixed + sum(max(m.nbytes.values()) for m in mats)
-        budget = int(rng.integers(lo, hi + 1))
+    for trial, mats, fixed, budget in _random_cost_tables(1, 5):
         c = anchored(mats, fixed, budget)
         used = fixed + sum(m.nbytes[c.types[m.name]] for m in mats)
         assert used == c.total_bytes <= budget, trial
