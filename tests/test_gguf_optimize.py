@@ -17,7 +17,7 @@ import torch
 from qconvert.cli import main
 from qconvert.constants import GGMLType
 from qconvert.quant import dequantize_rows, quantize_rows
-from qconvert.quant.feedback import AFFINE_TYPES, block_grid, code_layout, encode_with_feedback
+from qconvert.quant.feedback import SCALAR_TYPES, block_grid, code_layout, encode_with_feedback
 
 # ---------------------------------------------------------------- where the codes live
 
@@ -36,12 +36,30 @@ def test_learned_code_bits_are_ggmls_block_layouts() -> None:
     want = np.array([[(16 + 32 * (p // 64) + p % 32) * 8 + 4 * ((p % 64) // 32) + k for k in range(4)]
                      for p in range(256)])
     assert np.array_equal(q4k.bits, want)
+    assert all(code_layout(t).levels is None for t in (GGMLType.Q4_0, GGMLType.Q8_0, GGMLType.Q4_K))
 
 
-@pytest.mark.parametrize("qtype", sorted(AFFINE_TYPES, key=lambda t: t.name))
+def test_learned_iq4_codes_are_ggmls_layout_and_gguf_pys_table() -> None:
+    """block_iq4_nl = {fp16 d; u8 qs[16]}: weight j < 16 is the low nibble of qs[j], weight j + 16 the high one;
+    block_iq4_xs = {fp16 d; u16 scales_h; u8 scales_l[4]; u8 qs[128]}: in sub-block ib, weight 32 ib + j is a nibble
+    of qs[16 ib + j % 16] (low for j < 16). A code indexes gguf-py's ``IQ4_NL.kvalues``: the learned levels are
+    that table, as (k[n] - k[0]) / (k[1] - k[0])."""
+    from gguf.quants import IQ4_NL
+
+    k = np.array(IQ4_NL.kvalues, np.float64)
+    for qtype, offset in ((GGMLType.IQ4_NL, 2), (GGMLType.IQ4_XS, 8)):
+        layout = code_layout(qtype)
+        want = np.array([[(offset + 16 * (p // 32) + p % 16) * 8 + 4 * ((p % 32) // 16) + b for b in range(4)]
+                         for p in range(qtype.block_size)])
+        assert np.array_equal(layout.bits, want), qtype.name
+        assert not layout.signed and (layout.lo, layout.hi) == (0, 15)
+        np.testing.assert_allclose(layout.levels, (k - k[0]) / (k[1] - k[0]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("qtype", sorted(SCALAR_TYPES, key=lambda t: t.name))
 def test_any_codes_decode_as_base_plus_step_times_code(qtype: GGMLType) -> None:
     """For llama.cpp's scales of real blocks, codes written anywhere in [lo, hi] decode (llama.cpp's decoder) to
-    exactly base + step · code, and read back as written."""
+    base + step · level(code) — exactly base + step · code for the affine types — and read back as written."""
     rng = np.random.default_rng(3)
     x = (rng.standard_normal((16, qtype.block_size * 4)) * np.exp(rng.standard_normal((16, 1)))).astype(np.float32)
     data = quantize_rows(qtype, x)
@@ -53,7 +71,11 @@ def test_any_codes_decode_as_base_plus_step_times_code(qtype: GGMLType) -> None:
     assert np.array_equal(layout.read(written), codes)
     assert np.array_equal(layout.read(blocks), layout.read(layout.write(blocks, layout.read(blocks))))
     decoded = dequantize_rows(qtype, written.reshape(data.shape), x.shape[1]).reshape(blocks.shape[0], -1)
-    np.testing.assert_array_equal(decoded, (base + step * codes).astype(np.float32))
+    if layout.levels is None:
+        np.testing.assert_array_equal(decoded, (base + step * codes).astype(np.float32))
+    else:  # d · scale · kvalues[code] in float32: the level form agrees to float32 rounding
+        np.testing.assert_allclose(decoded, base + step * layout.levels[codes - layout.lo], rtol=1e-6,
+                                   atol=1e-6 * float(np.abs(decoded).max()))
     # the scale bytes are untouched: only code bits differ
     assert np.array_equal(layout.clear(written), layout.clear(blocks))
 
@@ -61,8 +83,9 @@ def test_any_codes_decode_as_base_plus_step_times_code(qtype: GGMLType) -> None:
 def test_codebook_types_are_refused_with_the_reason() -> None:
     from qconvert.errors import QuantTypeError
 
-    with pytest.raises(QuantTypeError, match="codebook"):
-        code_layout(GGMLType.IQ4_XS)
+    for qtype in (GGMLType.IQ3_S, GGMLType.IQ2_XS, GGMLType.IQ1_M):
+        with pytest.raises(QuantTypeError, match="codebook of weight vectors"):
+            code_layout(qtype)
 
 
 # ---------------------------------------------------------------- error feedback, as a pure function
@@ -78,7 +101,7 @@ def _correlated_inputs(cols: int, n: int, seed: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("qtype", [GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q6_K, GGMLType.Q4_0,
-                                   GGMLType.Q5_1, GGMLType.Q8_0])
+                                   GGMLType.Q5_1, GGMLType.Q8_0, GGMLType.IQ4_NL, GGMLType.IQ4_XS])
 def test_feedback_lowers_the_output_error_on_unseen_inputs(qtype: GGMLType) -> None:
     """Fitted on one sample of inputs, judged on another: the output error ‖(Ŵ - W) Xᵀ‖² of the feedback codes
     is well below llama.cpp's, with and without the importance matrix (measured ~0.3-0.4x)."""
@@ -146,7 +169,7 @@ def _make(demo: Path, stats_file: Path, out: Path, preset: str, optimize: bool) 
     return path
 
 
-@pytest.mark.parametrize("preset", ["Q3_K_M", "Q4_K_M"])
+@pytest.mark.parametrize("preset", ["Q3_K_M", "Q4_K_M", "IQ4_XS"])
 def test_optimized_file_is_llamacpps_size_and_closer_to_the_float_model_in_llamacpp(demo, stats_file, tmp_path,
                                                                                     preset: str) -> None:
     """Against llama.cpp's own imatrix encoding from the same calibration tokens: the same tensors, types and

@@ -23,7 +23,7 @@ from qconvert.constants import GGMLType
 from qconvert.int4.gptq import GPTQConfig, inverse_hessian_factor
 from qconvert.int4.guard import fit_hessian, reconstruction_error
 from qconvert.quant import dequantize_rows, quantize_rows
-from qconvert.quant.feedback import AFFINE_TYPES, encode_with_feedback
+from qconvert.quant.feedback import SCALAR_TYPES, encode_with_feedback
 
 KEPT = ("feedback", "llama.cpp")
 
@@ -83,7 +83,7 @@ def optimize_note(source: str) -> str:
 
 
 def can_optimize(qtype: GGMLType) -> bool:
-    return qtype in AFFINE_TYPES
+    return qtype in SCALAR_TYPES
 
 
 def optimized_rows(qtype: GGMLType, W: np.ndarray, hessians: TensorHessians, imatrix: np.ndarray | None = None,

@@ -1,4 +1,4 @@
-"""Error-feedback encoding of ggml's affine block types: llama.cpp's layout and scales, codes chosen by GPTQ.
+"""Error-feedback encoding of ggml's scalar-code block types: llama.cpp's layout and scales, codes chosen by GPTQ.
 
 llama.cpp rounds each block on its own. Here a weight matrix ``W [rows, cols]`` (ggml rows: output features,
 blocks along the input columns) is encoded block column by block column, with the calibration Hessian of its
@@ -6,8 +6,8 @@ inputs ``H [cols, cols]`` carrying each rounding error forward (GPTQ's update, `
 
     for each block column [b, b + block):
         bytes = llama.cpp's quantizer on the current (error-fed) weights  -> the scales, exactly as C picks them
-        grid per weight: value = base + step · n, n in [lo, hi]            (decoded from those bytes, see below)
-        for each column c: n = round((w_c - base) / step), clamped; the error feeds the columns after c
+        grid per weight: value = base + step · level[n], n in [lo, hi]     (decoded from those bytes, see below)
+        for each column c: n = the level nearest (w_c - base) / step; the error feeds the columns after c
         the codes n are written into the block's code bits; the scale bytes stay llama.cpp's
 
 The file has the same types, the same sizes and the same block structure as llama.cpp's: any llama.cpp loads it.
@@ -15,8 +15,11 @@ The file has the same types, the same sizes and the same block structure as llam
 Where the codes live: ``code_layout`` learns it from the decoder itself. Flipping one bit of a block changes the
 decoded values of one weight (a code bit) or of many (a scale bit); for every affine type (Q4_0 … Q8_0, Q2_K …
 Q6_K) the change of a code bit is the weight's step times ±2^k, so each weight's code is a k-bit integer (two's
-complement where the top bit's change is negative, as Q8_0's int8). The I-quants index codebooks: not affine,
-not covered here.
+complement where the top bit's change is negative, as Q8_0's int8), and ``level[n] = n``. IQ4_NL and IQ4_XS
+also give each weight its own 4 code bits, but a code indexes a non-linear table (d · scale · kvalues[n]): their
+bits are taken in storage order and ``level`` is learned by decoding a block with every code set to n, checked to
+be one table for every weight. The other I-quants (IQ1_*, IQ2_*, IQ3_*) index codebooks of 4- or 8-weight
+vectors with shared sign bits: one code does not belong to one weight, so they are not covered here.
 """
 
 from __future__ import annotations
@@ -33,17 +36,21 @@ from qconvert.quant import dequantize_rows, quantize_rows
 
 AFFINE_TYPES = frozenset({GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0,
                           GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K})
+TABLE_TYPES = frozenset({GGMLType.IQ4_NL, GGMLType.IQ4_XS})  # one 4-bit index per weight into a non-linear table
+SCALAR_TYPES = AFFINE_TYPES | TABLE_TYPES  # the types error feedback covers
 
 
 @dataclass(frozen=True)
 class CodeLayout:
     """Where each weight of a block keeps its code: ``bits[p, k]`` is the bit (byte·8 + bit) holding bit ``k`` of
     weight ``p``'s code (k = 0 the least significant); ``signed``: the top bit counts negative (two's complement).
-    Codes run from ``lo`` to ``hi``. ``block_bytes``: the block's size."""
+    Codes run from ``lo`` to ``hi``. ``block_bytes``: the block's size. ``levels`` f64[hi - lo + 1]: code n decodes
+    to ``base + step · levels[n - lo]`` (``block_grid``); None for the affine types, where ``levels[n - lo] = n``."""
 
     bits: np.ndarray  # int64 [block, nbits]
     signed: bool
     block_bytes: int
+    levels: np.ndarray | None = None
 
     @property
     def lo(self) -> int:
@@ -71,6 +78,23 @@ class CodeLayout:
         place[np.arange(flat.size), flat // 8] = 2.0 ** (flat % 8)
         return place
 
+    def nearest(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The codes whose levels are nearest ``t`` (weights in steps from the base), and those levels."""
+        if self.levels is None:
+            n = torch.round(t).clamp_(self.lo, self.hi)
+            return n, n
+        order, mids, sorted_levels = self._sorted
+        i = torch.bucketize(t, mids)
+        return order[i], sorted_levels[i]
+
+    @functools.cached_property
+    def _sorted(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        assert self.levels is not None
+        order = np.argsort(self.levels, kind="stable")
+        lv = self.levels[order]
+        return (torch.from_numpy(order + self.lo).float(), torch.from_numpy((lv[1:] + lv[:-1]) / 2).float(),
+                torch.from_numpy(lv).float())
+
     def clear(self, blocks: np.ndarray) -> np.ndarray:
         """``blocks`` u8[n, block_bytes] with every code bit zero."""
         return blocks & self._mask
@@ -96,26 +120,15 @@ class CodeLayout:
 @functools.cache
 def code_layout(qtype: GGMLType) -> CodeLayout:
     """Learn ``qtype``'s code bits by flipping each bit of a quantized block and decoding (see the module doc)."""
-    if qtype not in AFFINE_TYPES:
-        raise QuantTypeError(f"error-feedback encoding covers the affine types ({', '.join(sorted(t.name for t in AFFINE_TYPES))}); "
-                             f"{qtype.name} indexes a codebook. Quantize it without --optimize.")
+    if qtype not in SCALAR_TYPES:
+        raise QuantTypeError(f"error-feedback encoding covers the types with one code per weight "
+                             f"({', '.join(sorted(t.name for t in SCALAR_TYPES))}); {qtype.name} indexes a codebook of "
+                             "weight vectors. Quantize it without --optimize.")
     n = qtype.block_size
     x = np.random.default_rng(0).standard_normal((1, n)).astype(np.float32)
     block = quantize_rows(qtype, x)
     ref = dequantize_rows(qtype, block, n)[0].astype(np.float64)
-    found: dict[int, list[tuple[int, float]]] = {}
-    nbits_block = block.shape[1] * 8
-    on, off = np.repeat(block, nbits_block, 0), np.repeat(block, nbits_block, 0)  # row i: bit i set / cleared
-    idx = np.arange(nbits_block)
-    on[idx, idx // 8] |= (1 << (idx % 8)).astype(np.uint8)
-    off[idx, idx // 8] &= (~(1 << (idx % 8)) & 0xFF).astype(np.uint8)
-    with np.errstate(all="ignore"):
-        diff = dequantize_rows(qtype, on, n).astype(np.float64) - dequantize_rows(qtype, off, n)
-    for bit in range(nbits_block):
-        d = diff[bit]
-        changed = np.flatnonzero(d != 0)
-        if changed.size == 1 and np.isfinite(d[changed[0]]):
-            found.setdefault(int(changed[0]), []).append((bit, float(d[changed[0]])))
+    found = _single_weight_bits(qtype, block)
     if len(found) != n or not np.isfinite(ref).all():
         raise QuantTypeError(f"could not learn {qtype.name}'s code bits ({len(found)} of {n} weights found); "
                              "this is a qconvert bug, please report it.")
@@ -123,6 +136,10 @@ def code_layout(qtype: GGMLType) -> CodeLayout:
     if len(widths) != 1:
         raise QuantTypeError(f"{qtype.name}: weights with different code widths {sorted(widths)}; not supported.")
     nbits = widths.pop()
+    if qtype in TABLE_TYPES:
+        bits = np.array([sorted(b for b, _ in found[p]) for p in range(n)], np.int64)  # storage order
+        plain = CodeLayout(bits, False, qtype.block_bytes)
+        return CodeLayout(bits, False, qtype.block_bytes, _learn_levels(qtype, plain, block))
     bits = np.empty((n, nbits), np.int64)
     signed = False
     for p, items in found.items():
@@ -140,9 +157,45 @@ def code_layout(qtype: GGMLType) -> CodeLayout:
     return CodeLayout(bits, signed, qtype.block_bytes)
 
 
+def _single_weight_bits(qtype: GGMLType, block: np.ndarray) -> dict[int, list[tuple[int, float]]]:
+    """Weight p -> the bits of ``block`` u8[1, block_bytes] whose flip changes weight p alone, with the change."""
+    n = qtype.block_size
+    found: dict[int, list[tuple[int, float]]] = {}
+    nbits_block = block.shape[1] * 8
+    on, off = np.repeat(block, nbits_block, 0), np.repeat(block, nbits_block, 0)  # row i: bit i set / cleared
+    idx = np.arange(nbits_block)
+    on[idx, idx // 8] |= (1 << (idx % 8)).astype(np.uint8)
+    off[idx, idx // 8] &= (~(1 << (idx % 8)) & 0xFF).astype(np.uint8)
+    with np.errstate(all="ignore"):
+        diff = dequantize_rows(qtype, on, n).astype(np.float64) - dequantize_rows(qtype, off, n)
+    for bit in range(nbits_block):
+        d = diff[bit]
+        changed = np.flatnonzero(d != 0)
+        if changed.size == 1 and np.isfinite(d[changed[0]]):
+            found.setdefault(int(changed[0]), []).append((bit, float(d[changed[0]])))
+    return found
+
+
+def _learn_levels(qtype: GGMLType, layout: CodeLayout, block: np.ndarray) -> np.ndarray:
+    """f64[2^nbits]: code n decodes to base + step · levels[n] (levels[0] = 0, levels[1] = 1) with base and step
+    per weight; checked on every weight of ``block`` (one table for all, or this type is not scalar)."""
+    n, count = qtype.block_size, 1 << layout.bits.shape[1]
+    codes = np.repeat(np.arange(count, dtype=np.int64)[:, None], n, 1)
+    values = dequantize_rows(qtype, layout.write(np.repeat(block, count, 0), codes), n).astype(np.float64)
+    step = values[1] - values[0]
+    live = step != 0
+    ratios = (values[:, live] - values[0, live]) / step[live]  # [count, live weights]
+    levels = ratios[:, 0]
+    if not live.any() or not np.allclose(ratios, levels[:, None], rtol=1e-5, atol=1e-5):
+        raise QuantTypeError(f"could not learn {qtype.name}'s code levels (not one table for every weight); "
+                             "this is a qconvert bug, please report it.")
+    return levels
+
+
 def block_grid(qtype: GGMLType, blocks: np.ndarray, layout: CodeLayout) -> tuple[np.ndarray, np.ndarray]:
     """``(base, step)`` f32[n, block] of encoded ``blocks`` u8[n, block_bytes]: weight p decodes to
-    ``base[p] + step[p] · code[p]`` for any code, the scale bytes as they are."""
+    ``base[p] + step[p] · levels[code[p] - lo]`` for any code (``code[p]`` for the affine types), the scale bytes
+    as they are."""
     n = qtype.block_size
     zero = layout.clear(blocks)
     base = dequantize_rows(qtype, zero, n)
@@ -162,8 +215,6 @@ def encode_with_feedback(qtype: GGMLType, W: np.ndarray, Hinv: torch.Tensor, ima
     error-fed weights (with ``imatrix`` where llama.cpp would use one); the codes minimise the Hessian-weighted
     output error column by column. Same type, same size as ``quantize_rows``.
     """
-    if qtype not in AFFINE_TYPES:
-        code_layout(qtype)  # raises the explanation
     rows, cols = W.shape
     B = qtype.block_size
     if cols % B:
@@ -188,8 +239,9 @@ def encode_with_feedback(qtype: GGMLType, W: np.ndarray, Hinv: torch.Tensor, ima
             t = min(s + FEED_COLUMNS, B)
             for c in range(s, t):
                 w = block[c]
-                n = torch.where(live[c], torch.round((w - base[c]) * inv[c]), keep[c]).clamp_(layout.lo, layout.hi)
-                e = (w - (base[c] + step[c] * n)) / Ub[c, c]
+                n, level = layout.nearest((w - base[c]) * inv[c])
+                n = torch.where(live[c], n, keep[c])
+                e = (w - (base[c] + step[c] * level)) / Ub[c, c]  # a dead weight (step 0) decodes to base
                 if c + 1 < t:
                     block[c + 1:t].addr_(Ub[c, c + 1:t], e, alpha=-1.0)
                 err[c] = e
