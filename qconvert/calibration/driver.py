@@ -112,9 +112,12 @@ class LayerContext:
     spec: ArchSpec
     settings: CalibrationSettings
 
-    def run(self, layer: DeviceLayer, h: torch.Tensor, hook: qwen2.LinearHook | None = None) -> torch.Tensor:
-        """The layer's output on all samples ``h`` [n, t, hidden], ``settings.batch_size`` samples at a time."""
-        return run_layer(layer, h, self.dims, self.rope, self.settings.batch_size, hook)
+    def run(self, layer: DeviceLayer | Mapping[str, torch.Tensor], h: torch.Tensor,
+            hook: qwen2.LinearHook | None = None) -> torch.Tensor:
+        """The output of this layer's position with ``layer``'s tensors (or a mapping of them: a float, quantized
+        or mixed copy) on all samples ``h`` [n, t, hidden], ``settings.batch_size`` samples at a time."""
+        p = layer.p if isinstance(layer, DeviceLayer) else layer
+        return run_layer(p, h, self.dims, self.rope, self.settings.batch_size, hook)
 
 
 class LayerPass(Protocol):
@@ -133,11 +136,12 @@ def check_finite(h: torch.Tensor, where: str) -> None:
                                "corrupt, or the forward overflowed: use --dtype float32 (never float16 for Qwen2).")
 
 
-def run_layer(layer: DeviceLayer, h: torch.Tensor, dims: qwen2.Qwen2Dims, rope: tuple[torch.Tensor, torch.Tensor],
-              batch: int, hook: qwen2.LinearHook | None = None) -> torch.Tensor:
-    """The layer's output on all samples ``h`` [n, t, hidden], in minibatches of ``batch`` samples."""
+def run_layer(p: Mapping[str, torch.Tensor], h: torch.Tensor, dims: qwen2.Qwen2Dims,
+              rope: tuple[torch.Tensor, torch.Tensor], batch: int, hook: qwen2.LinearHook | None = None
+              ) -> torch.Tensor:
+    """The decoder layer with tensors ``p`` on all samples ``h`` [n, t, hidden], in minibatches of ``batch``."""
     with torch.no_grad():
-        return torch.cat([qwen2.decoder_layer(layer.p, h[i:i + batch], dims, rope, hook)
+        return torch.cat([qwen2.decoder_layer(p, h[i:i + batch], dims, rope, hook)
                           for i in range(0, h.shape[0], batch)])
 
 

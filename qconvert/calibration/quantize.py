@@ -188,13 +188,6 @@ def _inspect_forward(layer: DeviceLayer, inspect: str, names: Sequence[str], x: 
     return forward
 
 
-def _layer_output(p: Mapping[str, torch.Tensor], h: torch.Tensor, dims: qwen2.Qwen2Dims,
-                  rope: tuple[torch.Tensor, torch.Tensor], batch: int) -> torch.Tensor:
-    """The decoder layer with tensors ``p`` on windows ``h`` (float32)."""
-    with torch.no_grad():
-        return torch.cat([qwen2.decoder_layer(p, h[i:i + batch], dims, rope) for i in range(0, h.shape[0], batch)]).float()
-
-
 def _mse(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).pow(2).mean())
 
@@ -214,7 +207,7 @@ def _awq_layer(layer: DeviceLayer, h: torch.Tensor, dims: qwen2.Qwen2Dims, rope:
     site_of = spec.input_sites  # q/k/v read one input, gate/up another: cache each input once
     float_p = dict(layer.p)  # the float layer (entries are replaced below, never modified in place)
     cached: dict[str, list[torch.Tensor]] = {}
-    run_layer(layer, h, dims, rope, settings.batch_size,
+    run_layer(layer.p, h, dims, rope, settings.batch_size,
               lambda n, x: cached.setdefault(n, []).append(x) if site_of[n] == n else None)
     inputs = {site: torch.cat(xs) for site, xs in cached.items()}  # input site -> [n, t, in]
     n_fit = h.shape[0] - n_out
@@ -278,11 +271,11 @@ def _awq_layer(layer: DeviceLayer, h: torch.Tensor, dims: qwen2.Qwen2Dims, rope:
         layer.p[f"{n}.weight"] = out[n].dequantize().to(settings.dtype)
     if n_out:  # the layer against plain zero-point round-to-nearest, on the held-out windows
         h_out = h[n_fit:]
-        reference = _layer_output(float_p, h_out, dims, rope, settings.batch_size)
+        reference = run_layer(float_p, h_out, dims, rope, settings.batch_size)
         base = {n: baseline(float_p[f"{n}.weight"].float(), cfg) for n in linears}
         base_p = {**float_p, **{f"{n}.weight": q.dequantize().to(settings.dtype) for n, q in base.items()}}
-        e_awq = _mse(_layer_output(layer.p, h_out, dims, rope, settings.batch_size), reference)
-        e_rtn = _mse(_layer_output(base_p, h_out, dims, rope, settings.batch_size), reference)
+        e_awq = _mse(run_layer(layer.p, h_out, dims, rope, settings.batch_size), reference)
+        e_rtn = _mse(run_layer(base_p, h_out, dims, rope, settings.batch_size), reference)
         if e_awq > e_rtn:
             layer.p.clear()
             layer.p.update(base_p)
@@ -311,12 +304,7 @@ class _HeldOutStreams:
 
     def advance(self, float_p: Mapping[str, torch.Tensor], base_p: Mapping[str, torch.Tensor], ctx: LayerContext
                 ) -> None:
-        batch = ctx.settings.batch_size
-        with torch.no_grad():
-            self.ref = torch.cat([qwen2.decoder_layer(float_p, self.ref[i:i + batch], ctx.dims, ctx.rope)
-                                  for i in range(0, self.ref.shape[0], batch)])
-            self.base = torch.cat([qwen2.decoder_layer(base_p, self.base[i:i + batch], ctx.dims, ctx.rope)
-                                   for i in range(0, self.base.shape[0], batch)])
+        self.ref, self.base = ctx.run(float_p, self.ref), ctx.run(base_p, self.base)
 
 
 class _QuantizePass:

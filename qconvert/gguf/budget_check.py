@@ -41,7 +41,6 @@ from qconvert.errors import CheckpointError
 from qconvert.gguf.budget import BudgetChoice, MatrixCosts, anchored, choose, scaled
 from qconvert.int4.guard import block_standard_error
 from qconvert.io.safetensors import SafetensorsCheckpoint
-from qconvert.model import qwen2
 from qconvert.quant import dequantize_rows, quantize_rows
 
 
@@ -98,10 +97,7 @@ class _Mixtures:
             for p, m in zip(params, self.mixtures):
                 if name in m:
                     p[key] = decoded[m[name]]
-        batch = ctx.settings.batch_size
-        with torch.no_grad():
-            self.streams = [torch.cat([qwen2.decoder_layer(p, s[i:i + batch], ctx.dims, ctx.rope)
-                                       for i in range(0, s.shape[0], batch)]) for p, s in zip(params, self.streams)]
+        self.streams = [ctx.run(p, s) for p, s in zip(params, self.streams)]
         # the driver runs the float layer
 
 
