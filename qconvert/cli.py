@@ -76,9 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="better codes at the same size: each decoder matrix's codes are chosen with GPTQ-style error "
                         "feedback over the calibration Hessians (needs --calib or --stats with Hessians), in "
                         "llama.cpp's own types, scales and block layout; a tensor keeps llama.cpp's encoding where "
-                        "that does better on held-out calibration windows. Covers Q4_0..Q8_0, Q2_K..Q6_K, IQ4_NL and "
-                        "IQ4_XS; IQ1/IQ2/IQ3 tensors keep llama.cpp's encoding. Not byte-identical to llama.cpp, by "
-                        "design")
+                        "that does better on held-out calibration windows. Every quantized type: codes per weight for "
+                        "Q4_0..Q8_0, Q2_K..Q6_K, IQ4_NL and IQ4_XS; for IQ1/IQ2/IQ3 llama.cpp's codes per block, the "
+                        "error fed between blocks. Not byte-identical to llama.cpp, by design")
     budget = g.add_mutually_exclusive_group()
     budget.add_argument("--target-size", type=float, metavar="GB",
                         help="choose each decoder matrix's type (K-quants Q2_K..Q8_0, or the 32-block types where rows "

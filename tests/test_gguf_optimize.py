@@ -17,7 +17,14 @@ import torch
 from qconvert.cli import main
 from qconvert.constants import GGMLType
 from qconvert.quant import dequantize_rows, quantize_rows
-from qconvert.quant.feedback import SCALAR_TYPES, block_grid, code_layout, encode_with_feedback
+from qconvert.quant.feedback import (
+    CODEBOOK_TYPES,
+    SCALAR_TYPES,
+    block_grid,
+    code_layout,
+    encode_with_block_feedback,
+    encode_with_feedback,
+)
 
 # ---------------------------------------------------------------- where the codes live
 
@@ -123,6 +130,33 @@ def test_feedback_lowers_the_output_error_on_unseen_inputs(qtype: GGMLType) -> N
         assert error(fed) < 0.7 * error(plain), (qtype.name, im is not None, error(fed), error(plain))
 
 
+@pytest.mark.parametrize("qtype", sorted(CODEBOOK_TYPES, key=lambda t: t.name))
+def test_block_feedback_lowers_the_output_error_of_the_codebook_types(qtype: GGMLType) -> None:
+    """The codebook I-quants keep llama.cpp's codes per block, fed between blocks: on unseen inputs the output error
+    is well below llama.cpp's own encoding with the same importance matrix (measured 0.54-0.69x on 4 blocks).
+    For a type with one code per weight the column-by-column feedback does better still (Q4_K, IQ4_XS)."""
+    from qconvert.int4.gptq import GPTQConfig, add_to_hessian, inverse_hessian_factor
+
+    cols = 1024
+    X, X_test = _correlated_inputs(cols, 2048, 2), _correlated_inputs(cols, 2048, 3)
+    W = torch.randn(32, cols, generator=torch.Generator().manual_seed(4)) * 0.05
+    U, _ = inverse_hessian_factor(add_to_hessian(None, 0, X)[0], GPTQConfig())
+    imatrix = X.pow(2).mean(0).numpy().astype(np.float32)
+
+    def error(t: GGMLType, data: np.ndarray) -> float:
+        return float(((torch.from_numpy(dequantize_rows(t, data, cols)) - W) @ X_test.T).pow(2).mean())
+
+    plain = quantize_rows(qtype, W.numpy(), imatrix)
+    fed = encode_with_block_feedback(qtype, W.numpy(), U, imatrix)
+    assert fed.shape == plain.shape and fed.dtype == np.uint8
+    assert error(qtype, fed) < 0.75 * error(qtype, plain), (error(qtype, fed), error(qtype, plain))
+    if qtype == GGMLType.IQ3_S:
+        for t in (GGMLType.Q4_K, GGMLType.IQ4_XS):
+            per_block = error(t, encode_with_block_feedback(t, W.numpy(), U, imatrix))
+            assert error(t, encode_with_feedback(t, W.numpy(), U, imatrix)) < per_block < \
+                error(t, quantize_rows(t, W.numpy(), imatrix))
+
+
 # ---------------------------------------------------------------- the command, in llama.cpp
 
 
@@ -169,7 +203,7 @@ def _make(demo: Path, stats_file: Path, out: Path, preset: str, optimize: bool) 
     return path
 
 
-@pytest.mark.parametrize("preset", ["Q3_K_M", "Q4_K_M", "IQ4_XS"])
+@pytest.mark.parametrize("preset", ["Q3_K_M", "Q4_K_M", "IQ4_XS", "IQ3_M"])
 def test_optimized_file_is_llamacpps_size_and_closer_to_the_float_model_in_llamacpp(demo, stats_file, tmp_path,
                                                                                     preset: str) -> None:
     """Against llama.cpp's own imatrix encoding from the same calibration tokens: the same tensors, types and

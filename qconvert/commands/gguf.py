@@ -190,7 +190,6 @@ def run_gguf(args: argparse.Namespace) -> int:
         kept = ", ".join(f"{k} {v}" for k, v in sorted(result.optimized.items()))
         print(f"--optimize: tensors kept per encoding (judged on held-out calibration windows): {kept}")
     elif args.optimize:
-        print(f"qconvert: note: --optimize changed nothing: no decoder matrix of {preset} has a type with one code "
-              "per weight (Q4_0 ... Q8_0, Q2_K ... Q6_K, IQ4_NL, IQ4_XS); IQ1_*, IQ2_* and IQ3_* index codebooks of "
-              "weight vectors and keep llama.cpp's encoding.", file=sys.stderr)
+        print(f"qconvert: note: --optimize changed nothing: no decoder matrix of {preset} is quantized (float "
+              "types keep their values).", file=sys.stderr)
     return 0

@@ -5,7 +5,9 @@
         plain    = llama.cpp's encoding (``quantize_rows``, with the importance matrix where llama.cpp uses one)
         feedback = ``encode_with_feedback`` on H_fit (GPTQ's damping and Cholesky, ``inverse_hessian_factor``)
         keep whichever reconstructs W better on the held-out tokens: tr(ΔW H_out ΔWᵀ) (``reconstruction_error``)
-    other tensors (embeddings, norms, a type without affine codes): exactly llama.cpp's
+    the codebook I-quants (IQ1/IQ2/IQ3): llama.cpp's codes per block, the error fed between blocks
+        (``encode_with_block_feedback``), judged the same way
+    other tensors (embeddings, norms, float types): exactly llama.cpp's
 
 So every tensor is at least as good as llama.cpp's own on tokens the optimisation never saw, and the file has
 llama.cpp's types and byte size.
@@ -23,7 +25,7 @@ from qconvert.constants import GGMLType
 from qconvert.int4.gptq import GPTQConfig, inverse_hessian_factor
 from qconvert.int4.guard import fit_hessian, reconstruction_error
 from qconvert.quant import dequantize_rows, quantize_rows
-from qconvert.quant.feedback import SCALAR_TYPES, encode_with_feedback
+from qconvert.quant.feedback import FEEDBACK_TYPES, SCALAR_TYPES, encode_with_block_feedback, encode_with_feedback
 
 KEPT = ("feedback", "llama.cpp")
 
@@ -83,7 +85,7 @@ def optimize_note(source: str) -> str:
 
 
 def can_optimize(qtype: GGMLType) -> bool:
-    return qtype in SCALAR_TYPES
+    return qtype in FEEDBACK_TYPES
 
 
 def optimized_rows(qtype: GGMLType, W: np.ndarray, hessians: TensorHessians, imatrix: np.ndarray | None = None,
@@ -91,7 +93,8 @@ def optimized_rows(qtype: GGMLType, W: np.ndarray, hessians: TensorHessians, ima
     """``W`` f32[rows, cols] encoded as ``qtype`` with error feedback, or llama.cpp's encoding where that does
     better on the held-out Hessian. Returns the bytes and which was kept (``KEPT``)."""
     plain = quantize_rows(qtype, W, imatrix)
-    fed = encode_with_feedback(qtype, W, hessians.inverse_factor(damp_percent), imatrix)
+    encode = encode_with_feedback if qtype in SCALAR_TYPES else encode_with_block_feedback
+    fed = encode(qtype, W, hessians.inverse_factor(damp_percent), imatrix)
     if hessians.heldout is None:
         return fed, KEPT[0]
     Wt = torch.from_numpy(W)

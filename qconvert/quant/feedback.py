@@ -12,6 +12,11 @@ inputs ``H [cols, cols]`` carrying each rounding error forward (GPTQ's update, `
 
 The file has the same types, the same sizes and the same block structure as llama.cpp's: any llama.cpp loads it.
 
+The codebook I-quants (IQ1_*, IQ2_*, IQ3_*: a code picks a vector of 4 or 8 weights, with shared sign bits) get
+the feedback between blocks only (``encode_with_block_feedback``): llama.cpp's own quantizer encodes each block
+column of the error-fed weights, scales and codes both, and that block's error is carried into the columns after
+it — GPTQ's update for codes fixed a block at a time (one triangular solve per block), no codebook layout needed.
+
 Where the codes live: ``code_layout`` learns it from the decoder itself. Flipping one bit of a block changes the
 decoded values of one weight (a code bit) or of many (a scale bit); for every affine type (Q4_0 … Q8_0, Q2_K …
 Q6_K) the change of a code bit is the weight's step times ±2^k, so each weight's code is a k-bit integer (two's
@@ -37,7 +42,10 @@ from qconvert.quant import dequantize_rows, quantize_rows
 AFFINE_TYPES = frozenset({GGMLType.Q4_0, GGMLType.Q4_1, GGMLType.Q5_0, GGMLType.Q5_1, GGMLType.Q8_0,
                           GGMLType.Q2_K, GGMLType.Q3_K, GGMLType.Q4_K, GGMLType.Q5_K, GGMLType.Q6_K})
 TABLE_TYPES = frozenset({GGMLType.IQ4_NL, GGMLType.IQ4_XS})  # one 4-bit index per weight into a non-linear table
-SCALAR_TYPES = AFFINE_TYPES | TABLE_TYPES  # the types error feedback covers
+SCALAR_TYPES = AFFINE_TYPES | TABLE_TYPES  # codes chosen column by column
+CODEBOOK_TYPES = frozenset({GGMLType.IQ1_S, GGMLType.IQ1_M, GGMLType.IQ2_XXS, GGMLType.IQ2_XS, GGMLType.IQ2_S,
+                            GGMLType.IQ3_XXS, GGMLType.IQ3_S})  # llama.cpp's codes, fed between blocks
+FEEDBACK_TYPES = SCALAR_TYPES | CODEBOOK_TYPES
 
 
 @dataclass(frozen=True)
@@ -251,4 +259,31 @@ def encode_with_feedback(qtype: GGMLType, W: np.ndarray, Hinv: torch.Tensor, ima
         if b + B < cols:
             WT[b + B:] -= U[b:b + B, b + B:].T @ err
         out[:, b // B] = layout.write(blocks, codes.T.numpy().astype(np.int64))
+    return out.reshape(rows, -1)
+
+
+def encode_with_block_feedback(qtype: GGMLType, W: np.ndarray, Hinv: torch.Tensor, imatrix: np.ndarray | None = None
+                               ) -> np.ndarray:
+    """``W`` f32[rows, cols] as ggml ``qtype`` bytes, each block column encoded by llama.cpp's quantizer (scales and
+    codes, with ``imatrix``) on the weights the earlier blocks' errors were fed into; ``Hinv`` as for
+    ``encode_with_feedback``. For any type; ``encode_with_feedback`` does better where codes are per weight.
+
+    With the codes of block columns [b, b + B) fixed, GPTQ's column updates are E = U_bbᵀ⁻¹ (W_b - Q_b) (U_bb the
+    block's diagonal part of the upper factor: a triangular solve) and W_rest -= U_b,restᵀ E."""
+    rows, cols = W.shape
+    B = qtype.block_size
+    if cols % B:
+        raise QuantTypeError(f"rows of {cols} weights cannot be stored as {qtype.name} (blocks of {B}).")
+    WT = torch.from_numpy(np.array(W, dtype=np.float32, copy=True).T.copy())  # [cols, rows]
+    U = Hinv.float().cpu()
+    out = np.empty((rows, cols // B, qtype.block_bytes), np.uint8)
+    for b in range(0, cols, B):
+        block = WT[b:b + B]
+        data = quantize_rows(qtype, np.ascontiguousarray(block.numpy().T),
+                             None if imatrix is None else np.ascontiguousarray(imatrix[b:b + B]))
+        out[:, b // B] = data
+        if b + B < cols:
+            Q = torch.from_numpy(dequantize_rows(qtype, data, B)).T  # [B, rows]
+            E = torch.linalg.solve_triangular(U[b:b + B, b:b + B].T, block - Q, upper=False)
+            WT[b + B:] -= U[b:b + B, b + B:].T @ E
     return out.reshape(rows, -1)
