@@ -361,6 +361,42 @@ def test_target_size_of_q3_k_m_is_met_and_closer_to_the_float_model_in_llamacpp(
     assert main([*args, "--output", str(again)]) == 0 and again.read_bytes() == out.read_bytes()
 
 
+def test_target_size_of_an_iquant_preset_can_only_match_or_beat_it_in_llamacpp(demo, stats_file, tmp_path,
+                                                                                 capsys) -> None:
+    """An I-quant preset's own types compete in the budget (IQ3_M: IQ3_S beside the K-quants; they are not on the
+    K-quant ladder): a budget equal to IQ3_M's file gives a file no larger that is either IQ3_M's own, byte for
+    byte, or closer to the float model in llama.cpp; the model-level check ran."""
+    from qconvert.gguf.reader import read_gguf
+    from qconvert.verify import build_reference, eval_tokens, verify_artifact
+
+    iq3 = _make(demo, stats_file, tmp_path, "IQ3_M", False)
+    assert GGMLType.IQ3_S in {t.type for t in read_gguf(iq3).tensors.values()}
+    out = tmp_path / "budget.gguf"
+    capsys.readouterr()
+    assert main(["gguf", "--model", str(demo), "--type", "IQ3_M", "--stats", str(stats_file), "--quiet",
+                 "--target-size", repr(iq3.stat().st_size / 1e9), "--output", str(out)]) == 0
+    said = capsys.readouterr()
+    assert "model-level check" in said.out + said.err, said
+    assert out.stat().st_size <= iq3.stat().st_size
+    if out.read_bytes() != iq3.read_bytes():
+        ref = build_reference(demo, eval_tokens(demo), ctx=128, chunks=6, progress=False)
+        r, r_iq3 = verify_artifact(out, ref, progress=False), verify_artifact(iq3, ref, progress=False)
+        print(f"IQ3_M KL {r_iq3.kl_mean:.5f}; budget KL {r.kl_mean:.5f}")
+        assert r.kl_mean < r_iq3.kl_mean
+
+
+def test_budget_candidates_include_the_presets_own_type() -> None:
+    from qconvert.gguf.budget import K_LADDER, measure
+
+    rng = np.random.default_rng(0)
+    W = rng.standard_normal((8, 512)).astype(np.float32)
+    H = torch.eye(512)
+    m = measure("m", W, H, GGMLType.IQ3_S, np.ones(512, np.float32))
+    assert set(m.nbytes) == {*K_LADDER, GGMLType.IQ3_S} and set(m.cost) == set(m.nbytes)
+    assert m.nbytes[GGMLType.IQ3_S] == 8 * GGMLType.IQ3_S.row_bytes(512)
+    assert m.cost[GGMLType.Q2_K] > m.cost[GGMLType.IQ3_S] > m.cost[GGMLType.Q8_0]
+
+
 def _decoded_file(demo: Path, path: Path) -> dict[str, torch.Tensor]:
     """The float model (HF names) with every decoder matrix replaced by the file's, decoded by gguf-py."""
     import gguf

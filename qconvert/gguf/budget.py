@@ -3,7 +3,7 @@
     start: the preset's plan (llama-quantize's mixture); the tensors without calibration statistics (embedding,
            output, norms) keep their types and count as fixed bytes
     measure, per decoder matrix W and candidate type t (the K-quant ladder Q2_K … Q6_K, Q8_0, or, for rows that
-           are not a multiple of 256, llama.cpp's 32-block fallbacks Q4_0 … Q8_0):
+           are not a multiple of 256, llama.cpp's 32-block fallbacks Q4_0 … Q8_0; and the preset's own type):
                cost(W, t) = tr(ΔW H ΔWᵀ)   the output error of llama.cpp's encoding (with the importance matrix)
                                            on the calibration tokens behind H (``reconstruction_error``)
     choose: the multiple-choice knapsack by the greedy on each matrix's lower convex hull of (bytes, cost):
@@ -59,13 +59,14 @@ def aligned(n: int, alignment: int = 32) -> int:
 
 def measure(name: str, W: np.ndarray, H: torch.Tensor, preset_type: GGMLType, imatrix: np.ndarray | None = None
             ) -> MatrixCosts:
-    """Encode ``W`` f32[rows, cols] in every candidate type (llama.cpp's encoder) and score each on ``H``."""
+    """Encode ``W`` f32[rows, cols] in every candidate type and in the preset's own (an I-quant preset's IQ3_S,
+    say; llama.cpp's encoder) and score each on ``H``."""
     from qconvert.int4.guard import reconstruction_error
 
     cols = W.shape[1]
     Wt = torch.from_numpy(W)
     nbytes, cost = {}, {}
-    for t in candidates(cols):
+    for t in dict.fromkeys((*candidates(cols), preset_type)):
         data = quantize_rows(t, W, imatrix)
         nbytes[t] = aligned(data.nbytes)
         cost[t] = reconstruction_error(Wt, torch.from_numpy(dequantize_rows(t, data, cols)), H)
@@ -153,8 +154,8 @@ def choose(matrices: Sequence[MatrixCosts], fixed_bytes: int, budget: int, prese
         types[name] = best
     cost = sum(by_name[n].cost[t] for n, t in types.items())
     preset_bytes = (fixed_bytes if preset_fixed is None else preset_fixed) + \
-        sum(m.nbytes.get(m.preset_type, 0) for m in matrices)
-    preset_cost = sum(m.cost.get(m.preset_type, float("inf")) for m in matrices)
+        sum(m.nbytes[m.preset_type] for m in matrices)
+    preset_cost = sum(m.cost[m.preset_type] for m in matrices)
     kept_preset = preset_bytes <= budget and preset_cost <= cost
     if kept_preset:
         types, used, cost = {m.name: m.preset_type for m in matrices}, preset_bytes, preset_cost
