@@ -149,14 +149,14 @@ def role_of(name: str) -> str:
 @dataclass
 class CheckedChoice:
     choice: BudgetChoice  # what the file gets (the preset's own mixture where the check says so)
-    check: BudgetCheck
-    role_weights: dict[str, float]  # KL per unit of output error, per role
+    check: BudgetCheck | None  # None: the proxy kept the preset's mixture, nothing to check
+    role_weights: dict[str, float]  # KL per unit of output error, per role (empty without a check)
 
 
 def choose_checked(model_dir: Path, preset: str, matrices: Sequence[MatrixCosts], fixed: int, budget: int,
                    preset_fixed: int, checkpoint_name: Mapping[str, str], imatrix: Mapping[str, np.ndarray],
-                   ids: torch.Tensor, settings: CalibrationSettings = CalibrationSettings()) -> CheckedChoice | None:
-    """``choose`` with the held-out windows ``ids`` as judge; None where the proxy keeps the preset's mixture.
+                   ids: torch.Tensor, settings: CalibrationSettings = CalibrationSettings()) -> CheckedChoice:
+    """``choose`` with the held-out windows ``ids`` as judge (no check where the proxy keeps the preset's mixture).
 
     The proxy's costs (each matrix's own output error) do not compare across roles. One pass scores, beside the
     proxy's choice and the preset's mixture, each role alone in its preset types (the rest float): a role's KL over
@@ -169,7 +169,7 @@ def choose_checked(model_dir: Path, preset: str, matrices: Sequence[MatrixCosts]
     name -> checkpoint tensor name; ``imatrix``: by checkpoint tensor name."""
     proxy = choose(matrices, fixed, budget, preset_fixed)
     if proxy.kept_preset:
-        return None
+        return CheckedChoice(proxy, None, {})
     hf = checkpoint_name
     preset_types = {hf[m.name]: m.preset_type for m in matrices}
     roles = sorted({role_of(h) for h in preset_types})

@@ -203,7 +203,6 @@ def budget_plan(model_dir: Path, preset: str, options: PlanOptions, stats: Any, 
     matrices, fixed = measure_all(entries, lambda g: prep.ckpt.read_f32(prep.mapped[g]), hessian, imatrix, header,
                                   progress)
     preset_fixed = fixed - header + bare
-    checked = None
     if held_out is not None:
         from qconvert.calibration.driver import CalibrationSettings
         from qconvert.gguf.budget_check import choose_checked
@@ -212,8 +211,9 @@ def budget_plan(model_dir: Path, preset: str, options: PlanOptions, stats: Any, 
         checked = choose_checked(model_dir, preset, matrices, fixed, budget, preset_fixed, hf,
                                  {hf[g]: v for g, v in imatrix.items() if g in hf}, held_out,
                                  settings or CalibrationSettings())
-    choice = checked.choice if checked is not None else choose(matrices, fixed, budget, preset_fixed)
-    verdict = checked.check if checked is not None else None
+        choice, verdict = checked.choice, checked.check
+    else:
+        choice, verdict = choose(matrices, fixed, budget, preset_fixed), None
     if choice.kept_preset:
         return BudgetPlan(options, choice, [], budget, verdict)
     return BudgetPlan(replace(options, tensor_types=choice.overrides() + tuple(options.tensor_types)), choice,
