@@ -365,3 +365,34 @@ def test_int_quantized_refuses_what_it_cannot_hold(model_dir, tmp_path: Path) ->
     with pytest.raises(QuantTypeError, match="quantize every linear with one config"):
         write_quantized_checkpoint(src, final, linears, w8a8_quantization_config(), tp_sizes=())
     assert not final.exists() and not list(tmp_path.glob(".w4.partial-*"))
+
+
+def test_smoothed_norm_gains_survive_the_model_checks_fallback(model_dir, tmp_path: Path, monkeypatch) -> None:
+    """SmoothQuant folds its scales into the RMSNorm gains and the q/k/v, gate/up weights. When the model-level
+    check sends GPTQ's weights back as round-to-nearest (the writer forgets what it had), the smoothed gains must
+    still be written: the fallback checkpoint carries the same gains as the run that kept GPTQ, not the source's
+    (smoothed weights beside unsmoothed norms would be another model)."""
+    from qconvert.calibration import quantize
+    from qconvert.int4.guard import ModelCheck
+
+    src = model_dir("tiny-untied")
+    args = ["w8a8", "--model", str(src), "--quiet", "--no-eval", "--smooth", "--weights", "gptq",
+            "--calib-samples", "4", "--calib-seqlen", "64"]
+    assert main([*args, "--out-dir", str(tmp_path / "kept")]) == 0
+    real = quantize.model_check
+
+    def worse(*a, **k) -> ModelCheck:
+        c = real(*a, **k)
+        return ModelCheck(c.method, c.base_kl + 1.0, c.nll, c.base_kl, c.base_nll, c.nll_se, c.positions)
+
+    monkeypatch.setattr(quantize, "model_check", worse)
+    assert main([*args, "--out-dir", str(tmp_path / "fallback")]) == 0
+    (kept,), (fell,) = [[p for p in (tmp_path / d).iterdir() if p.is_dir()] for d in ("kept", "fallback")]
+    assert "round-to-nearest" in (fell / "README.md").read_text()
+    source = _tensors(src)
+    gains_kept, gains_fell = _tensors(kept), _tensors(fell)
+    norms = [n for n in gains_kept if n.endswith("layernorm.weight")]
+    assert norms
+    for n in norms:
+        assert not torch.equal(gains_kept[n].float(), source[n].float().half().float()), n  # smoothing changed it
+        torch.testing.assert_close(gains_fell[n], gains_kept[n], rtol=0, atol=0)

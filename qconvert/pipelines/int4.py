@@ -277,6 +277,7 @@ def write_w8a8(model_dir: Path, model_name: str, out: Path, weights: str, calib:
     with writer, contextlib.ExitStack() as scratch:
         src = Path(model_dir)
         start = time.perf_counter()
+        smoothed: dict[str, torch.Tensor] = {}
         if alpha is not None:
             source = SafetensorsCheckpoint(Path(model_dir))  # the copy: at most every tensor widened to float32
             check_free_space(out, writer.data_bytes() + sum(4 * math.prod(e.shape) for e in source.entries.values()))
@@ -284,11 +285,12 @@ def write_w8a8(model_dir: Path, model_name: str, out: Path, weights: str, calib:
                                                                          prefix=f".{Path(out).name}.smoothed-")))
             maxima = activation_maxima(model_dir, ids, settings, progress)
             smoothed = write_smoothed_checkpoint(model_dir, src, maxima, alpha)
+        report = calibrate(src, ids, weights, cfg, writer.add_linear, None, settings, progress,
+                           holdout=holdout if weights == "gptq" else None, on_restart=writer.restart)
+        if smoothed:  # after calibrate: a model-check fallback's restart() forgets what came before
             gains = SafetensorsCheckpoint(src)
             for name in smoothed:
                 writer.add_float(name, gains.read_f32(name))
-        report = calibrate(src, ids, weights, cfg, writer.add_linear, None, settings, progress,
-                           holdout=holdout if weights == "gptq" else None, on_restart=writer.restart)
         seconds = time.perf_counter() - start
         desc = calib.describe() if calib is not None else "none (round-to-nearest weights, no smoothing)"
         forward = None if calib is not None else "none (round-to-nearest needs no activations)"
