@@ -154,21 +154,35 @@ def _logits(model, ids) -> torch.Tensor:
 
 
 def test_smoothing_keeps_the_function_and_flattens_activations(model_dir, tmp_path: Path) -> None:
+    """``Smoothing`` as the driver applies it: every layer's smoothed tensors, loaded into transformers' model,
+    give the source's logits; the activation maxima of the smoothed layers are the source's divided by s."""
     from transformers import AutoModelForCausalLM
 
-    from qconvert.w8a8 import activation_maxima, write_smoothed_checkpoint
+    from qconvert.calibration.driver import CalibrationSettings, DeviceLayer, read_config
+    from qconvert.io.safetensors import SafetensorsCheckpoint
+    from qconvert.w8a8 import Smoothing, activation_maxima
 
     src = model_dir("tiny-untied")
     ids = _ids("tiny-untied", 4)
     maxima = activation_maxima(src, ids)
-    out = tmp_path / "smoothed"
-    out.mkdir()
-    scales = write_smoothed_checkpoint(src, out, maxima, 0.5)
-    assert len(scales) == 2 * 3  # two RMSNorms per layer, three layers
+    config = read_config(src)
+    smoothing = Smoothing(config, maxima, 0.5)
     a = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
-    b = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    b = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    ckpt = SafetensorsCheckpoint(src)
+    with torch.no_grad():
+        params = dict(b.named_parameters())
+        for i in range(int(config["num_hidden_layers"])):
+            prefix = f"model.layers.{i}."
+            for name, t in DeviceLayer(ckpt, prefix, CalibrationSettings(), transform=smoothing).p.items():
+                params[prefix + name].copy_(t)
+    scales = smoothing.scales
+    assert len(scales) == 2 * 3 and set(smoothing.gains) == set(scales)  # two RMSNorms per layer, three layers
+    for name, gain in smoothing.gains.items():
+        torch.testing.assert_close(params[name], gain)
+        assert not torch.equal(gain, dict(a.named_parameters())[name])
     assert float((_logits(a, ids) - _logits(b, ids)).abs().max()) < 1e-4
-    after = activation_maxima(out, ids)
+    after = activation_maxima(src, ids, transform=smoothing)
     norms = {"self_attn.q_proj": "input_layernorm", "mlp.gate_proj": "post_attention_layernorm"}
     for site, m in maxima.items():
         layer, _, sub = site.partition(".self_attn.") if ".self_attn." in site else site.partition(".mlp.")

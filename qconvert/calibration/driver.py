@@ -77,6 +77,11 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
     return COMPUTE_DTYPES[name]
 
 
+# Edits one decoder layer's float32 tensors (names relative to the layer prefix, the first argument) in place as
+# the driver loads them, before the compute dtype: SmoothQuant's folding (``qconvert.w8a8.Smoothing``).
+LayerTransform = Callable[[str, dict[str, torch.Tensor]], None]
+
+
 class DeviceLayer:
     """One decoder layer on the device: its tensors (names relative to the layer) in the compute dtype.
 
@@ -85,12 +90,15 @@ class DeviceLayer:
     """
 
     def __init__(self, ckpt: SafetensorsCheckpoint, prefix: str, settings: CalibrationSettings,
-                 pad_to: int | None = None, quantization_config: Mapping[str, Any] | None = None) -> None:
+                 pad_to: int | None = None, quantization_config: Mapping[str, Any] | None = None,
+                 transform: LayerTransform | None = None) -> None:
         from qconvert.int4.formats import dequantized_tensors
 
         self.prefix = prefix
-        self.p = {n: t.to(settings.device, settings.dtype)
-                  for n, t in dequantized_tensors(ckpt, prefix, quantization_config, settings.device).items()}
+        tensors = dequantized_tensors(ckpt, prefix, quantization_config, settings.device)
+        if transform is not None:
+            transform(prefix, tensors)
+        self.p = {n: t.to(settings.device, settings.dtype) for n, t in tensors.items()}
         if pad_to is not None:  # Qwen's zero padding of the MLP (see qconvert.int4.writer.pad_intermediate)
             from qconvert.int4.writer import pad_intermediate
 
@@ -157,12 +165,14 @@ def read_config(model_dir: Path) -> dict[str, Any]:
 def stream_layers(ckpt: SafetensorsCheckpoint, config: Mapping[str, Any], ids: torch.Tensor,
                   layer_pass: LayerPass | None = None, settings: CalibrationSettings = CalibrationSettings(), *,
                   quantization_config: Mapping[str, Any] | None = None, pad_to: int | None = None,
-                  propagate: bool = True, progress: Progress | None = None) -> torch.Tensor:
+                  propagate: bool = True, progress: Progress | None = None,
+                  transform: LayerTransform | None = None) -> torch.Tensor:
     """Run ``layer_pass`` on every decoder layer of ``ckpt`` over the token windows ``ids`` [n, t].
 
     The layers come one at a time (float, or dequantized per ``quantization_config``); each sees the previous
     layer's output as the pass left it. ``propagate=False``: the pass needs no activations (round-to-nearest),
-    so no forward runs. Returns the last layer's output [n, t, hidden] (the embeddings when nothing ran).
+    so no forward runs. ``transform`` edits each layer's tensors as they are loaded. Returns the last layer's
+    output [n, t, hidden] (the embeddings when nothing ran).
     """
     spec = spec_for_config(dict(config))
     dims = qwen2.Qwen2Dims.from_config(config)
@@ -175,7 +185,7 @@ def stream_layers(ckpt: SafetensorsCheckpoint, config: Mapping[str, Any], ids: t
     rope = qwen2.rope_tables(dims, ids.shape[1], dev, dt)
     for i in range(n_layers):
         prefix = f"{spec.block_prefix}.{i}."
-        layer = DeviceLayer(ckpt, prefix, settings, pad_to, quantization_config)
+        layer = DeviceLayer(ckpt, prefix, settings, pad_to, quantization_config, transform)
         ctx = LayerContext(i, prefix, dims, rope, spec, settings)
         out = layer_pass(layer, h, ctx) if layer_pass is not None else None
         if out is None and propagate:

@@ -34,6 +34,7 @@ from qconvert.calibration.driver import (
     DeviceError,
     DeviceLayer,
     LayerContext,
+    LayerTransform,
     Progress,
     StreamedHead,
     check_finite,
@@ -408,7 +409,7 @@ def calibrate(model_dir: str | Path, ids: torch.Tensor, method: str, cfg: GPTQCo
               on_float: OnFloat | None = None, settings: CalibrationSettings = CalibrationSettings(),
               progress: Progress | None = None, pad_to: int | None = None,
               holdout: float | None = None, *, on_restart: OnRestart | None = None,
-              check_model: bool = True) -> CalibrationReport:
+              check_model: bool = True, transform: LayerTransform | None = None) -> CalibrationReport:
     """Quantize every decoder linear of the checkpoint in ``model_dir`` with calibration tokens ``ids`` [n, t].
 
     ``method``: ``gptq`` (``cfg`` a GPTQConfig), ``awq`` (an AWQConfig) or ``rtn`` (a GPTQConfig; no statistics,
@@ -424,6 +425,8 @@ def calibrate(model_dir: str | Path, ids: torch.Tensor, method: str, cfg: GPTQCo
     worse, ``on_restart()`` is called (a writer drops what it has) and every linear comes again, now
     round-to-nearest (``baseline``), with the original float tensors for any ``on_float`` had — so a sink that
     cannot take a name twice must pass ``on_restart``.
+    ``transform`` edits each float layer as it is loaded (SmoothQuant's folding): the model quantized, checked
+    and, on a fallback, rounded is the transformed one.
     Returns what was used (token count, time, the guard's split and choices).
     """
     if method not in METHODS:
@@ -441,7 +444,7 @@ def calibrate(model_dir: str | Path, ids: torch.Tensor, method: str, cfg: GPTQCo
     warnings = rank_warnings(config, spec, ids.shape[0] - n_out, ids.shape[1], n_out) if method == "gptq" else []
     ckpt = SafetensorsCheckpoint(model_dir)
     h = stream_layers(ckpt, config, ids, layer_pass,
-                      settings, pad_to=pad_to, propagate=method != "rtn", progress=progress)
+                      settings, pad_to=pad_to, propagate=method != "rtn", progress=progress, transform=transform)
     kept, check = dict(layer_pass.kept), None
     if layer_pass.streams is not None:
         n_fit = ids.shape[0] - n_out
@@ -451,7 +454,7 @@ def calibrate(model_dir: str | Path, ids: torch.Tensor, method: str, cfg: GPTQCo
             if on_restart is not None:
                 on_restart()
             again = _QuantizePass("rtn", cfg, on_linear, on_float)
-            stream_layers(ckpt, config, ids, again, settings, pad_to=pad_to, propagate=False)
+            stream_layers(ckpt, config, ids, again, settings, pad_to=pad_to, propagate=False, transform=transform)
             if layer_pass.float_names:
                 assert on_float is not None
                 for name in layer_pass.float_names:

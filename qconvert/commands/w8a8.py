@@ -24,8 +24,8 @@ examples:
 W8A8 INT8: weights int8 with one scale per output row, activations quantized to int8 per token at run time, in
 the compressed-tensors `int-quantized` layout llm-compressor writes (vLLM serves it on GPUs and on x86 CPUs).
 --smooth migrates activation outliers into the weights (s = max|X|^alpha / max|W|^(1-alpha), folded into the
-RMSNorms before q/k/v and gate/up); it collects per-channel activation maxima in one float pass and quantizes a
-smoothed copy of the checkpoint written beside the output (~1.7x a bf16 source; removed at the end).
+RMSNorms before q/k/v and gate/up); it collects per-channel activation maxima in one float pass and folds the
+scales into each layer as the quantization pass loads it (no copy of the checkpoint on disk).
 """
 
 

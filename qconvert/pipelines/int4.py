@@ -248,21 +248,16 @@ def write_w8a8(model_dir: Path, model_name: str, out: Path, weights: str, calib:
 
     ``weights``: ``rtn`` (no calibration forward) or ``gptq`` (8-bit per channel through ``calibrate``; ``holdout``
     as in ``write_int4``). ``alpha``: SmoothQuant's migration strength, or None for no smoothing. With smoothing, the
-    float model's per-channel activation maxima are collected on ``calib`` (one pass), folded into a smoothed copy
-    of the checkpoint beside ``out`` (removed at the end; ~1.7x a bf16 source), and that copy is quantized; the
-    rescaled RMSNorm gains go into the checkpoint. ``calib`` is needed for ``gptq`` or ``alpha``.
+    float model's per-channel activation maxima are collected on ``calib`` (one pass) and folded into each layer as
+    ``calibrate`` loads it (``qconvert.w8a8.Smoothing``; no copy of the checkpoint); the rescaled RMSNorm gains go
+    into the checkpoint. ``calib`` is needed for ``gptq`` or ``alpha``.
     """
-    import contextlib
-    import math
-    import tempfile
-
     import torch
 
+    from qconvert.calibration.driver import read_config
     from qconvert.calibration.quantize import CalibrationError, calibrate
     from qconvert.int4 import GPTQConfig, QuantizedCheckpointWriter
-    from qconvert.io.atomic import check_free_space
-    from qconvert.io.safetensors import SafetensorsCheckpoint
-    from qconvert.w8a8 import activation_maxima, write_smoothed_checkpoint
+    from qconvert.w8a8 import Smoothing, activation_maxima
 
     qcfg = w8a8_quantization_config_for(weights, alpha, damp)
     if calib is None and (weights == "gptq" or alpha is not None):
@@ -274,23 +269,18 @@ def write_w8a8(model_dir: Path, model_name: str, out: Path, weights: str, calib:
         print(f"qconvert: warning: {w.message}", file=sys.stderr)
     cfg = GPTQConfig(bits=8, group_size=-1, sym=True, damp_percent=damp)
     ids = calib.ids if calib is not None else torch.zeros((1, 1), dtype=torch.long)  # RTN runs no forward
-    with writer, contextlib.ExitStack() as scratch:
-        src = Path(model_dir)
+    with writer:
         start = time.perf_counter()
-        smoothed: dict[str, torch.Tensor] = {}
+        smoothing = None
         if alpha is not None:
-            source = SafetensorsCheckpoint(Path(model_dir))  # the copy: at most every tensor widened to float32
-            check_free_space(out, writer.data_bytes() + sum(4 * math.prod(e.shape) for e in source.entries.values()))
-            src = Path(scratch.enter_context(tempfile.TemporaryDirectory(dir=Path(out).parent,
-                                                                         prefix=f".{Path(out).name}.smoothed-")))
-            maxima = activation_maxima(model_dir, ids, settings, progress)
-            smoothed = write_smoothed_checkpoint(model_dir, src, maxima, alpha)
-        report = calibrate(src, ids, weights, cfg, writer.add_linear, None, settings, progress,
-                           holdout=holdout if weights == "gptq" else None, on_restart=writer.restart)
-        if smoothed:  # after calibrate: a model-check fallback's restart() forgets what came before
-            gains = SafetensorsCheckpoint(src)
-            for name in smoothed:
-                writer.add_float(name, gains.read_f32(name))
+            smoothing = Smoothing(read_config(Path(model_dir)), activation_maxima(model_dir, ids, settings, progress),
+                                  alpha)
+        report = calibrate(model_dir, ids, weights, cfg, writer.add_linear, None, settings, progress,
+                           holdout=holdout if weights == "gptq" else None, on_restart=writer.restart,
+                           transform=smoothing)
+        if smoothing is not None:  # after calibrate: a model-check fallback's restart() forgets what came before
+            for name, gain in smoothing.gains.items():
+                writer.add_float(name, gain)
         seconds = time.perf_counter() - start
         desc = calib.describe() if calib is not None else "none (round-to-nearest weights, no smoothing)"
         forward = None if calib is not None else "none (round-to-nearest needs no activations)"

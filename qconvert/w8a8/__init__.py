@@ -1,8 +1,8 @@
 """W8A8 INT8 passes of the one streaming driver (``qconvert.calibration.driver.stream_layers``).
 
     passes.py   activation_maxima: one float pass recording max|x| per input channel of every smoothing site;
-                write_smoothed_checkpoint: SmoothQuant's scales folded into a float copy of the checkpoint (what
-                ``calibrate`` quantizes); w8a8_logits: the forward of a W8A8 checkpoint, dequantized weights and
+                Smoothing: SmoothQuant's scales folded into each layer as the driver loads it (``calibrate``'s
+                ``transform``; no copy of the checkpoint); w8a8_logits: the forward of a W8A8 checkpoint, dequantized weights and
                 per-token int8 fake-quantized linear inputs (what vLLM's int8 kernels compute)
 
 The pure functions (per-token quantization, the smoothing scales, the Qwen2 sites) are
@@ -11,6 +11,6 @@ them into a checkpoint is ``qconvert.pipelines.int4.write_w8a8``. This package s
 algorithms below it, pipelines above.
 """
 
-from qconvert.w8a8.passes import activation_maxima, w8a8_logits, write_smoothed_checkpoint
+from qconvert.w8a8.passes import Smoothing, activation_maxima, w8a8_logits
 
-__all__ = ["activation_maxima", "w8a8_logits", "write_smoothed_checkpoint"]
+__all__ = ["Smoothing", "activation_maxima", "w8a8_logits"]

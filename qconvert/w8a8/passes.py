@@ -1,10 +1,10 @@
-"""Layer passes for W8A8: activation maxima, the smoothed float checkpoint, the fake-quantized forward.
+"""Layer passes for W8A8: activation maxima, SmoothQuant's per-layer folding, the fake-quantized forward.
 
     activation_maxima           stream_layers over the float model; a hook keeps max|x| per input channel of
                                 every smoothing site: {"model.layers.3.self_attn.q_proj": f32[hidden], ...}
-    write_smoothed_checkpoint   per layer: s = smooth_scales(max|X|, W, alpha) for each SMOOTH_TABLES site, norm
-                                gain / s, columns × s (``awq.apply_scales``); one shard per layer, in the source's
-                                float dtype, other tensors copied; calibrate then quantizes that directory
+    Smoothing                   a layer transform: s = smooth_scales(max|X|, W, alpha) for each SMOOTH_TABLES
+                                site, norm gain / s, columns × s (``awq.apply_scales``) as each layer is loaded;
+                                calibrate quantizes the smoothed layers, the gains are written beside them
     w8a8_logits                 streamed_logits for a W8A8 checkpoint: each layer dequantized (DeviceLayer), every
                                 linear input replaced by its per-token int8 fake quantization before the matmul
 
@@ -13,20 +13,18 @@ Memory is the driver's: one layer plus the activations; the maxima are one vecto
 
 from __future__ import annotations
 
-import json
-import shutil
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from qconvert.calibration.driver import (
     CalibrationSettings,
     DeviceLayer,
     LayerContext,
+    LayerTransform,
     StreamedHead,
     read_config,
     stream_layers,
@@ -34,12 +32,10 @@ from qconvert.calibration.driver import (
 from qconvert.errors import CheckpointError
 from qconvert.int4.awq import apply_scales
 from qconvert.int4.smoothquant import SMOOTH_TABLES, fake_quantize_tokens, smooth_scales
-from qconvert.io.safetensors import INDEX_FILE, SafetensorsCheckpoint
+from qconvert.io.safetensors import SafetensorsCheckpoint
 from qconvert.registry import spec_for_config
 
 Progress = Callable[[int, int], None]
-TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-COPIED_FILES = ("config.json", "generation_config.json")  # what calibrate and the writer read besides the tensors
 
 
 class _MaximaPass:
@@ -61,66 +57,49 @@ class _MaximaPass:
 
 
 def activation_maxima(model_dir: str | Path, ids: torch.Tensor, settings: CalibrationSettings = CalibrationSettings(),
-                      progress: Progress | None = None) -> dict[str, torch.Tensor]:
-    """max|x_j| f32 [in] over every token of ``ids`` [n, t] at each input site of the float model, keyed by the full
-    name of the site's first linear (``model.layers.0.self_attn.q_proj``, ``...mlp.gate_proj``, ...)."""
+                      progress: Progress | None = None, transform: LayerTransform | None = None
+                      ) -> dict[str, torch.Tensor]:
+    """max|x_j| f32 [in] over every token of ``ids`` [n, t] at each input site of the float model (each layer
+    edited by ``transform`` first, e.g. ``Smoothing``), keyed by the full name of the site's first linear
+    (``model.layers.0.self_attn.q_proj``, ``...mlp.gate_proj``, ...)."""
     model_dir = Path(model_dir)
     maxima = _MaximaPass()
-    stream_layers(SafetensorsCheckpoint(model_dir), read_config(model_dir), ids, maxima, settings, progress=progress)
+    stream_layers(SafetensorsCheckpoint(model_dir), read_config(model_dir), ids, maxima, settings, progress=progress,
+                  transform=transform)
     return maxima.maxima
 
 
-def write_smoothed_checkpoint(model_dir: str | Path, out_dir: str | Path, maxima: Mapping[str, torch.Tensor],
-                              alpha: float) -> dict[str, torch.Tensor]:
-    """Write ``model_dir`` with SmoothQuant's scales folded in to the existing empty directory ``out_dir`` (one
-    safetensors shard per decoder layer, config.json copied). Returns the scales f32 [in] by the full name of the
-    RMSNorm they were folded into.
-
-    The rescaled tensors (norm gains, q/k/v and gate/up weights) are stored in float32, so the copy computes the
-    source's function up to float32 rounding (a bf16 copy would add rounding of a quarter of an int8 step); the
-    others keep the source's dtype. It exists because ``calibrate`` quantizes a checkpoint directory; for a bf16
-    source it is about 1.7x the source's size.
+class Smoothing:
+    """SmoothQuant's scales folded into each decoder layer as the driver loads it (a ``LayerTransform`` for
+    ``stream_layers`` / ``calibrate``): for each ``SMOOTH_TABLES`` site, s = smooth_scales(max|X|, W, alpha), the
+    RMSNorm gain / s and the columns of the linears it feeds × s (``awq.apply_scales``), in float32 (so the
+    function is the source's up to float32 rounding). ``gains``: each rescaled norm gain (f32, full name) as last
+    computed, to be written beside the quantized weights; ``scales``: the s folded into it. No copy of the
+    checkpoint is made: the same scales come out every time a layer is loaded.
     """
-    src, out = Path(model_dir), Path(out_dir)
-    config = read_config(src)
-    spec = spec_for_config(config)
-    mappings = SMOOTH_TABLES.get(spec.hf_arch)
-    if mappings is None:
-        raise CheckpointError(f"SmoothQuant has no smoothing sites for {spec.hf_arch}; drop --smooth.")
-    ckpt = SafetensorsCheckpoint(src)
-    shards: dict[str, list[str]] = {}
-    for name in ckpt.names():
-        parts = name.split(".")
-        layer = ".".join(parts[:3]) + "." if name.startswith(spec.block_prefix + ".") else ""
-        shards.setdefault(layer, []).append(name)
-    scales: dict[str, torch.Tensor] = {}
-    weight_map: dict[str, str] = {}
-    for i, (prefix, names) in enumerate(shards.items()):
-        tensors = {n: torch.from_numpy(ckpt.read_f32(n)) for n in names}
-        if prefix:
-            for m in mappings:
-                site = prefix + spec.input_sites[m.layers[0]]
-                if site not in maxima:
-                    raise CheckpointError(f"no activation maxima for {site}: they were collected on another model; "
-                                          "collect them on this checkpoint.")
-                ws = [tensors[f"{prefix}{n}.weight"] for n in m.layers]
-                s = smooth_scales(maxima[site], ws, alpha)
-                gain, _, scaled = apply_scales(tensors[f"{prefix}{m.prev}.weight"], None, ws, s)
-                tensors[f"{prefix}{m.prev}.weight"] = gain
-                tensors.update({f"{prefix}{n}.weight": w for n, w in zip(m.layers, scaled)})
-                scales[f"{prefix}{m.prev}.weight"] = s
-        shard = f"smoothed-{i:05d}.safetensors"
-        changed = {f"{prefix}{m.prev}.weight" for m in mappings} | \
-            {f"{prefix}{n}.weight" for m in mappings for n in m.layers} if prefix else set()
-        save_file({n: t.to(torch.float32 if n in changed else TORCH_DTYPES[ckpt.entries[n].dtype]).contiguous()
-                   for n, t in tensors.items()},
-                  str(out / shard), metadata={"format": "pt"})
-        weight_map.update({n: shard for n in names})
-    (out / INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1) + "\n")
-    for f in COPIED_FILES:
-        if (src / f).exists():
-            shutil.copy2(src / f, out / f)
-    return scales
+
+    def __init__(self, config: Mapping[str, Any], maxima: Mapping[str, torch.Tensor], alpha: float) -> None:
+        self.spec = spec_for_config(dict(config))
+        mappings = SMOOTH_TABLES.get(self.spec.hf_arch)
+        if mappings is None:
+            raise CheckpointError(f"SmoothQuant has no smoothing sites for {self.spec.hf_arch}; drop --smooth.")
+        self.mappings, self.maxima, self.alpha = mappings, maxima, alpha
+        self.gains: dict[str, torch.Tensor] = {}
+        self.scales: dict[str, torch.Tensor] = {}
+
+    def __call__(self, prefix: str, tensors: dict[str, torch.Tensor]) -> None:
+        for m in self.mappings:
+            site = prefix + self.spec.input_sites[m.layers[0]]
+            if site not in self.maxima:
+                raise CheckpointError(f"no activation maxima for {site}: they were collected on another model; "
+                                      "collect them on this checkpoint.")
+            ws = [tensors[f"{n}.weight"].float() for n in m.layers]
+            s = smooth_scales(self.maxima[site].to(ws[0].device), ws, self.alpha)
+            gain, _, scaled = apply_scales(tensors[f"{m.prev}.weight"].float(), None, ws, s)
+            tensors[f"{m.prev}.weight"] = gain
+            tensors.update({f"{n}.weight": w for n, w in zip(m.layers, scaled)})
+            self.gains[f"{prefix}{m.prev}.weight"] = gain.cpu()
+            self.scales[f"{prefix}{m.prev}.weight"] = s.cpu()
 
 
 def _fake_quant_inputs(layer: DeviceLayer, h: torch.Tensor, ctx: LayerContext) -> torch.Tensor:
