@@ -233,13 +233,6 @@ def w8a8_quantization_config_for(weights: str, alpha: float | None, damp: float 
     return w8a8_quantization_config({"method": weights, "smoothquant_alpha": alpha, "settings": settings})
 
 
-def int8_readable() -> bool:
-    """Whether qconvert's own safetensors reader reads int8 tensors (W8A8's ``weight``): a feature check."""
-    from qconvert.io.safetensors import DTYPES
-
-    return "I8" in DTYPES
-
-
 def write_w8a8(model_dir: Path, model_name: str, out: Path, weights: str, calib: CalibrationSet | None,
                settings: CalibrationSettings, *, alpha: float | None = None, damp: float = 0.01,
                force: bool = False, progress: Callable[[int, int], None] | None = None, evaluate: bool = True,
@@ -290,11 +283,7 @@ def write_w8a8(model_dir: Path, model_name: str, out: Path, weights: str, calib:
                                guard=report.guard_summary() if weights == "gptq" else "")
         (writer.tmp / "README.md").write_text(card)
         writer.finish()
-    if evaluate and not int8_readable():
-        print("qconvert: note: no measured quality in the model card: qconvert's safetensors reader does not read "
-              "int8 tensors yet (qconvert.io.safetensors.DTYPES has no I8), so neither the card's measurement nor "
-              "qconvert verify can read this checkpoint back; transformers and vLLM load it.", file=sys.stderr)
-    elif evaluate:
+    if evaluate:
         from qconvert.quality import describe, measure
 
         quality = describe(measure(model_dir, out, device=settings.device))

@@ -133,12 +133,6 @@ def _detect_dir(path: Path) -> Artifact:
         from qconvert.int4.formats import layout_scheme
 
         layout, scheme = layout_scheme(q, f"{cfg_path}")  # refuses schemes qconvert cannot run, saying which
-        from qconvert.io.safetensors import DTYPES
-
-        if layout.dynamic_activations and "I8" not in DTYPES:  # a feature check on the reader's dtype table
-            raise VerifyError(f"{path} is W8A8 (int8 weights), and qconvert's safetensors reader does not read int8 "
-                              "tensors yet (qconvert.io.safetensors.DTYPES has no I8); load it with transformers + "
-                              "compressed-tensors or vLLM instead.")
         group = "channel" if scheme.group_size == -1 else f"g{scheme.group_size}"
         acts = "a8" if layout.dynamic_activations else "a16"
         return Artifact(path, CT_KIND, f"w{scheme.bits}{acts}-{group}{'' if scheme.sym else '-zp'}", config)
