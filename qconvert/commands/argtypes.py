@@ -12,6 +12,7 @@ import math
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from qconvert.errors import OutputError
 
@@ -157,3 +158,14 @@ def output_file(output: str | None, out_dir: Path | None, default_name: str) -> 
     if output.endswith(("/", os.sep)) or path.is_dir():
         return path / default_name
     return path
+
+
+def add_directory_output(group: Any, *, no_eval: bool) -> None:
+    """The output options of the commands that write a checkpoint directory (gptq, awq, w8a8, onnx) on ``group``:
+    --out-dir, --force, --quiet and, where a model card measures quality, --no-eval."""
+    group.add_argument("--out-dir", type=Path, default=Path("."), help="parent directory of the output (default .)")
+    group.add_argument("--force", action="store_true", help="replace an existing output directory")
+    group.add_argument("--quiet", action="store_true", help="no progress bar")
+    if no_eval:
+        group.add_argument("--no-eval", action="store_true", help="skip the quality measurement for the model card "
+                                                                 "(two forwards of 1,024 held-out tokens)")

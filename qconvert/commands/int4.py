@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the parser is built on every CLI call; torch is imported only when a command runs
@@ -121,7 +120,14 @@ LAYOUT_HELP = {"gptq": "GPTQ v1, what AutoGPTQ/GPTQModel wrote", "awq": "AutoAWQ
 
 def add_parsers(sub: Any, add_model_args: Any) -> None:
     """Register ``gptq`` and ``awq`` on the CLI's subparsers."""
-    from qconvert.commands.argtypes import MAX_CALIB_SAMPLES, float_range, group_size, int_range, non_negative_int
+    from qconvert.commands.argtypes import (
+        MAX_CALIB_SAMPLES,
+        add_directory_output,
+        float_range,
+        group_size,
+        int_range,
+        non_negative_int,
+    )
     from qconvert.commands.calibargs import add_calibration_args
     from qconvert.constants import DEFAULT_HOLDOUT, MAX_HOLDOUT
 
@@ -177,11 +183,7 @@ def add_parsers(sub: Any, add_model_args: Any) -> None:
                        help=f"checkpoint layout: {method} (default; {LAYOUT_HELP[method]}) or compressed-tensors "
                             "(llm-compressor's pack-quantized, what vLLM now expects; same codes and scales, output "
                             "name gets -ct; 4/8-bit, no --act-order)")
-        o.add_argument("--out-dir", type=Path, default=Path("."), help="parent directory of the output (default .)")
-        o.add_argument("--force", action="store_true", help="replace an existing output directory")
-        o.add_argument("--quiet", action="store_true", help="no progress bar")
-        o.add_argument("--no-eval", action="store_true",
-                       help="skip the quality measurement for the model card (two forwards of 1,024 held-out tokens)")
+        add_directory_output(o, no_eval=True)
 
 
 run = run_int4

@@ -49,7 +49,7 @@ The output holds genai_config.json and the tokenizer, so onnxruntime-genai loads
 
 def add_parsers(sub: Any, add_model_args: Any) -> None:
     """Register ``onnx`` on the CLI's subparsers."""
-    from qconvert.commands.argtypes import positive_int
+    from qconvert.commands.argtypes import add_directory_output, positive_int
     from qconvert.commands.calibargs import add_calibration_args
 
     p = sub.add_parser("onnx", help="export to ONNX (fp32, fp16, int4/int8 MatMulNBits) for onnxruntime and onnxruntime-genai",
@@ -83,9 +83,7 @@ def add_parsers(sub: Any, add_model_args: Any) -> None:
     add_calibration_args(p, default_calib="builtin", stats_help="not accepted: run `qconvert gptq --stats`, then "
                          "`qconvert onnx --from` its output")
     o = p.add_argument_group("output")
-    o.add_argument("--out-dir", type=Path, default=Path("."), help="parent directory of the output (default .)")
-    o.add_argument("--force", action="store_true", help="replace an existing output directory")
-    o.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_directory_output(o, no_eval=False)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 COMMANDS = ("w8a8",)
@@ -31,7 +30,7 @@ scales into each layer as the quantization pass loads it (no copy of the checkpo
 
 def add_parsers(sub: Any, add_model_args: Any) -> None:
     """Register ``w8a8`` on the CLI's subparsers."""
-    from qconvert.commands.argtypes import float_range
+    from qconvert.commands.argtypes import add_directory_output, float_range
     from qconvert.commands.calibargs import add_calibration_args
     from qconvert.constants import DEFAULT_HOLDOUT
 
@@ -55,11 +54,7 @@ def add_parsers(sub: Any, add_model_args: Any) -> None:
     add_calibration_args(p, default_calib="builtin", stats_help="not accepted: W8A8 needs activation maxima, which "
                                                                 "a statistics file does not hold")
     o = p.add_argument_group("output")
-    o.add_argument("--out-dir", type=Path, default=Path("."), help="parent directory of the output (default .)")
-    o.add_argument("--force", action="store_true", help="replace an existing output directory")
-    o.add_argument("--quiet", action="store_true", help="no progress bar")
-    o.add_argument("--no-eval", action="store_true",
-                   help="skip the quality measurement for the model card (two forwards of 1,024 held-out tokens)")
+    add_directory_output(o, no_eval=True)
 
 
 def run(args: argparse.Namespace) -> int:
