@@ -24,7 +24,8 @@ complement where the top bit's change is negative, as Q8_0's int8), and ``level[
 also give each weight its own 4 code bits, but a code indexes a non-linear table (d · scale · kvalues[n]): their
 bits are taken in storage order and ``level`` is learned by decoding a block with every code set to n, checked to
 be one table for every weight. The other I-quants (IQ1_*, IQ2_*, IQ3_*) index codebooks of 4- or 8-weight
-vectors with shared sign bits: one code does not belong to one weight, so they are not covered here.
+vectors with shared sign bits: one code does not belong to one weight, so ``code_layout`` refuses them and they
+get the block feedback above.
 """
 
 from __future__ import annotations
