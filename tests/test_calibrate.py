@@ -650,3 +650,24 @@ def test_gptq_cli_sym_and_asym() -> None:
     assert _config(parse(["gptq", "--model", "m"])).sym is True
     assert _config(parse(["gptq", "--model", "m", "--asym"])).sym is False
     assert _config(parse(["gptq", "--model", "m", "--bits", "8", "--damp", "0.05"])).damp_percent == 0.05
+
+
+@pytest.mark.parametrize("command", ["gptq", "w8a8"])
+def test_a_failed_quality_measurement_leaves_nothing_under_the_final_name(demo, capsys, tmp_path: Path, monkeypatch,
+                                                                          command: str) -> None:
+    """The model card's quality is measured on the completed checkpoint before it is moved into place, so when the
+    measurement fails (here: the evaluation runtime raises) the command fails and no directory is published."""
+    import qconvert.quality
+    from qconvert.verify import VerifyError
+
+    seen: list[Path] = []
+
+    def broken(source_dir: Path, artifact: Path, **kwargs: object) -> None:
+        seen.append(Path(artifact))
+        assert (Path(artifact) / "config.json").exists()  # a whole checkpoint, under its temporary name
+        raise VerifyError("the evaluation runtime failed (planted)")
+
+    monkeypatch.setattr(qconvert.quality, "measure", broken)
+    extra = ["--calib-samples", "2", "--calib-seqlen", "64"] if command == "gptq" else []
+    _fails_cleanly(capsys, tmp_path, [command, "--model", str(demo), *extra], "planted")
+    assert seen and not seen[0].exists()

@@ -244,6 +244,12 @@ class QuantizedCheckpointWriter:
 
     def finish(self) -> Path:
         """Copy the remaining float tensors, write shards, index, configs and tokenizer; move into place."""
+        self.complete()
+        return self.commit()
+
+    def complete(self) -> None:
+        """Everything ``finish`` writes, still under the temporary name: ``tmp`` is then a whole checkpoint that
+        can be read (a model card's quality measured on it) before ``commit`` moves it into place."""
         self._check_open()
         missing = [m for m in self.linears if m not in self.done]
         if missing:
@@ -259,6 +265,12 @@ class QuantizedCheckpointWriter:
         for f in COPIED_FILES:
             if (self.src_dir / f).exists():
                 shutil.copy2(self.src_dir / f, self.tmp / f)
+        self.state = "complete"
+
+    def commit(self) -> Path:
+        """Move the completed checkpoint into place (after ``complete``)."""
+        if self.state != "complete":
+            raise CheckpointError("QuantizedCheckpointWriter.commit() before complete(); nothing was written.")
         self.staged.commit()
         self.state = "finished"
         return self.out_dir
@@ -272,7 +284,7 @@ class QuantizedCheckpointWriter:
 
     def abort(self) -> None:
         """Discard everything written so far (idempotent)."""
-        if self.state == "open":
+        if self.state in ("open", "complete"):
             self.staged.discard()
             self.state = "aborted"
 
@@ -283,9 +295,9 @@ class QuantizedCheckpointWriter:
                  tb: TracebackType | None) -> None:
         if exc_type is not None:
             self.abort()
-        elif self.state == "open":
+        elif self.state in ("open", "complete"):
             self.abort()
-            raise CheckpointError("QuantizedCheckpointWriter left without finish(); nothing was written.")
+            raise CheckpointError("QuantizedCheckpointWriter left without finish() or commit(); nothing was written.")
 
     # -- internals -------------------------------------------------------------------------------------------
 

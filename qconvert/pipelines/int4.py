@@ -10,7 +10,6 @@ renames it when complete.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 import warnings
@@ -193,16 +192,15 @@ def write_int4(model_dir: Path, model_name: str, out: Path, method: str, cfg: GP
             card = int4_card(out.name, model_name, method, card_settings(qcfg), desc, n_tokens=report.n_tokens,
                              seconds=report.seconds, device=report.device, dtype=report.dtype,
                              from_stats=stats is not None, search=search, guard=guard)
-        (writer.tmp / "README.md").write_text(card)
-        writer.finish()
-    if evaluate:
-        from qconvert.quality import describe, measure
+        writer.complete()
+        if evaluate:  # measured before the checkpoint is moved into place: a failure leaves nothing behind
+            from qconvert.quality import describe, measure
 
-        quality = describe(measure(model_dir, out, device=settings.device))
-        print(f"quality: {quality}", file=sys.stderr)
-        tmp = out / ".README.md.partial"
-        tmp.write_text(card + QUALITY_SECTION.format(quality=quality))
-        os.replace(tmp, out / "README.md")
+            quality = describe(measure(model_dir, writer.tmp, device=settings.device))
+            print(f"quality: {quality}", file=sys.stderr)
+            card += QUALITY_SECTION.format(quality=quality)
+        (writer.tmp / "README.md").write_text(card)
+        writer.commit()
     return report
 
 
@@ -281,16 +279,15 @@ def write_w8a8(model_dir: Path, model_name: str, out: Path, weights: str, calib:
                                n_tokens=0 if calib is None else report.n_tokens, seconds=seconds,
                                device=report.device, dtype=report.dtype, forward=forward,
                                guard=report.guard_summary() if weights == "gptq" else "")
-        (writer.tmp / "README.md").write_text(card)
-        writer.finish()
-    if evaluate:
-        from qconvert.quality import describe, measure
+        writer.complete()
+        if evaluate:  # measured before the checkpoint is moved into place: a failure leaves nothing behind
+            from qconvert.quality import describe, measure
 
-        quality = describe(measure(model_dir, out, device=settings.device))
-        print(f"quality: {quality}", file=sys.stderr)
-        tmp_card = out / ".README.md.partial"
-        tmp_card.write_text(card + QUALITY_SECTION.format(quality=quality) + W8A8_QUALITY_NOTE)
-        os.replace(tmp_card, out / "README.md")
+            quality = describe(measure(model_dir, writer.tmp, device=settings.device))
+            print(f"quality: {quality}", file=sys.stderr)
+            card += QUALITY_SECTION.format(quality=quality) + W8A8_QUALITY_NOTE
+        (writer.tmp / "README.md").write_text(card)
+        writer.commit()
     return report
 
 
