@@ -5,8 +5,11 @@
 Input: a synthetic checkpoint with Qwen2.5-1.5B's real layer shapes (hidden 1536, ffn 8960, 12/2 heads) and its
 real embedding (151936 x 1536, tied), random bf16 weights, ``--layers`` decoder blocks.
 - qconvert:  ``qconvert gguf --model DIR --type T`` (safetensors -> quantized GGUF in one pass)
-- llama.cpp: step 1, the BF16 conversion (qconvert's BF16 writer; it does the same I/O and dtype work as
-  convert_hf_to_gguf.py --outtype bf16), then step 2, ``llama_model_quantize`` from libllama.
+- llama.cpp: step 1, the BF16 conversion, then step 2, ``llama_model_quantize`` from libllama. Step 1 is llama.cpp's
+  own ``convert_hf_to_gguf.py --outtype bf16`` with ``--converter TREE --converter-python PY`` (the tree and venv
+  ``scripts/test-converter.sh`` prepares: ``~/.cache/qconvert-oracle/llama-cpp-python-0.3.36/vendor/llama.cpp`` and
+  ``~/.cache/qconvert-oracle/venv/bin/python``; the synthetic tokenizer's unknown pre-tokenizer hash is answered
+  "qwen2"), else qconvert's BF16 writer as a stand-in doing the same I/O and dtype work.
 Each step runs in its own process; wall time and peak RSS come from the OS (wait4). The outputs are compared
 tensor by tensor: "identical" means every tensor's type and bytes agree; both are then deleted.
 
@@ -53,12 +56,25 @@ else:
 """
 
 
-def timed(args: list[str], threads: int) -> tuple[float, float]:
+# llama.cpp's converter as ``python -c CONVERTER_RUNNER TREE ARGS``: the synthetic checkpoint's tokenizer hash is not
+# in its pre-tokenizer table, so that lookup answers "qwen2" (what the real Qwen2.5 tokenizers map to).
+CONVERTER_RUNNER = """
+import runpy, sys
+tree = sys.argv[1]
+sys.path.insert(0, tree)
+import conversion.base
+conversion.base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "qwen2"
+sys.argv = [tree + "/convert_hf_to_gguf.py", *sys.argv[2:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def timed(args: list[str], threads: int, python: str = sys.executable) -> tuple[float, float]:
     """(wall seconds, peak RSS in GB) of ``python ARGS`` run in a fresh process limited to ``threads`` threads."""
     env = {**os.environ, "NUMBA_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
     with tempfile.NamedTemporaryFile(suffix=".hwm") as hwm:
         start = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-c", PEAK_WRAPPER, hwm.name, *args], cwd=ROOT, env=env, check=False)
+        proc = subprocess.run([python, "-c", PEAK_WRAPPER, hwm.name, *args], cwd=ROOT, env=env, check=False)
         wall = time.perf_counter() - start
         if proc.returncode != 0:
             raise SystemExit(f"benchmark step failed: python {' '.join(args)}")
@@ -111,6 +127,11 @@ def main() -> None:
                     help="run once per thread count (default: all cores)")
     ap.add_argument("--imatrix", action="store_true", help="both sides quantize with the same synthetic imatrix")
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "qconvert-bench")
+    ap.add_argument("--converter", type=Path, metavar="TREE",
+                    help="llama.cpp tree with convert_hf_to_gguf.py: step 1 of the llama.cpp side (else qconvert's "
+                         "BF16 writer stands in)")
+    ap.add_argument("--converter-python", default=sys.executable, metavar="PY",
+                    help="the python that runs --converter (its venv has torch, transformers, sentencepiece)")
     ap.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -122,12 +143,18 @@ def main() -> None:
         subprocess.run([sys.executable, __file__, "--build-only", "--layers", str(args.layers), "--workdir", str(args.workdir)], check=True)
     qc = ["-m", "qconvert", "gguf", "--model", str(model), "--force", "--quiet"]
     bf16, im_file = args.workdir / "step1-bf16.gguf", args.workdir / f"bench-imatrix-{args.layers}l.gguf"
+    step1 = f"convert_hf_to_gguf.py from {args.converter}" if args.converter else "qconvert's BF16 writer (stand-in)"
     print(f"input: 1.5B layer shapes x {args.layers} layers + 151936x1536 embedding, bf16; {os.cpu_count()} cores; "
-          f"imatrix: {'synthetic chi2, both sides' if args.imatrix else 'none'}; load average {load_average()}")
+          f"imatrix: {'synthetic chi2, both sides' if args.imatrix else 'none'}; llama.cpp step 1: {step1}; "
+          f"load average {load_average()}")
     print(f"{'threads':>7} {'type':<8} {'qconvert s':>10} {'llama.cpp s':>11} {'(convert+quantize)':>18} {'ratio':>6} "
           f"{'RSS qconvert':>12} {'RSS llama':>9} {'identical':>9}", flush=True)
     for threads in args.threads:
-        conv_wall, conv_rss = timed(qc + ["--type", "BF16", "--output", str(bf16)], threads)
+        if args.converter:
+            conv_wall, conv_rss = timed([CONVERTER_RUNNER, str(args.converter), str(model), "--outtype", "bf16",
+                                         "--outfile", str(bf16)], threads, args.converter_python)
+        else:
+            conv_wall, conv_rss = timed(qc + ["--type", "BF16", "--output", str(bf16)], threads)
         if args.imatrix and threads == args.threads[0]:
             synthetic_imatrix(bf16, im_file)
         with_im = ["--imatrix", str(im_file)] if args.imatrix else []
