@@ -397,6 +397,24 @@ def test_budget_candidates_include_the_presets_own_type() -> None:
     assert m.cost[GGMLType.Q2_K] > m.cost[GGMLType.IQ3_S] > m.cost[GGMLType.Q8_0]
 
 
+def test_a_second_scoring_reuses_the_float_states_and_scores_the_same(demo, stats_file) -> None:
+    """The budget check's second pass takes the first pass's float final states instead of running the float
+    layers again: the scores are bit for bit those of a fresh pass."""
+    from qconvert.calibration.stats import CalibrationStats
+    from qconvert.gguf.budget_check import score_mixtures
+    from qconvert.io.safetensors import SafetensorsCheckpoint
+
+    ids = CalibrationStats.load(stats_file).heldout_ids
+    assert ids is not None
+    names = [n for n in SafetensorsCheckpoint(demo).names() if n.startswith("model.layers.") and n.endswith("proj.weight")]
+    mixtures = [dict.fromkeys(names, GGMLType.Q3_K), {n: GGMLType.Q2_K for n in names if "mlp" in n}]
+    kl, nll, states = score_mixtures(demo, mixtures, {}, ids)
+    kl2, nll2, states2 = score_mixtures(demo, mixtures[::-1], {}, ids, float_states=states)
+    assert states2 is states and kl.shape == (2, *ids.shape[:1], ids.shape[1] - 1)
+    assert torch.equal(kl2, kl.flip(0)) and torch.equal(nll2, nll.flip(0))
+    assert float(kl[0].mean()) > 0 and float(kl[1].mean()) > 0 and not torch.equal(kl[0], kl[1])
+
+
 def _decoded_file(demo: Path, path: Path) -> dict[str, torch.Tensor]:
     """The float model (HF names) with every decoder matrix replaced by the file's, decoded by gguf-py."""
     import gguf

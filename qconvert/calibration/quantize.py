@@ -66,6 +66,7 @@ from qconvert.int4.guard import (
     block_standard_error,
     guarded_gptq,
     holdout_count,
+    log_probs,
     position_scores,
     reconstruction_error,
     windows_needed,
@@ -360,18 +361,21 @@ def score_against_float(head: StreamedHead, ref: torch.Tensor, others: Sequence[
     """Per window and position 0 .. t-2 of ``ids`` [n, t]: each of ``others``' KL to the float model and next-token
     NLL, from the last hidden states (``ref``, each of ``others`` [n, t, hidden]) through ``head``.
     Returns (kl, nll), float64 [len(others), n, t - 1]."""
-    t, k = ids.shape[1] - 1, len(others)  # memory: two windows' logits, [t, vocab] each
+    t, k = ids.shape[1] - 1, len(others)  # memory: one window's reference log-probs (float64) and one's logits
     kl = torch.zeros(k, ids.shape[0], t, dtype=torch.float64)
     nll = torch.zeros(k, ids.shape[0], t, dtype=torch.float64)
+    rows = range(0, t, SCORE_ROWS)  # float64 softmaxes of a few rows at a time, not of the window
     with torch.no_grad():
-        for w in range(ids.shape[0]):  # two logit sets of one window at a time: the float model's and one other
+        for w in range(ids.shape[0]):
             ref_logits = head(ref[w, :-1])
             targets = ids[w, 1:].to(ref_logits.device)
+            lp = [log_probs(ref_logits[s:s + SCORE_ROWS]) for s in rows]  # once per window, for every other
+            del ref_logits
             for j, other in enumerate(others):
                 logits = head(other[w, :-1])
-                for s in range(0, t, SCORE_ROWS):  # float64 softmaxes of a few rows at a time, not of the window
+                for i, s in enumerate(rows):
                     e = min(s + SCORE_ROWS, t)
-                    a, b = position_scores(ref_logits[s:e], logits[s:e], targets[s:e])
+                    a, b = position_scores(lp[i], logits[s:e], targets[s:e])
                     kl[j, w, s:e], nll[j, w, s:e] = a.cpu(), b.cpu()
                 del logits
     return kl, nll

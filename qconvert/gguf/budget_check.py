@@ -33,6 +33,7 @@ from qconvert.calibration.driver import (
     DeviceLayer,
     LayerContext,
     StreamedHead,
+    embed_rows,
     read_config,
     stream_layers,
 )
@@ -78,13 +79,17 @@ class _Mixtures:
     """The layer pass: the held-out windows through each mixture's layers beside the driver's float stream (a
     matrix a mixture does not type stays float); each (matrix, type) is encoded once."""
 
-    def __init__(self, mixtures: Sequence[Mapping[str, GGMLType]], imatrix: Mapping[str, np.ndarray]) -> None:
+    def __init__(self, mixtures: Sequence[Mapping[str, GGMLType]], imatrix: Mapping[str, np.ndarray],
+                 h0: torch.Tensor | None = None) -> None:
         self.mixtures, self.imatrix = mixtures, imatrix
+        self.h0 = h0  # the layer-0 input when the driver runs no float stream (``propagate=False``)
         self.streams: list[torch.Tensor] = []
 
     def __call__(self, layer: DeviceLayer, h: torch.Tensor, ctx: LayerContext) -> None:
         if not self.streams:
-            self.streams = [h.clone() for _ in self.mixtures]
+            start = h if self.h0 is None else self.h0
+            self.streams = [start.clone() for _ in self.mixtures]
+            self.h0 = None
         params = [dict(layer.p) for _ in self.mixtures]
         for key, w in layer.p.items():
             name = ctx.prefix + key
@@ -103,9 +108,12 @@ class _Mixtures:
 
 def score_mixtures(model_dir: Path, mixtures: Sequence[Mapping[str, GGMLType]], imatrix: Mapping[str, np.ndarray],
                    ids: torch.Tensor, settings: CalibrationSettings = CalibrationSettings(),
-                   progress: Callable[[int, int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   progress: Callable[[int, int], None] | None = None, float_states: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each mixture's KL to the float model of ``model_dir`` and its next-token NLL on the token windows ``ids``
-    [n, t], per window and position 0 .. t-2: float64 [len(mixtures), n, t - 1] each.
+    [n, t], per window and position 0 .. t-2: float64 [len(mixtures), n, t - 1] each; and the float model's last
+    hidden states of the windows [n, t, hidden], which a later call on the same ``ids`` takes as ``float_states``
+    instead of running the float layers again.
 
     A mixture maps checkpoint tensor names (``model.layers.0.mlp.down_proj.weight``) to types, the rest stay
     float; ``imatrix``: checkpoint tensor name -> f32[in] (llama.cpp's encoder uses it where a file would)."""
@@ -118,9 +126,17 @@ def score_mixtures(model_dir: Path, mixtures: Sequence[Mapping[str, GGMLType]], 
                               f"{int(ids.min())}..{int(ids.max())}) do not fit this model's vocabulary of {vocab}: "
                               "recollect the statistics for this checkpoint (--save-stats).")
     ckpt = SafetensorsCheckpoint(Path(model_dir))
-    layer_pass = _Mixtures(mixtures, imatrix)
-    ref = stream_layers(ckpt, config, ids, layer_pass, settings, progress=progress)
-    return score_against_float(StreamedHead(ckpt, config, settings), ref, layer_pass.streams, ids)
+    if float_states is None:
+        layer_pass = _Mixtures(mixtures, imatrix)
+        ref = stream_layers(ckpt, config, ids, layer_pass, settings, progress=progress)
+    else:
+        if tuple(float_states.shape[:2]) != tuple(ids.shape):
+            raise ValueError("float_states belong to other windows than ids")
+        layer_pass = _Mixtures(mixtures, imatrix, embed_rows(ckpt, ids, settings))
+        stream_layers(ckpt, config, ids, layer_pass, settings, propagate=False, progress=progress)
+        ref = float_states
+    kl, nll = score_against_float(StreamedHead(ckpt, config, settings), ref, layer_pass.streams, ids)
+    return kl, nll, ref
 
 
 def check_budget(model_dir: Path, preset: str, preset_types: Mapping[str, GGMLType],
@@ -130,7 +146,7 @@ def check_budget(model_dir: Path, preset: str, preset_types: Mapping[str, GGMLTy
     """Score both mixtures (the same tensor names, see ``score_mixtures``) on the token windows ``ids`` [n, t]."""
     if set(preset_types) != set(budget_types):
         raise ValueError("the two mixtures must type the same tensors")
-    kl, nll = score_mixtures(model_dir, [budget_types, preset_types], imatrix, ids, settings, progress)
+    kl, nll, _ = score_mixtures(model_dir, [budget_types, preset_types], imatrix, ids, settings, progress)
     return verdict(preset, kl, nll)
 
 
@@ -174,8 +190,8 @@ def choose_checked(model_dir: Path, preset: str, matrices: Sequence[MatrixCosts]
     preset_types = {hf[m.name]: m.preset_type for m in matrices}
     roles = sorted({role_of(h) for h in preset_types})
     alone = [{h: t for h, t in preset_types.items() if role_of(h) == r} for r in roles]
-    kl, nll = score_mixtures(model_dir, [{hf[n]: t for n, t in proxy.types.items()}, preset_types, *alone], imatrix,
-                             ids, settings)
+    kl, nll, float_states = score_mixtures(model_dir, [{hf[n]: t for n, t in proxy.types.items()}, preset_types,
+                                                       *alone], imatrix, ids, settings)
     tiny = 1e-12
     weights = {r: max(float(kl[2 + i].mean()), tiny) /
                max(sum(m.cost[m.preset_type] for m in matrices if role_of(hf[m.name]) == r), tiny)
@@ -188,8 +204,8 @@ def choose_checked(model_dir: Path, preset: str, matrices: Sequence[MatrixCosts]
         if not c.kept_preset and all(c.types != other.types for _, other in [*more, ("", proxy)]):
             more.append((how, c))
     if more:
-        kl_m, nll_m = score_mixtures(model_dir, [{hf[n]: t for n, t in c.types.items()} for _, c in more], imatrix,
-                                     ids, settings)
+        kl_m, nll_m, _ = score_mixtures(model_dir, [{hf[n]: t for n, t in c.types.items()} for _, c in more],
+                                        imatrix, ids, settings, float_states=float_states)
         tried += [(how, c, kl_m[i], nll_m[i]) for i, (how, c) in enumerate(more)]
     how, best, kl_b, nll_b = min(tried, key=lambda c: float(c[2].mean()))
     fits = proxy.preset_bytes <= budget

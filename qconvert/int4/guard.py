@@ -112,12 +112,18 @@ def windows_needed(n_inputs: int, seq_len: int, holdout: int) -> int:
 NLL_BLOCK = 64  # positions per block for the standard error of the NLL difference (neighbours are correlated)
 
 
-def position_scores(ref: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row: ``KL(softmax(ref) ‖ softmax(logits))`` and the next token's ``-log softmax(logits)`` (float64).
+def log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """float64 ``log softmax`` of ``logits`` [rows, vocab]: the reference side of ``position_scores``, computed once
+    and scored against any number of other models."""
+    return torch.log_softmax(logits.double(), dim=-1)
 
-    ``ref``, ``logits`` [rows, vocab]; ``targets`` [rows] token ids.
+
+def position_scores(lp: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: ``KL(p ‖ softmax(logits))`` for the reference log-probabilities ``lp`` (``log_probs``) and the next
+    token's ``-log softmax(logits)`` (float64).
+
+    ``lp``, ``logits`` [rows, vocab]; ``targets`` [rows] token ids.
     """
-    lp = torch.log_softmax(ref.double(), dim=-1)
     lq = torch.log_softmax(logits.double(), dim=-1)
     return (lp.exp() * (lp - lq)).sum(-1), -lq.gather(1, targets.long().reshape(-1, 1))[:, 0]
 
