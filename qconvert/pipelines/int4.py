@@ -192,16 +192,22 @@ def write_int4(model_dir: Path, model_name: str, out: Path, method: str, cfg: GP
             card = int4_card(out.name, model_name, method, card_settings(qcfg), desc, n_tokens=report.n_tokens,
                              seconds=report.seconds, device=report.device, dtype=report.dtype,
                              from_stats=stats is not None, search=search, guard=guard)
-        writer.complete()
-        if evaluate:  # measured before the checkpoint is moved into place: a failure leaves nothing behind
-            from qconvert.quality import describe, measure
-
-            quality = describe(measure(model_dir, writer.tmp, device=settings.device))
-            print(f"quality: {quality}", file=sys.stderr)
-            card += QUALITY_SECTION.format(quality=quality)
-        (writer.tmp / "README.md").write_text(card)
-        writer.commit()
+        _publish(writer, card, model_dir, settings.device, evaluate)
     return report
+
+
+def _publish(writer: Any, card: str, model_dir: Path, device: str, evaluate: bool, note: str = "") -> None:
+    """Complete the checkpoint, measure the card's quality on it (``evaluate``; before it is moved into place, so
+    a failure leaves nothing behind), write the card, and move the checkpoint into place."""
+    writer.complete()
+    if evaluate:
+        from qconvert.quality import describe, measure
+
+        quality = describe(measure(model_dir, writer.tmp, device=device))
+        print(f"quality: {quality}", file=sys.stderr)
+        card += QUALITY_SECTION.format(quality=quality) + note
+    (writer.tmp / "README.md").write_text(card)
+    writer.commit()
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -279,15 +285,7 @@ def write_w8a8(model_dir: Path, model_name: str, out: Path, weights: str, calib:
                                n_tokens=0 if calib is None else report.n_tokens, seconds=seconds,
                                device=report.device, dtype=report.dtype, forward=forward,
                                guard=report.guard_summary() if weights == "gptq" else "")
-        writer.complete()
-        if evaluate:  # measured before the checkpoint is moved into place: a failure leaves nothing behind
-            from qconvert.quality import describe, measure
-
-            quality = describe(measure(model_dir, writer.tmp, device=settings.device))
-            print(f"quality: {quality}", file=sys.stderr)
-            card += QUALITY_SECTION.format(quality=quality) + W8A8_QUALITY_NOTE
-        (writer.tmp / "README.md").write_text(card)
-        writer.commit()
+        _publish(writer, card, model_dir, settings.device, evaluate, W8A8_QUALITY_NOTE)
     return report
 
 
