@@ -1,8 +1,17 @@
 """ONNX export on a real checkpoint: export time, peak memory, file sizes, onnxruntime CPU speed, perplexity.
 
     ../shared/tools/real-model.sh                      # builds ~/.cache/qconvert-real/hf/qwen2.5-coder-0.5b-tied
-    python bench/bench_onnx.py [MODEL_DIR] [--variants fp32 fp16 int4-rtn int4-gptq] [--tokens 2048] [--threads 2]
-                               [--builder] [--onnx-ir-path DIR]
+    python bench/bench_onnx.py [MODEL_DIR] [--variants fp32 fp16 int4-rtn int4-rtn-plain int4-gptq] [--tokens 2048]
+                               [--threads 2] [--builder] [--onnx-ir-path DIR] [--gptq-from DIR]
+                               [--genai PROMPT NEW] [--repeats N] [--verify]
+
+Variants: ``PRECISION[-ALGO][-plain]`` (``-plain``: ``attention="plain"``, else GroupQueryAttention). ``--gptq-from
+DIR`` makes ``int4-gptq`` convert that GPTQ checkpoint (``export_onnx(from_dir=DIR)``, no calibration in the export
+time) instead of calibrating inside the export. ``--genai PROMPT NEW`` also times onnxruntime-genai's generator (the
+deployment runtime; GroupQueryAttention exports and the builder's share one past/present buffer there): a random
+PROMPT-token prompt, then NEW greedy tokens, best of ``--repeats`` (same for the ``OnnxModel`` speeds). ``--verify``
+runs ``qconvert verify`` on every output against MODEL_DIR (``--window`` tokens per window, ``--tokens`` in all) and
+adds ΔPPL, mean KL and top-1.
 
 Each export runs in its own subprocess through ``export_onnx`` (the CLI's entry), so each peak RSS is its own.
 Every exported model then runs in onnxruntime (CPU EP, ``OnnxModel``): perplexity on the project's held-out text
@@ -20,6 +29,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -28,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 DEFAULT_MODEL = Path.home() / ".cache/qconvert-real/hf/qwen2.5-coder-0.5b-tied"
-VARIANTS = ("fp32", "fp16", "int4-rtn", "int4-gptq", "int4-awq")
+VARIANTS = ("fp32", "fp16", "int4-rtn", "int4-gptq", "int4-awq", "fp32-plain", "int4-rtn-plain", "int4-gptq-plain")
 
 
 def child_export(model: Path, variant: str, out: Path, samples: int, seqlen: int, threads: int) -> dict:
@@ -39,14 +49,18 @@ def child_export(model: Path, variant: str, out: Path, samples: int, seqlen: int
     from qconvert.onnx_export import export_onnx
 
     torch.set_num_threads(threads)
-    precision, _, algo = variant.partition("-")
-    calib = None
-    if algo in ("gptq", "awq"):
+    precision, _, algo = variant.removesuffix("-plain").partition("-")
+    attention = "plain" if variant.endswith("-plain") else "gqa"
+    calib, from_dir = None, None
+    if algo == "gptq" and os.environ.get("BENCH_GPTQ_FROM"):
+        from_dir = Path(os.environ["BENCH_GPTQ_FROM"])
+    elif algo in ("gptq", "awq"):
         calib = load_calibration("builtin", model, chat=False, n_samples=samples, seq_len=seqlen, seed=0)
     start = time.perf_counter()
-    path = export_onnx(model, out, precision=precision, algo=algo or "rtn", calib=calib,
-                       settings=CalibrationSettings("cpu", torch.float32, 4), model_name=f"{model.name}-{algo}" if algo else model.name,
-                       force=True)
+    name = f"{model.name}-{variant.partition('-')[2]}" if algo else model.name
+    path = export_onnx(model, out, precision=precision, algo="rtn" if from_dir else algo or "rtn", calib=calib,
+                       from_dir=from_dir, settings=CalibrationSettings("cpu", torch.float32, 4), model_name=name,
+                       force=True, attention=attention)
     return {"variant": variant, "dir": str(path), "seconds": time.perf_counter() - start,
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}
 
@@ -78,7 +92,7 @@ def nll(logits: np.ndarray, targets: list[int]) -> float:
     return float((lse - x[np.arange(len(targets)), targets]).sum())
 
 
-def measure(directory: Path, windows: list[list[int]], threads: int, decode_steps: int) -> dict:
+def measure(directory: Path, windows: list[list[int]], threads: int, decode_steps: int, repeats: int = 1) -> dict:
     from qconvert.runtimes.onnxrt import OnnxModel
 
     m = OnnxModel(directory, threads=threads)
@@ -89,16 +103,65 @@ def measure(directory: Path, windows: list[list[int]], threads: int, decode_step
         prefill.append(len(w) / (time.perf_counter() - start))
         total += nll(logits[:-1], w[1:])
         count += len(w) - 1
-    logits, cache = m.step(windows[0][:32], m.empty_cache())
-    tok = int(np.argmax(logits[-1]))
-    start = time.perf_counter()
-    for _ in range(decode_steps):
-        logits, cache = m.step([tok], cache)
+    decode = 0.0
+    for _ in range(repeats):
+        logits, cache = m.step(windows[0][:32], m.empty_cache())
         tok = int(np.argmax(logits[-1]))
-    decode = decode_steps / (time.perf_counter() - start)
+        start = time.perf_counter()
+        for _ in range(decode_steps):
+            logits, cache = m.step([tok], cache)
+            tok = int(np.argmax(logits[-1]))
+        decode = max(decode, decode_steps / (time.perf_counter() - start))
     size = sum(f.stat().st_size for f in directory.iterdir() if f.name.startswith("model.onnx"))
     return {"ppl": float(np.exp(total / count)), "prefill_tok_s": float(np.median(prefill)), "decode_tok_s": decode,
             "model_mb": size / 1e6}
+
+
+def genai_speed(directory: Path, prompt_len: int, new: int, threads: int, repeats: int) -> dict:
+    """onnxruntime-genai's generator: prefill tokens/s of a random prompt, then greedy decode tokens/s (best of
+    ``repeats``)."""
+    import onnxruntime_genai as og
+
+    config = og.Config(str(directory))
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+    model = og.Model(config)
+    ids = [int(x) for x in np.random.default_rng(0).integers(100, 50000, prompt_len)]
+    best = (0.0, 0.0)
+    for _ in range(repeats):
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=prompt_len + new, do_sample=False)
+        gen = og.Generator(model, params)
+        t0 = time.perf_counter()
+        gen.append_tokens(ids)
+        t1 = time.perf_counter()
+        n = 0
+        while not gen.is_done():
+            gen.generate_next_token()
+            n += 1
+        t2 = time.perf_counter()
+        best = max(best, (prompt_len / (t1 - t0), n / (t2 - t1)), key=lambda r: r[1])
+    return {"genai_prefill_tok_s": best[0], "genai_decode_tok_s": best[1]}
+
+
+def verify(model: Path, results: list[dict], window: int, tokens: int, workdir: Path) -> None:
+    """``qconvert verify`` on every output (symlinked under its variant's name): ΔPPL, KL, top-1 into ``results``."""
+    links = workdir / "verify-links"
+    shutil.rmtree(links, ignore_errors=True)
+    links.mkdir(parents=True)
+    named = [r for r in results if "dir" in r]
+    for r in named:
+        (links / r["variant"]).symlink_to(Path(r["dir"]).resolve())
+    out = workdir / "verify.json"
+    subprocess.run([sys.executable, "-m", "qconvert", "verify", *(str(links / r["variant"]) for r in named),
+                    "--reference", str(model), "--ctx", str(window), "--chunks", str(max(1, tokens // window)),
+                    "--json", str(out), "--quiet"], check=False)
+    if not out.is_file():
+        return
+    by_name = {row["name"]: row for row in json.loads(out.read_text())["results"]}
+    for r in named:
+        row = by_name.get(r["variant"])
+        if row:
+            r.update({"dppl_pct": row["dppl_pct"], "kl_mean": row["kl_mean"], "top1": row["top1"]})
 
 
 def torch_check(model: Path, onnx_dir: Path, window: list[int], threads: int) -> dict:
@@ -132,6 +195,11 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=256, help="GPTQ/AWQ calibration window length")
     p.add_argument("--builder", action="store_true", help="also run onnxruntime-genai's model builder (int4, cpu)")
     p.add_argument("--onnx-ir-path", help="directory holding the onnx_ir package, for --builder")
+    p.add_argument("--gptq-from", type=Path, help="int4-gptq: convert this GPTQ checkpoint instead of calibrating")
+    p.add_argument("--genai", nargs=2, type=int, metavar=("PROMPT", "NEW"),
+                   help="also time onnxruntime-genai generation: PROMPT random tokens, NEW greedy tokens")
+    p.add_argument("--repeats", type=int, default=1, help="speed runs per model (best kept)")
+    p.add_argument("--verify", action="store_true", help="qconvert verify every output (ΔPPL, KL, top-1)")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -154,9 +222,10 @@ def main() -> None:
     print(f"model {args.model}: {len(windows)} windows x {args.window} tokens, {args.threads} threads", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
+    env = dict(os.environ) | ({"BENCH_GPTQ_FROM": str(args.gptq_from)} if args.gptq_from else {})
     for v in args.variants:
         res = run_child(["export", str(args.model), v, str(args.out), str(args.samples), str(args.seqlen),
-                         str(args.threads)])
+                         str(args.threads)], env)
         results.append(res)
         print(json.dumps(res), flush=True)
     if args.builder:
@@ -167,22 +236,35 @@ def main() -> None:
         print(json.dumps(res), flush=True)
     for res in results:
         if "dir" in res:
-            res.update(measure(Path(res["dir"]), windows, args.threads, args.decode_steps))
+            res.update(measure(Path(res["dir"]), windows, args.threads, args.decode_steps, args.repeats))
+            if args.genai:
+                res.update(genai_speed(Path(res["dir"]), *args.genai, args.threads, args.repeats))
             print(json.dumps(res), flush=True)
+    if args.verify:
+        verify(args.model, results, args.window, args.tokens, args.out)
     fp32 = next((r for r in results if r.get("variant") == "fp32" and "dir" in r), None)
     if fp32 is not None:
         check = torch_check(args.model, Path(fp32["dir"]), windows[0], args.threads)
         print("fp32 ONNX vs transformers fp32 (window 0):", json.dumps(check), flush=True)
     base = {r["variant"]: r["ppl"] for r in results if "ppl" in r}
-    print("\n| variant | export s | peak RSS GB | model MB | PPL | ΔPPL vs fp32 | prefill tok/s | decode tok/s |")
-    print("|---|---|---|---|---|---|---|---|")
+    extra = (["genai prefill tok/s", "genai decode tok/s"] if args.genai else []) + (
+        ["verify ΔPPL %", "KL mean", "top-1"] if args.verify else [])
+    head = ["variant", "export s", "peak RSS GB", "model MB", "PPL", "ΔPPL vs fp32", "prefill tok/s", "decode tok/s"]
+    print("\n| " + " | ".join(head + extra) + " |")
+    print("|" + "---|" * (len(head) + len(extra)))
     for r in results:
         if "ppl" not in r:
             print(f"| {r.get('variant', '?')} | failed: {r.get('error')} |")
             continue
         d = f"{r['ppl'] - base['fp32']:+.3f}" if "fp32" in base else "n/a"
-        print(f"| {r['variant']} | {r['seconds']:.1f} | {r['peak_rss_gb']:.2f} | {r['model_mb']:.1f} | {r['ppl']:.3f} | "
-              f"{d} | {r['prefill_tok_s']:.1f} | {r['decode_tok_s']:.1f} |")
+        cells = [r["variant"], f"{r['seconds']:.1f}", f"{r['peak_rss_gb']:.2f}", f"{r['model_mb']:.1f}", f"{r['ppl']:.3f}",
+                 d, f"{r['prefill_tok_s']:.1f}", f"{r['decode_tok_s']:.1f}"]
+        if args.genai:
+            cells += [f"{r['genai_prefill_tok_s']:.0f}", f"{r['genai_decode_tok_s']:.1f}"]
+        if args.verify:
+            cells += ([f"{r['dppl_pct']:+.2f}", f"{r['kl_mean']:.5f}", f"{r['top1']:.1%}"] if "kl_mean" in r
+                      else ["—"] * 3)
+        print("| " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -180,32 +180,38 @@ class DecoderShape(Protocol):
 
 def onnx_card(name: str, source: str, precision: str, algo: str, block_size: int, external: bool, seconds: float,
               nbytes: int, dims: DecoderShape, calib: str | None, *, accuracy_level: int | None = None,
-              tables: tuple[int, int] | None = None) -> str:
+              tables: tuple[int, int] | None = None, attention: str = "gqa", mixed: str | None = None) -> str:
     """README.md of an ONNX model directory ``name``: weights layout, shapes, how to run it.
 
     int4 / int8: ``accuracy_level`` is MatMulNBits'; ``tables`` (bits, block size) of the embedding / lm_head, None
-    when they are float32."""
+    when they are float32. ``attention``: ``gqa`` (fused GroupQueryAttention) or ``plain`` (explicit ops). ``mixed``:
+    which linears a mixed-precision int4 export wrote at 8 bits."""
     if precision in ("int4", "int8"):
         weights = (f"decoder linears as `com.microsoft.MatMulNBits` ({precision[3:]}-bit, block size {block_size}, "
                    f"from {algo}; symmetric weights without zero points), `accuracy_level {accuracy_level}`; "
-                   "norms and biases float32")
+                   "norms and biases float32" + (f"; mixed precision: {mixed}" if mixed else ""))
         table_text = ("embedding / lm_head float32" if tables is None else
                       f"embedding `com.microsoft.GatherBlockQuantized` and lm_head MatMulNBits ({tables[0]}-bit RTN, "
                       f"block size {tables[1]})")
         shared = "one set of initializers for the embedding and the lm_head"
     else:
-        weights = f"all weights {precision}; norms, RoPE, attention scores and softmax computed in float32"
+        weights = f"all weights {precision}; norms and RoPE computed in float32"
         table_text, shared = f"embedding / lm_head {precision}", "one initializer for the embedding Gather and the lm_head Gemm"
     tied = f"tied ({shared})" if dims.tie_word_embeddings else "untied"
+    fused = attention == "gqa"
+    attention_text = ("`com.microsoft.GroupQueryAttention` (rotary inside; past and present may share one buffer)"
+                      if fused else "explicit ops (MatMul, Softmax; rotary from `position_ids`), float32 scores")
     rows = [
         ("precision", precision), ("weights", weights), ("embedding / lm_head", table_text),
+        ("attention", attention_text),
         ("layers / heads / kv heads / head dim",
          f"{dims.num_layers} / {dims.num_heads} / {dims.num_kv_heads} / {dims.head_dim}"),
         ("embeddings", tied), ("RoPE theta / RMSNorm eps", f"{dims.rope_theta:g} / {dims.rms_norm_eps:g}"),
         ("weights stored", f"{nbytes / 1e6:.1f} MB {'in model.onnx.data (external data)' if external else 'inside model.onnx'}"),
         ("calibration", calib or "none"), ("export time", f"{seconds:.1f} s"),
     ]
-    io = (f"Inputs `input_ids`, `attention_mask`, `position_ids` (int64) and `past_key_values.N.key/value`\n"
+    io = (f"Inputs `input_ids`, `attention_mask`{'' if fused else ', `position_ids`'} (int64) and "
+          f"`past_key_values.N.key/value`\n"
           f"`[batch, {dims.num_kv_heads}, past, {dims.head_dim}]`; outputs `logits` (float32) and "
           "`present.N.key/value`.")
     run = (f"Run it with onnxruntime-genai:\n\n```python\nimport onnxruntime_genai as og\nmodel = og.Model(\"{name}\")\n"

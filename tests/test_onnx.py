@@ -262,12 +262,15 @@ def test_act_order_group_indices_are_refused() -> None:
 # Logits vs transformers
 
 
+@pytest.mark.parametrize("attention", ["gqa", "plain"])
 @pytest.mark.parametrize("name", ["tiny-tied", "tiny-untied", "tiny-fallback", "demo"])
 @pytest.mark.parametrize("precision,bound", [("fp32", FP32_REL), ("fp16", FP16_REL)])
-def test_float_logits_match_transformers(exported, model_dir, name: str, precision: str, bound: float) -> None:
+def test_float_logits_match_transformers(exported, model_dir, name: str, precision: str, bound: float,
+                                         attention: str) -> None:
+    """Both attention graphs; fp16's GroupQueryAttention runs in float16 (the plain graph's scores stay float32)."""
     ids = prompt()
     ref = hf_logits(hf_model(model_dir(name)), ids)
-    got = OnnxModel(exported(name, precision)).logits(ids)
+    got = OnnxModel(exported(name, precision, attention=attention)).logits(ids)
     assert got.shape == ref.shape and got.dtype == np.float32
     assert rel(got, ref) < bound
     assert (got.argmax(-1) == ref.argmax(-1)).mean() >= (1.0 if precision == "fp32" else 0.95)
@@ -343,6 +346,37 @@ def test_table_bits_and_block_sizes_match_transformers(exported, model_dir, bits
     assert {a.name: a.i for a in gather.attribute if a.name in ("bits", "block_size")} == {"bits": bits, "block_size": block}
     meta = {p.key: p.value for p in model.metadata_props}
     assert meta["qconvert.lm_head"] == f"int{bits} MatMulNBits (RTN sym, block {block})"
+
+
+@pytest.mark.parametrize("name,block", [("tiny-untied", 32), ("demo", 64)])
+def test_mixed_precision_writes_llamacpps_layers_at_8_bits(exported, model_dir, name: str, block: int) -> None:
+    """--mixed-precision: v_proj and down_proj of llama.cpp's use_more_bits layers are 8-bit MatMulNBits, every other
+    linear 4-bit; at accuracy level 0 the logits are transformers' on those RTN weights (8-bit where widened)."""
+    from qconvert.gguf.plan import use_more_bits
+
+    path, ids = model_dir(name), prompt()
+    n = n_layers(path)
+    wide = {f"model.layers.{i}.{r}" for i in range(n) if use_more_bits(i, n) for r in ("self_attn.v_proj", "mlp.down_proj")}
+    assert wide and len(wide) < 2 * n or n < 8
+    replace = rtn_weights(path, block)
+    from qconvert.io.safetensors import SafetensorsCheckpoint
+
+    ckpt = SafetensorsCheckpoint(path)
+    for m in wide:
+        replace[f"{m}.weight"] = rtn(torch.from_numpy(ckpt.read_f32(f"{m}.weight")), 8, block, sym=True).dequantize()
+    out = exported(name, "int4", block_size=block, accuracy_level=0, mixed_precision=True)
+    model = onnx.load(out / "model.onnx")
+    bits = {n.name.split("/")[0]: next(a.i for a in n.attribute if a.name == "bits") for n in model.graph.node
+            if n.op_type == "MatMulNBits" and n.output[0] != "logits"}
+    assert {m for m, b in bits.items() if b == 8} == wide and set(bits.values()) == {4, 8}
+    assert rel(OnnxModel(out).logits(ids), hf_logits(hf_model(path, replace), ids)) < INT4_REL
+    meta = {p.key: p.value for p in model.metadata_props}
+    layers = ", ".join(str(i) for i in range(n) if use_more_bits(i, n))
+    assert meta["qconvert.mixed_precision"] == f"int8 v_proj, down_proj in layers {layers} ({len(wide) // 2} of {n})"
+    assert "mixed precision: int8 v_proj" in (out / "README.md").read_text()
+    plain = exported(name, "int4", block_size=block, accuracy_level=0)
+    size = lambda d: sum(f.stat().st_size for f in d.iterdir() if f.name.startswith("model.onnx"))
+    assert size(out) > size(plain)
 
 
 def test_int4_tables_quantized_in_row_slices_match_transformers(model_dir, tmp_path, monkeypatch) -> None:
@@ -481,9 +515,16 @@ def test_from_checkpoint_matches_its_dequantized_weights(model_dir, tmp_path, me
 # KV cache, padding, greedy, onnxruntime-genai
 
 
-@pytest.mark.parametrize("precision,bound", [("fp32", 1e-5), ("fp16", 1e-3), ("int4", 1e-5)])
-def test_prefill_plus_decode_equals_full_sequence(exported, precision: str, bound: float) -> None:
-    m = OnnxModel(exported("demo", precision))
+@pytest.mark.parametrize("attention", ["gqa", "plain"])
+@pytest.mark.parametrize("precision,kw,bound", [("fp32", {}, 1e-5), ("fp16", {}, 1e-3),
+                                                ("int4", {"accuracy_level": 0}, 1e-5), ("int4", {}, 2e-3)],
+                         ids=["fp32", "fp16", "int4-level0", "int4"])
+def test_prefill_plus_decode_equals_full_sequence(exported, precision: str, kw: dict, bound: float,
+                                                  attention: str) -> None:
+    """Bounds: float32 rounding, or fp16's cache; at accuracy level 4 MatMulNBits rounds its inputs to int8, so a
+    last-bit difference between the prefill and decode attention kernels can move one activation by a whole int8 step
+    (1/254 of its block's largest): measured 5e-4 of max|logit| with GroupQueryAttention, 2e-7 with the plain ops."""
+    m = OnnxModel(exported("demo", precision, attention=attention, **kw))
     ids = prompt(32, seed=1)
     full = m.logits(ids)
     logits, cache = m.step(ids[:24], m.empty_cache())
@@ -495,17 +536,30 @@ def test_prefill_plus_decode_equals_full_sequence(exported, precision: str, boun
     assert rel(np.concatenate(steps), full) < bound
 
 
-def test_left_padded_batch_equals_single_sequence(exported) -> None:
-    m = OnnxModel(exported("demo", "fp32"))
-    ids, pad = prompt(12), 5
+@pytest.mark.parametrize("attention", ["gqa", "plain"])
+def test_left_padded_batch_equals_single_sequence(exported, attention: str) -> None:
+    """Batch of a left-padded row and a longer one, prefill then 3 batched decode steps: the padded row's logits equal
+    the same tokens run alone (the fused graph has no position_ids: its positions are shifted by the padding)."""
+    m = OnnxModel(exported("demo", "fp32", attention=attention))
+    ids, pad, steps = prompt(12), 5, prompt(3, seed=4)
     batch_ids = np.array([[0] * pad + ids, prompt(12 + pad, seed=3)], np.int64)
     mask = np.ones_like(batch_ids)
     mask[0, :pad] = 0
     positions = np.stack([np.r_[np.zeros(pad, np.int64), np.arange(12)], np.arange(12 + pad)])
-    empty = {n: np.zeros((2, m.kv_heads, 0, m.head_dim), np.float32) for n in m.past_names}
-    out = m.session.run(["logits"], {"input_ids": batch_ids, "attention_mask": mask, "position_ids": positions, **empty})
-    got = out[0][0, pad:]
-    assert np.isfinite(out[0]).all() and rel(got, m.logits(ids)) < 1e-5
+    cache = {n: np.zeros((2, m.kv_heads, 0, m.head_dim), np.float32) for n in m.past_names}
+    feeds = {"input_ids": batch_ids, "attention_mask": mask, "position_ids": positions}
+    got = []
+    for t in range(len(steps) + 1):
+        out = dict(zip(m.output_names, m.session.run(m.output_names, {k: v for k, v in feeds.items()
+                                                                        if k in m.input_names} | cache)))
+        assert np.isfinite(out["logits"]).all()
+        got.append(out["logits"][0, pad:] if t == 0 else out["logits"][0])
+        cache = {n: out[n.replace("past_key_values.", "present.")] for n in m.past_names}
+        mask = np.concatenate([mask, np.ones((2, 1), np.int64)], 1)
+        feeds = {"input_ids": np.array([[steps[t]], [7]] if t < len(steps) else [[0], [0]], np.int64),
+                 "attention_mask": mask, "position_ids": positions[:, -1:] + t + 1}
+    assert "position_ids" in m.input_names if attention == "plain" else "position_ids" not in m.input_names
+    assert rel(np.concatenate(got[:len(steps) + 1]), m.logits(ids + steps)) < 1e-5
 
 
 def demo_prompt(path: Path) -> list[int]:
@@ -526,13 +580,22 @@ def test_greedy_20_tokens_equals_torch_on_demo(exported, model_dir, precision: s
 
 @pytest.mark.parametrize("precision,kw", [("fp32", {}), ("fp16", {}), ("int4", {}),
                                          ("int4", {"quantize_embedding": False, "accuracy_level": 0}),
-                                         ("int8", {"table_bits": 8})],
-                         ids=["fp32", "fp16", "int4", "int4-float-embedding-level0", "int8-table-bits-8"])
+                                         ("int8", {"table_bits": 8}), ("fp32", {"attention": "plain"}),
+                                         ("int4", {"attention": "plain"})],
+                         ids=["fp32", "fp16", "int4", "int4-float-embedding-level0", "int8-table-bits-8", "fp32-plain",
+                              "int4-plain"])
 def test_onnxruntime_genai_loads_and_generates(exported, model_dir, precision: str, kw: dict) -> None:
     """int4 / int8 by default: GatherBlockQuantized reading the tied lm_head's bytes, MatMulNBits at accuracy
-    level 4."""
+    level 4. GroupQueryAttention by default, where genai shares one past/present buffer of the whole generation
+    (genai_config says so); the plain graph's cache grows by concatenation."""
     og = pytest.importorskip("onnxruntime_genai")
     out = exported("demo", precision, **kw)
+    fused = kw.get("attention", "gqa") == "gqa"
+    cfg = json.loads((out / "genai_config.json").read_text())
+    assert cfg["search"]["past_present_share_buffer"] is fused
+    assert ("position_ids" in cfg["model"]["decoder"]["inputs"]) is not fused
+    ops = {n.op_type for n in onnx.load(out / "model.onnx", load_external_data=False).graph.node}
+    assert ("GroupQueryAttention" in ops) is fused and ("Softmax" in ops) is not fused
     ids = demo_prompt(model_dir("demo"))
     model = og.Model(str(out))
     assert list(og.Tokenizer(model).encode("def add(a, b):"))  # the copied tokenizer loads
@@ -600,6 +663,12 @@ def test_bad_input_is_refused_and_leaves_nothing(model_dir, tmp_path) -> None:
     for level in (3, 8, -1, True):
         with pytest.raises(UsageError, match=f"accuracy level {level!r} is not supported; use one of 0 = .*4 = int8"):
             export_onnx(tied, tmp_path, precision="int4", accuracy_level=level)
+    with pytest.raises(UsageError, match=r"attention 'mha' is not supported; use one of gqa \(GroupQueryAttention"):
+        export_onnx(tied, tmp_path, precision="fp32", attention="mha")
+    with pytest.raises(UsageError, match="--mixed-precision .* --precision int4 only"):
+        export_onnx(tied, tmp_path, precision="int8", mixed_precision=True)
+    with pytest.raises(UsageError, match="--mixed-precision .*--algo rtn only, not --algo gptq"):
+        export_onnx(tied, tmp_path, precision="int4", algo="gptq", mixed_precision=True)
     with pytest.raises(UsageError, match="quantize_embedding must be True or False"):
         export_onnx(tied, tmp_path, precision="int4", quantize_embedding="no")  # type: ignore[arg-type]
     with pytest.raises(CheckpointError, match="not a GPTQ or AWQ checkpoint"):
@@ -607,6 +676,8 @@ def test_bad_input_is_refused_and_leaves_nothing(model_dir, tmp_path) -> None:
     with pytest.raises(CheckpointError, match="rope_scaling"):
         export_onnx(model_dir("tiny-yarn"), tmp_path, precision="fp32")
     write_checkpoint(tied, gptq_dir, "gptq", 64, act_order=True)
+    with pytest.raises(UsageError, match="--mixed-precision .*not --from"):
+        export_onnx(tied, tmp_path, precision="int4", from_dir=gptq_dir, mixed_precision=True)
     with pytest.raises(CheckpointError, match="act-order"):
         export_onnx(tied, tmp_path, precision="int4", from_dir=gptq_dir, block_size=64)
     with pytest.raises(UsageError, match=r"4-bit GPTQ weights and --precision int8 writes 8-bit.*--precision int4"):
@@ -646,7 +717,7 @@ def test_cli(model_dir, tmp_path, capsys) -> None:
                  "--out-dir", str(tmp_path)]) != 0
     assert "not a multiple of block size 128" in capsys.readouterr().err
     for flag in (["--keep-embedding-float"], ["--accuracy-level", "0"], ["--table-bits", "8"],
-                 ["--table-block-size", "16"]):
+                 ["--table-block-size", "16"], ["--mixed-precision"]):
         assert main(["onnx", "--model", tied, "--precision", "fp16", *flag, "--out-dir", str(tmp_path)]) != 0
         assert f"{flag[0]} applies to --precision int4 / int8 only" in capsys.readouterr().err
     assert main(["onnx", "--model", tied, "--precision", "int8", "--keep-embedding-float", "--table-bits", "8",
@@ -672,6 +743,15 @@ def test_cli(model_dir, tmp_path, capsys) -> None:
     assert (meta["qconvert.accuracy_level"], meta["qconvert.embedding"]) == ("1", "float32")
     assert {a.i for n in model.graph.node if n.op_type == "MatMulNBits" for a in n.attribute
             if a.name == "accuracy_level"} == {1}
+    assert meta["qconvert.attention"] == "gqa" and "GroupQueryAttention" in (out / "README.md").read_text()
+    assert main(["onnx", "--model", tied, "--precision", "fp32", "--attention", "plain", "--out-dir", str(tmp_path),
+                 "--quiet"]) == 0
+    plain = tmp_path / f"{Path(tied).name}-onnx-fp32"
+    assert {p.key: p.value for p in onnx.load(plain / "model.onnx").metadata_props}["qconvert.attention"] == "plain"
+    assert "`position_ids`" in (plain / "README.md").read_text()
+    with pytest.raises(SystemExit) as exit_:
+        main(["onnx", "--model", tied, "--precision", "fp32", "--attention", "mha", "--out-dir", str(tmp_path)])
+    assert exit_.value.code == 2 and "--attention: invalid choice" in capsys.readouterr().err
 
 
 def test_cli_accuracy_levels_are_the_exporters() -> None:
@@ -684,6 +764,9 @@ def test_cli_accuracy_levels_are_the_exporters() -> None:
     assert (onnx_cmd.DEFAULT_TABLE_BITS, onnx_cmd.DEFAULT_TABLE_BLOCK_SIZE) == (mnb.DEFAULT_TABLE_BITS,
                                                                                mnb.DEFAULT_TABLE_BLOCK_SIZE)
     assert onnx_cmd.QUANTIZED == tuple(mnb.PRECISION_BITS)
+    from qconvert.onnx_export import graph
+
+    assert onnx_cmd.ATTENTION_CHOICES == tuple(graph.ATTENTIONS) and onnx_cmd.DEFAULT_ATTENTION == graph.DEFAULT_ATTENTION
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -124,6 +124,10 @@ def test_shipped_recipes_validate_and_expand() -> None:
      "unknown key 'bits' in [[formats]] (kind w8a8)"),
     ('[[models]]\nfixture = "demo"\n[[formats]]\nkind = "onnx"\nprecision = "int8"\naccuracy_level = 3\n', 6,
      "accuracy_level = 3: use one of 0, 1, 2, 4"),
+    ('[[models]]\nfixture = "demo"\n[[formats]]\nkind = "onnx"\nprecision = "fp16"\nattention = "mha"\n', 6,
+     "attention = 'mha': use one of gqa, plain"),
+    ('[[models]]\nfixture = "demo"\n[[formats]]\nkind = "onnx"\nalgo = "gptq"\nmixed_precision = true\n', 6,
+     "mixed_precision = true re-quantizes some linears at 8 bits"),
     ('[[models]]\nfixture = "demo"\n[[formats]]\nkind = "onnx"\ntable_bits = 2\n', 5,
      "table_bits = 2: use one of 4, 8"),
     ('[[models]]\nfixture = "demo"\n[[formats]]\nkind = "onnx"\ntable_block_size = 256\n', 5,
@@ -153,11 +157,13 @@ def test_onnx_recipe_keys_are_the_exporters(tmp_path: Path) -> None:
     """The recipe spells the onnx values itself (validating must not need onnx); they must be the exporter's, and an
     int8 recipe with every onnx key loads with ids ``onnx-int8``."""
     pytest.importorskip("onnx")
+    from qconvert.onnx_export import graph
     from qconvert.onnx_export import matmulnbits as mnb
     from qconvert.release import recipe as r
 
     assert r.ONNX_ACCURACY_LEVELS == tuple(mnb.ACCURACY_LEVELS) and r.ONNX_TABLE_BITS == mnb.BITS
     assert r.ONNX_TABLE_BLOCK_SIZES == mnb.TABLE_BLOCK_SIZES and r.ONNX_QUANTIZED == tuple(mnb.PRECISION_BITS)
+    assert r.ONNX_ATTENTIONS == tuple(graph.ATTENTIONS)
     recipe = load_recipe(write_recipe(tmp_path, '''
 [[models]]
 fixture = "demo"
@@ -172,12 +178,13 @@ from = "gptq-int8"
 accuracy_level = 0
 table_bits = 8
 table_block_size = 16
+attention = "plain"
 [[formats]]
 kind = "onnx"
 keep_embedding_float = true
 '''))
     assert [f.id for f in recipe.formats] == ["gptq-int8", "onnx-int8", "onnx-int4"]
-    assert recipe.formats[1].settings["table_block_size"] == 16
+    assert recipe.formats[1].settings["table_block_size"] == 16 and recipe.formats[1].settings["attention"] == "plain"
 
 
 def test_compressed_tensors_format_key_names_and_ids(tmp_path: Path) -> None:

@@ -23,6 +23,8 @@ DEFAULT_TABLE_BITS = 4
 TABLE_BLOCK_SIZES = (16, 32, 64, 128)
 DEFAULT_TABLE_BLOCK_SIZE = 16
 QUANTIZED = ("int4", "int8")
+ATTENTION_CHOICES = ("gqa", "plain")  # qconvert.onnx_export.graph.ATTENTIONS
+DEFAULT_ATTENTION = "gqa"
 
 EPILOG = """\
 examples:
@@ -32,17 +34,21 @@ examples:
   qconvert onnx --precision int4 --from qwen2.5-7b-instruct-awq/    # an existing GPTQ/AWQ checkpoint, no requantization
   qconvert onnx --size 0.5b --precision int4 --accuracy-level 0 --keep-embedding-float   # the exact, larger int4
   qconvert onnx --size 0.5b --precision int8 --table-bits 8          # -> ...-onnx-int8/ (8-bit linears and tables)
+  qconvert onnx --size 0.5b --precision int4 --attention plain       # attention as explicit ops, no fused kernel
+  qconvert onnx --size 0.5b --precision int4 --mixed-precision       # 8-bit v_proj/down_proj where Q4_K_M uses Q6_K
 
-The graph is built directly with onnx.helper (no tracing): inputs input_ids, attention_mask, position_ids and
-past_key_values.N.key/value; outputs logits and present.N.key/value; GQA, RoPE and RMSNorm from config.json; a tied
-embedding is one initializer. int4 / int8 linears are 4- / 8-bit com.microsoft.MatMulNBits with block size = group
+The graph is built directly with onnx.helper (no tracing): inputs input_ids, attention_mask and
+past_key_values.N.key/value; outputs logits and present.N.key/value; heads, RoPE and RMSNorm from config.json; a tied
+embedding is one initializer. Attention is onnxruntime's fused com.microsoft.GroupQueryAttention (rotary inside;
+onnxruntime-genai gives it one past/present buffer of the whole generation) unless --attention plain writes it as
+explicit ops (MatMul, Softmax, rotary from an extra position_ids input; the cache grows by concatenation). int4 / int8 linears are 4- / 8-bit com.microsoft.MatMulNBits with block size = group
 size (symmetric weights omit zero points); the embedding becomes com.microsoft.GatherBlockQuantized and the lm_head
 MatMulNBits (symmetric round-to-nearest, --table-bits 4 or 8 in blocks of --table-block-size, default 4-bit blocks
 of 16; when tied, both read one set of initializers), unless --keep-embedding-float keeps them float32 (on a 1.5B
 model they are ~1.9 GB of float32). MatMulNBits runs at --accuracy-level 4 by default (activations quantized to
 int8 per block, as onnxruntime-genai's builder does on CPU); 0 computes in float32 with exactly the dequantized
-weights. fp16 stores weights and the KV cache in fp16
-and keeps norms, RoPE and softmax in float32. Weights over 256 MiB are streamed to model.onnx.data (external data).
+weights. fp16 stores weights and the KV cache in fp16 (GroupQueryAttention then runs in fp16, the plain graph's
+softmax in float32) and keeps norms and the residual stream in float32. Weights over 256 MiB are streamed to model.onnx.data (external data).
 The output holds genai_config.json and the tokenizer, so onnxruntime-genai loads it as is.
 """
 
@@ -72,6 +78,9 @@ def add_parsers(sub: Any, add_model_args: Any) -> None:
                    help="int4/int8 only: MatMulNBits accuracy_level, the lowest precision the kernel may compute the "
                         f"activations in: 0 unset (float32 on exactly the dequantized weights), 1 fp32, 2 fp16, 4 int8 "
                         f"(default {DEFAULT_ACCURACY_LEVEL}, faster on CPU)")
+    q.add_argument("--mixed-precision", action="store_true",
+                   help="int4 RTN only: write v_proj and down_proj of the first and last eighth of the layers and every "
+                        "third in between at 8 bits (llama.cpp's Q4_K_M rule for attn_v / ffn_down): larger, closer")
     q.add_argument("--keep-embedding-float", action="store_true",
                    help="int4/int8 only: keep the embedding and lm_head float32 instead of GatherBlockQuantized / "
                         "MatMulNBits (larger, closer to the float model)")
@@ -80,6 +89,11 @@ def add_parsers(sub: Any, add_model_args: Any) -> None:
     q.add_argument("--table-block-size", type=int, choices=TABLE_BLOCK_SIZES, metavar="{16,32,64,128}",
                    help="int4/int8 only: block size of the quantized embedding / lm_head along the hidden axis "
                         f"(default {DEFAULT_TABLE_BLOCK_SIZE}; smaller blocks: more float32 scales, closer values)")
+    g = p.add_argument_group("graph")
+    g.add_argument("--attention", choices=ATTENTION_CHOICES, default=DEFAULT_ATTENTION,
+                   help="gqa (default): onnxruntime's fused GroupQueryAttention, rotary inside, shared past/present "
+                        "buffer in onnxruntime-genai; plain: explicit MatMul/Softmax ops and a position_ids input (for "
+                        "runtimes without onnxruntime's contrib ops)")
     add_calibration_args(p, default_calib="builtin", stats_help="not accepted: run `qconvert gptq --stats`, then "
                          "`qconvert onnx --from` its output")
     o = p.add_argument_group("output")
@@ -102,7 +116,8 @@ def run(args: argparse.Namespace) -> int:
                          "and export its output with `qconvert onnx --precision int4 --from DIR`.")
     quantized_only = {"--algo": args.algo, "--from": args.from_dir, "--block-size": args.block_size,
                       "--accuracy-level": args.accuracy_level is not None, "--keep-embedding-float": args.keep_embedding_float,
-                      "--table-bits": args.table_bits, "--table-block-size": args.table_block_size}
+                      "--table-bits": args.table_bits, "--table-block-size": args.table_block_size,
+                      "--mixed-precision": args.mixed_precision}
     given = [flag for flag, value in quantized_only.items() if value]
     if args.precision not in QUANTIZED and given:
         raise UsageError(f"{given[0]} applies to --precision int4 / int8 only; drop it for a {args.precision} export.")
@@ -133,7 +148,8 @@ def run(args: argparse.Namespace) -> int:
                           progress=progress, quantize_embedding=not args.keep_embedding_float,
                           accuracy_level=DEFAULT_ACCURACY_LEVEL if args.accuracy_level is None else args.accuracy_level,
                           table_bits=args.table_bits or DEFAULT_TABLE_BITS,
-                          table_block_size=args.table_block_size or DEFAULT_TABLE_BLOCK_SIZE)
+                          table_block_size=args.table_block_size or DEFAULT_TABLE_BLOCK_SIZE, attention=args.attention,
+                          mixed_precision=args.mixed_precision)
     finally:
         for bar in bars:
             bar.close()

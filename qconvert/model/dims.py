@@ -22,6 +22,7 @@ class Qwen2Dims:
     rms_norm_eps: float
     rope_theta: float
     tie_word_embeddings: bool
+    max_positions: int = 32768  # config's max_position_embeddings: rows of the ONNX graph's fused rotary tables
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> Qwen2Dims:
@@ -33,4 +34,4 @@ class Qwen2Dims:
         return cls(int(config["hidden_size"]), int(config["intermediate_size"]), int(config["num_hidden_layers"]), nh,
                    int(config.get("num_key_value_heads", nh)), int(config.get("head_dim") or config["hidden_size"] // nh),
                    int(config["vocab_size"]), float(config["rms_norm_eps"]), rope_theta(dict(config)),
-                   bool(config.get("tie_word_embeddings", False)))
+                   bool(config.get("tie_word_embeddings", False)), int(config.get("max_position_embeddings", 32768)))

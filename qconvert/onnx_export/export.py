@@ -19,7 +19,9 @@ GatherBlockQuantized and the lm_head as MatMulNBits (symmetric RTN, ``table_bits
 ``table_block_size``; tied: one set of initializers for both), and keep norms and biases float32.
 ``quantize_embedding=False`` (CLI ``--keep-embedding-float``) keeps the embedding and lm_head float32 (a tied one is
 one initializer for Gather and Gemm). MatMulNBits runs at ``accuracy_level`` (default 4, int8 activations, as
-onnxruntime-genai's builder on CPU; 0 computes with exactly the dequantized weights).
+onnxruntime-genai's builder on CPU; 0 computes with exactly the dequantized weights). ``attention`` picks the graph's
+attention (``graph.ATTENTIONS``): fused GroupQueryAttention (default; genai_config shares the past and present
+buffers) or explicit ops.
 """
 
 from __future__ import annotations
@@ -195,14 +197,42 @@ class _Plan:
     block_size: int  # linears' block size: as asked, else the --from checkpoint's group size, else 128
     bits: int | None  # decoder linears' MatMulNBits bits (int4: 4, int8: 8); None: float linears
     tables: Tables | None  # embedding / lm_head quantization; None: float32
+    wide: frozenset[str] = frozenset()  # int4 mixed precision: the linears written at 8 bits
+
+    def linear_bits(self, module: str) -> int:
+        assert self.bits is not None
+        return 8 if module in self.wide else self.bits
+
+
+MIXED_ROLES = ("self_attn.v_proj", "mlp.down_proj")  # llama.cpp's attn_v / ffn_down
+
+
+def mixed_precision_layers(n_layers: int) -> list[int]:
+    """The layers whose v_proj and down_proj an int4 ``mixed_precision`` export writes at 8 bits: llama.cpp's
+    ``use_more_bits`` layers (first and last eighth, every third in between), where Q4_K_M gives attn_v / ffn_down
+    Q6_K (the onnxruntime-genai builder's ``mixed_layers`` selector picks the same layers)."""
+    from qconvert.gguf.plan import use_more_bits
+
+    return [i for i in range(n_layers) if use_more_bits(i, n_layers)]
 
 
 def _check(model_dir: Path, precision: str, algo: str, from_dir: Path | None, block_size: int | None,
-           accuracy_level: int, quantize_embedding: bool, table_bits: int, table_block_size: int) -> _Plan:
+           accuracy_level: int, quantize_embedding: bool, table_bits: int, table_block_size: int,
+           mixed_precision: bool = False) -> _Plan:
     """Every refusal that does not need weights, before anything is created."""
     from qconvert.int4.writer import qwen2_linear_shapes
 
     matmulnbits.check_accuracy_level(accuracy_level)
+    if not isinstance(mixed_precision, bool):
+        raise UsageError(f"mixed_precision must be True or False (got {mixed_precision!r}).")
+    if mixed_precision and precision != "int4":
+        raise UsageError(f"--mixed-precision writes some int4 linears at 8 bits; it applies to --precision int4 only "
+                         f"(got {precision}).")
+    if mixed_precision and (from_dir is not None or algo != "rtn"):
+        what = "--from" if from_dir is not None else f"--algo {algo}"
+        raise UsageError(f"--mixed-precision re-quantizes v_proj / down_proj of some layers with 8-bit round-to-nearest; "
+                         f"it works with --algo rtn only, not {what} (whose 4-bit weights would be replaced). Drop "
+                         "--mixed-precision, or use --algo rtn.")
     if not isinstance(quantize_embedding, bool):
         raise UsageError(f"quantize_embedding must be True or False (got {quantize_embedding!r}).")
     if precision not in PRECISIONS:
@@ -258,18 +288,22 @@ def _check(model_dir: Path, precision: str, algo: str, from_dir: Path | None, bl
             tables = Tables(table_bits, table_block_size)
         for sub in (s for group in spec.sequential for s in group):
             matmulnbits.check_block_size(block_size, shapes[sub][1], f"{spec.block_prefix}.*.{sub} {list(shapes[sub])}")
-    return _Plan(src, config, dims, linears, scheme, block_size, bits, tables)
+    wide = frozenset(f"{spec.block_prefix}.{i}.{role}" for i in mixed_precision_layers(dims.num_layers)
+                     for role in MIXED_ROLES) if mixed_precision else frozenset()
+    return _Plan(src, config, dims, linears, scheme, block_size, bits, tables, wide)
 
 
-def _planned_bytes(plan: _Plan, precision: str) -> int:
+def _planned_bytes(plan: _Plan, precision: str, attention: str) -> int:
     """Bytes of initializers the export will write (decides inline vs external data; zero points counted)."""
     ckpt = SafetensorsCheckpoint(plan.src)
     per = 2 if precision == "fp16" else 4
     floats = sum(int(np.prod(e.shape)) for n, e in ckpt.entries.items() if not n.endswith(("qweight", "qzeros", "g_idx", "scales")))
+    if attention == graph.GQA:  # the rotary cos / sin tables
+        floats += plan.dims.max_positions * plan.dims.head_dim
     if plan.bits is None:
         return floats * per
-    bits, bs = plan.bits, plan.block_size
-    quant = sum(n * k * bits // 8 + 4 * n * k // bs + n * k // bs for n, k in plan.linears.values())
+    bs = plan.block_size
+    quant = sum(n * k * plan.linear_bits(m) // 8 + 4 * n * k // bs + n * k // bs for m, (n, k) in plan.linears.items())
     quantized_floats = sum(n * k for n, k in plan.linears.values()) if plan.scheme is None else 0
     if plan.tables is not None:  # the embedding and an untied lm_head, RTN-quantized here (symmetric: no zero points)
         tables, v, h = 1 if plan.dims.tie_word_embeddings else 2, plan.dims.vocab_size, plan.dims.hidden_size
@@ -284,7 +318,8 @@ def export_onnx(model_dir: Path, out_dir: Path, *, precision: str, algo: str = "
                 model_name: str | None = None, force: bool = False, progress: Progress | None = None,
                 inline_limit: int = INLINE_LIMIT, accuracy_level: int = matmulnbits.DEFAULT_ACCURACY_LEVEL,
                 quantize_embedding: bool = True, table_bits: int = matmulnbits.DEFAULT_TABLE_BITS,
-                table_block_size: int = matmulnbits.DEFAULT_TABLE_BLOCK_SIZE) -> Path:
+                table_block_size: int = matmulnbits.DEFAULT_TABLE_BLOCK_SIZE,
+                attention: str = graph.DEFAULT_ATTENTION, mixed_precision: bool = False) -> Path:
     """Export ``model_dir`` (or the GPTQ/AWQ checkpoint ``from_dir``) to ``out_dir/<model>-onnx-<precision>/``.
 
     ``precision``: fp32 | fp16 | int4 | int8. For int4 / int8 (4- / 8-bit MatMulNBits linears), ``algo`` rtn needs
@@ -293,12 +328,17 @@ def export_onnx(model_dir: Path, out_dir: Path, *, precision: str, algo: str = "
     group size, else 128). int4 / int8 also quantize the embedding (GatherBlockQuantized) and lm_head (MatMulNBits)
     with symmetric RTN, ``table_bits`` 4 or 8 in blocks of ``table_block_size`` (a power of two >= 16 dividing the
     hidden size), unless ``quantize_embedding`` is False, and run MatMulNBits at ``accuracy_level`` (0, 1, 2 or 4; see
-    ``matmulnbits.ACCURACY_LEVELS``); all are ignored for fp32/fp16. ``model_name`` (default: the source directory's
+    ``matmulnbits.ACCURACY_LEVELS``); all are ignored for fp32/fp16. ``attention``: ``gqa`` (GroupQueryAttention, the
+    default) or ``plain`` (``graph.ATTENTIONS``), for every precision. ``mixed_precision`` (int4 RTN only) writes
+    v_proj and down_proj of ``mixed_precision_layers`` at 8 bits, as llama.cpp's Q4_K_M protects attn_v / ffn_down. ``model_name`` (default: the source directory's
     name) names the output. Returns the output directory. Built in a temporary sibling, renamed into place when
     complete; an existing output is replaced only with ``force``.
     """
+    if attention not in graph.ATTENTIONS:
+        raise UsageError(f"attention {attention!r} is not supported; use one of "
+                         + ", ".join(f"{k} ({v})" for k, v in graph.ATTENTIONS.items()) + ".")
     plan = _check(model_dir, precision, algo, from_dir, block_size, accuracy_level, quantize_embedding, table_bits,
-                  table_block_size)
+                  table_block_size, mixed_precision)
     calibrated = plan.bits is not None and from_dir is None and algo != "rtn"
     if calibrated and calib is None:
         raise UsageError(f"--algo {algo} needs calibration data; pass a CalibrationSet (CLI: --calib builtin).")
@@ -308,20 +348,23 @@ def export_onnx(model_dir: Path, out_dir: Path, *, precision: str, algo: str = "
     tmp = staged.tmp
     try:
         start = time.perf_counter()
-        external = _planned_bytes(plan, precision) > inline_limit
+        external = _planned_bytes(plan, precision, attention) > inline_limit
         store = InitializerStore(tmp, external=external)
         weights = _weights(plan, store, precision, algo, calib, settings, progress, accuracy_level)
         meta = {"qconvert.version": __version__, "qconvert.source": name, "qconvert.precision": precision,
-                "qconvert.algo": _algo_label(algo, plan), "qconvert.block_size": str(plan.block_size)}
+                "qconvert.algo": _algo_label(algo, plan), "qconvert.block_size": str(plan.block_size),
+                "qconvert.attention": attention}
         if plan.bits is not None:
             t = plan.tables
             meta |= {"qconvert.accuracy_level": str(accuracy_level),
                      "qconvert.embedding": "float32" if t is None else _table_label(t, matmulnbits.GATHER),
                      "qconvert.lm_head": "float32" if t is None else _table_label(t, matmulnbits.MATMUL)}
-        model = graph.build_model(plan.dims, weights, None if calibrated else progress, meta)
+            if plan.wide:
+                meta["qconvert.mixed_precision"] = _mixed_label(plan)
+        model = graph.build_model(plan.dims, weights, None if calibrated else progress, meta, attention)
         store.save(model, tmp / MODEL_FILE)
         _write_side_files(tmp, plan, name, precision, algo, external, time.perf_counter() - start, store.nbytes,
-                          calib, settings, accuracy_level)
+                          calib, settings, accuracy_level, attention)
         staged.commit()
     finally:
         staged.discard()
@@ -331,6 +374,13 @@ def export_onnx(model_dir: Path, out_dir: Path, *, precision: str, algo: str = "
 def _table_label(t: Tables, op: str) -> str:
     """``int4 GatherBlockQuantized (RTN sym, block 32)``: the metadata value of a quantized table."""
     return f"int{t.bits} {op} (RTN sym, block {t.block_size})"
+
+
+def _mixed_label(plan: _Plan) -> str:
+    """``int8 v_proj, down_proj in layers 0, 1, 4, ...``: the metadata / card text of a mixed-precision export."""
+    layers = mixed_precision_layers(plan.dims.num_layers)
+    return (f"int8 {', '.join(r.split('.')[-1] for r in MIXED_ROLES)} in layers {', '.join(map(str, layers))} "
+            f"({len(layers)} of {plan.dims.num_layers})")
 
 
 def _algo_label(algo: str, plan: _Plan) -> str:
@@ -367,7 +417,7 @@ def _rtn(ckpt: SafetensorsCheckpoint, store: InitializerStore, plan: _Plan, quan
     assert plan.bits is not None
     for module in plan.linears:
         w = torch.from_numpy(ckpt.read_f32(f"{module}.weight"))
-        quantized[module] = store_quantized(store, module, rtn(w, plan.bits, plan.block_size, sym=True))
+        quantized[module] = store_quantized(store, module, rtn(w, plan.linear_bits(module), plan.block_size, sym=True))
 
 
 def _calibrated(plan: _Plan, store: InitializerStore, algo: str, calib: CalibrationSet | None,
@@ -404,11 +454,18 @@ def _calibrated(plan: _Plan, store: InitializerStore, algo: str, calib: Calibrat
 
 
 def genai_config(config: Mapping[str, Any], generation: Mapping[str, Any], dims: Dims, precision: str,
-                 device: str = "cpu") -> dict[str, Any]:
+                 device: str = "cpu", attention: str = graph.DEFAULT_ATTENTION) -> dict[str, Any]:
     """onnxruntime-genai's ``genai_config.json`` for the graph's decoder contract (graph.py).
 
-    The KV cache grows by concatenation (present = past + new), so ``past_present_share_buffer`` is false.
+    ``gqa``: GroupQueryAttention writes into a past buffer of the generation's full length, so past and present share
+    it (``past_present_share_buffer``) and there is no ``position_ids`` input. ``plain``: the KV cache grows by
+    concatenation (present = past + new), so the buffers are not shared.
     """
+    fused = attention == graph.GQA
+    inputs = {"input_ids": graph.INPUT_IDS, "attention_mask": graph.ATTENTION_MASK,
+              "position_ids": graph.POSITION_IDS, "past_key_names": graph.PAST_KEY, "past_value_names": graph.PAST_VALUE}
+    if fused:
+        del inputs["position_ids"]
     eos = generation.get("eos_token_id", config.get("eos_token_id"))
     eos_list = eos if isinstance(eos, list) else [eos]
     pad = generation.get("pad_token_id", config.get("pad_token_id")) or eos_list[0]
@@ -422,9 +479,7 @@ def genai_config(config: Mapping[str, Any], generation: Mapping[str, Any], dims:
                 "filename": MODEL_FILE,
                 "head_size": dims.head_dim,
                 "hidden_size": dims.hidden_size,
-                "inputs": {"input_ids": graph.INPUT_IDS, "attention_mask": graph.ATTENTION_MASK,
-                           "position_ids": graph.POSITION_IDS, "past_key_names": graph.PAST_KEY,
-                           "past_value_names": graph.PAST_VALUE},
+                "inputs": inputs,
                 "outputs": {"logits": graph.LOGITS, "present_key_names": graph.PRESENT_KEY,
                             "present_value_names": graph.PRESENT_VALUE},
                 "num_attention_heads": dims.num_heads,
@@ -439,18 +494,18 @@ def genai_config(config: Mapping[str, Any], generation: Mapping[str, Any], dims:
         "search": {"diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
                    "max_length": int(config.get("max_position_embeddings", 32768)), "min_length": 0,
                    "no_repeat_ngram_size": 0, "num_beams": 1, "num_return_sequences": 1,
-                   "past_present_share_buffer": False, "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1,
+                   "past_present_share_buffer": fused, "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1,
                    "top_p": 1.0},
     }
 
 
 def _write_side_files(tmp: Path, plan: _Plan, name: str, precision: str, algo: str, external: bool, seconds: float,
                       nbytes: int, calib: CalibrationSet | None, settings: CalibrationSettings | None,
-                      accuracy_level: int) -> None:
+                      accuracy_level: int, attention: str) -> None:
     gen_file = plan.src / "generation_config.json"
     generation = json.loads(gen_file.read_text()) if gen_file.is_file() else {}
     device = settings.device if settings is not None else "cpu"
-    cfg = genai_config(plan.config, generation, plan.dims, precision, device)
+    cfg = genai_config(plan.config, generation, plan.dims, precision, device, attention)
     (tmp / GENAI_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
     config = {k: v for k, v in plan.config.items() if k != "quantization_config"}
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
@@ -467,4 +522,5 @@ def _write_side_files(tmp: Path, plan: _Plan, name: str, precision: str, algo: s
     (tmp / "README.md").write_text(onnx_card(final, name, precision, label, plan.block_size, external, seconds, nbytes,
                                              plan.dims, calib_desc,
                                              accuracy_level=None if plan.bits is None else accuracy_level,
-                                             tables=tables))
+                                             tables=tables, attention=attention,
+                                             mixed=_mixed_label(plan) if plan.wide else None))

@@ -6,24 +6,35 @@ decoder contract, anchor §6.3–6.4)::
 
     input_ids                 int64 [batch, seq]
     attention_mask            int64 [batch, past + seq]     1 = real token, 0 = padding
-    position_ids              int64 [batch, seq]
+    position_ids              int64 [batch, seq]            (plain attention only)
     past_key_values.{i}.key   kv    [batch, kv_heads, past, head_dim]   (and .value; past = 0 on the first call)
     logits                    f32   [batch, seq, vocab]
     present.{i}.key           kv    [batch, kv_heads, past + seq, head_dim]   (and .value)
 
-Numerics: the residual stream, RMSNorm, RoPE, attention scores and softmax are float32 in every precision
-(Qwen2's activations overflow float16). Linear weights and the KV cache are ``Numerics.weight_type`` (fp32 or
-fp16; fp16 matmuls take fp16 inputs and their outputs return to fp32); int4 / int8 linears are ``MatMulNBits`` on
-float32 activations, and a quantized embedding is ``GatherBlockQuantized`` (its lm_head ``MatMulNBits``; when tied,
-the embedding reads the lm_head's initializers through a ``Reshape``). Attention is explicit: GQA by broadcasting each kv head over its group of query heads
-(``[b, kv, group, t, d] @ [b, kv, 1, d, s]``), a causal + padding additive mask, and NEOX-style rotary embeddings
-computed in the graph from ``position_ids`` and ``rope_theta``. RMSNorm uses the Pow/ReduceMean/Add/Sqrt/Div/Mul
-pattern that onnxruntime fuses into ``SimplifiedLayerNormalization``.
+Two attention graphs (``ATTENTIONS``):
+
+* ``gqa`` (default): onnxruntime's fused ``com.microsoft.GroupQueryAttention`` with the rotary embedding inside
+  (NEOX layout, tables of ``max_position_embeddings`` rows as initializers). Its past and present may be one buffer of
+  the generation's full length (onnxruntime-genai's ``past_present_share_buffer``) or grow by concatenation, as in
+  the plain graph. Positions are the KV buffer's row indices: ``seqlens_k`` is ``total - 1`` for every row and the
+  padding is masked by an additive ``attention_bias`` from ``attention_mask``, so a left-padded row sees its tokens
+  shifted by its padding length, which RoPE (relative) leaves unchanged. No ``position_ids`` input.
+* ``plain``: attention as explicit ops: GQA by broadcasting each kv head over its group of query heads
+  (``[b, kv, group, t, d] @ [b, kv, 1, d, s]``), a causal + padding additive mask, and NEOX rotary embeddings
+  computed in the graph from ``position_ids`` and ``rope_theta``.
+
+Numerics: the residual stream, RMSNorm and RoPE are float32 in every precision (Qwen2's activations overflow
+float16). Linear weights and the KV cache are ``Numerics.weight_type`` (fp32 or fp16; fp16 matmuls take fp16
+inputs and their outputs return to fp32); the plain graph's scores and softmax are float32, GroupQueryAttention
+runs in the cache's type (fp16 for the fp16 export, as the CUDA EP wants). int4 / int8 linears are ``MatMulNBits``
+on float32 activations, and a quantized embedding is ``GatherBlockQuantized`` (its lm_head ``MatMulNBits``; when
+tied, the embedding reads the lm_head's initializers through a ``Reshape``). RMSNorm uses the
+Pow/ReduceMean/Add/Sqrt/Div/Mul pattern that onnxruntime fuses into ``SimplifiedLayerNormalization``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -41,6 +52,9 @@ INPUT_IDS, ATTENTION_MASK, POSITION_IDS, LOGITS = "input_ids", "attention_mask",
 PAST_KEY, PAST_VALUE = "past_key_values.%d.key", "past_key_values.%d.value"
 PRESENT_KEY, PRESENT_VALUE = "present.%d.key", "present.%d.value"
 MASK_MIN = float(np.finfo(np.float32).min)  # additive mask: finite, so fully padded rows give no NaN
+GQA, PLAIN = "gqa", "plain"
+ATTENTIONS = {GQA: "GroupQueryAttention (fused, rotary inside)", PLAIN: "explicit MatMul / Softmax ops"}
+DEFAULT_ATTENTION = GQA
 F32 = np.dtype(np.float32)
 F16 = np.dtype(np.float16)
 
@@ -215,6 +229,50 @@ def attention(g: Graph, dims: Dims, layer: int, x: str, rope: tuple[str, str], m
     return linear(g, f"{p}.o_proj", g.op("Reshape", [out, g.ints(0, 0, nh * hd)], p))
 
 
+@dataclass(frozen=True)
+class FusedInputs:
+    """The per-model tensors every GroupQueryAttention node reads."""
+
+    seqlens_k: str  # int32 [b]: total - 1 (row index of the newest key)
+    total: str  # int32 scalar: attention_mask's width
+    cos: str  # [max_positions, head_dim / 2] in the cache type
+    sin: str
+    bias: str  # [b, 1, t, total] in the cache type: 0 for real keys, the type's minimum for padding
+
+
+def fused_inputs(g: Graph, dims: Dims) -> FusedInputs:
+    """Sequence lengths, rotary tables and the padding bias from ``attention_mask`` (module docstring: why
+    ``total - 1`` for every row)."""
+    s, at = "/gqa", g.w.weight_type
+    batch = g.op("Gather", [g.op("Shape", [INPUT_IDS], s), g.ints(0)], s, axis=0)  # [1]
+    seq = g.op("Gather", [g.op("Shape", [INPUT_IDS], s), g.ints(1)], s, axis=0)
+    total = g.op("Gather", [g.op("Shape", [ATTENTION_MASK], s), g.ints(1)], s, axis=0)
+    last = g.op("Expand", [g.op("Sub", [total, g.ints(1)], s), batch], s)
+    keys = g.op("Unsqueeze", [g.op("Cast", [ATTENTION_MASK], s, to=TensorProto.BOOL), g.ints(1, 2)], s)
+    hidden = g.op("Where", [keys, g.scalar(0.0, at), g.scalar(float(np.finfo(at).min), at)], s)  # [b, 1, 1, total]
+    bias = g.op("Expand", [hidden, g.op("Concat", [batch, g.ints(1), seq, total], s, axis=0)], s)
+    hd = dims.head_dim
+    inv_freq = (1.0 / (np.float32(dims.rope_theta) ** (np.arange(0, hd, 2, dtype=np.float32) / np.float32(hd))))
+    angles = np.arange(dims.max_positions, dtype=np.float32)[:, None] * inv_freq.astype(np.float32)[None]
+    return FusedInputs(g.op("Cast", [last], s, to=TensorProto.INT32),
+                       g.op("Cast", [g.op("Squeeze", [total, g.ints(0)], s)], s, to=TensorProto.INT32),
+                       g.w.const("rotary/cos_cache", np.cos(angles).astype(at)),
+                       g.w.const("rotary/sin_cache", np.sin(angles).astype(at)), bias)
+
+
+def fused_attention(g: Graph, dims: Dims, layer: int, x: str, fused: FusedInputs) -> str:
+    """Self-attention of normed ``x`` f32 [b, t, hidden] through one GroupQueryAttention node; o_proj included."""
+    p = f"model.layers.{layer}.self_attn"
+    at = g.w.weight_type
+    qkv = [g.cast(linear(g, f"{p}.{m}_proj", x), at, F32, p) for m in "qkv"]
+    out = g.op("GroupQueryAttention", [*qkv, PAST_KEY % layer, PAST_VALUE % layer, fused.seqlens_k, fused.total,
+                                       fused.cos, fused.sin, "", fused.bias], p,
+               outputs=[f"{p}/attention_out", PRESENT_KEY % layer, PRESENT_VALUE % layer], domain=MS_DOMAIN,
+               num_heads=dims.num_heads, kv_num_heads=dims.num_kv_heads, scale=float(np.float32(dims.head_dim ** -0.5)),
+               do_rotary=1, rotary_interleaved=0)[0]
+    return linear(g, f"{p}.o_proj", g.cast(out, F32, at, p))
+
+
 def mlp(g: Graph, layer: int, x: str) -> str:
     """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
     p = f"model.layers.{layer}.mlp"
@@ -223,12 +281,12 @@ def mlp(g: Graph, layer: int, x: str) -> str:
     return linear(g, f"{p}.down_proj", g.op("Mul", [act, linear(g, f"{p}.up_proj", x)], p))
 
 
-def decoder_layer(g: Graph, dims: Dims, layer: int, h: str, rope: tuple[str, str], mask: str) -> str:
-    """``h`` f32 [b, t, hidden] -> the next residual stream."""
+def decoder_layer(g: Graph, dims: Dims, layer: int, h: str, attend: Callable[[int, str], str]) -> str:
+    """``h`` f32 [b, t, hidden] -> the next residual stream; ``attend(layer, normed)`` is the attention block."""
     p = f"model.layers.{layer}"
     eps = dims.rms_norm_eps
     normed = rms_norm(g, h, g.w.norm(f"{p}.input_layernorm.weight"), eps, f"{p}.input_layernorm")
-    h = g.op("Add", [h, attention(g, dims, layer, normed, rope, mask)], p)
+    h = g.op("Add", [h, attend(layer, normed)], p)
     normed = rms_norm(g, h, g.w.norm(f"{p}.post_attention_layernorm.weight"), eps, f"{p}.post_attention_layernorm")
     return g.op("Add", [h, mlp(g, layer, normed)], p)
 
@@ -264,12 +322,14 @@ def lm_head(g: Graph, dims: Dims, h: str) -> str:
 # The model
 
 
-def _io(dims: Dims, kv_type: np.dtype) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfoProto]]:
+def _io(dims: Dims, kv_type: np.dtype, position_ids: bool
+        ) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfoProto]]:
     kv = helper.np_dtype_to_tensor_dtype(np.dtype(kv_type))
     i64 = TensorProto.INT64
     inputs = [helper.make_tensor_value_info(INPUT_IDS, i64, ["batch", "sequence"]),
-              helper.make_tensor_value_info(ATTENTION_MASK, i64, ["batch", "total_sequence"]),
-              helper.make_tensor_value_info(POSITION_IDS, i64, ["batch", "sequence"])]
+              helper.make_tensor_value_info(ATTENTION_MASK, i64, ["batch", "total_sequence"])]
+    if position_ids:
+        inputs.append(helper.make_tensor_value_info(POSITION_IDS, i64, ["batch", "sequence"]))
     outputs = [helper.make_tensor_value_info(LOGITS, TensorProto.FLOAT, ["batch", "sequence", dims.vocab_size])]
     shape_past: list[str | int] = ["batch", dims.num_kv_heads, "past_sequence", dims.head_dim]
     shape_present: list[str | int] = ["batch", dims.num_kv_heads, "total_sequence", dims.head_dim]
@@ -281,22 +341,29 @@ def _io(dims: Dims, kv_type: np.dtype) -> tuple[list[onnx.ValueInfoProto], list[
 
 
 def build_model(dims: Dims, weights: WeightSource, progress: Any = None,
-                metadata: Mapping[str, str] | None = None) -> onnx.ModelProto:
+                metadata: Mapping[str, str] | None = None, attention_kind: str = DEFAULT_ATTENTION) -> onnx.ModelProto:
     """The whole decoder graph; initializers are requested from ``weights`` block by block (streaming order).
 
-    ``progress(done, n_layers)`` is called after each decoder layer. Initializers are attached by the caller
-    (``InitializerStore.save``).
+    ``attention_kind``: ``gqa`` or ``plain`` (module docstring). ``progress(done, n_layers)`` is called after each
+    decoder layer. Initializers are attached by the caller (``InitializerStore.save``).
     """
+    if attention_kind not in ATTENTIONS:
+        raise ValueError(f"attention {attention_kind!r}: use one of {', '.join(ATTENTIONS)}")
     g = Graph(weights)
     h = embed(g)
-    rope = rotary_tables(g, dims)
-    mask = attention_bias(g)
+    attend: Callable[[int, str], str]
+    if attention_kind == GQA:
+        fused = fused_inputs(g, dims)
+        attend = lambda layer, x: fused_attention(g, dims, layer, x, fused)
+    else:
+        rope, mask = rotary_tables(g, dims), attention_bias(g)
+        attend = lambda layer, x: attention(g, dims, layer, x, rope, mask)
     for i in range(dims.num_layers):
-        h = decoder_layer(g, dims, i, h, rope, mask)
+        h = decoder_layer(g, dims, i, h, attend)
         if progress is not None:
             progress(i + 1, dims.num_layers)
     lm_head(g, dims, h)
-    inputs, outputs = _io(dims, weights.weight_type)
+    inputs, outputs = _io(dims, weights.weight_type, position_ids=attention_kind == PLAIN)
     graph = helper.make_graph(g.nodes, "qwen2", inputs, outputs)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
                               producer_name="qconvert")

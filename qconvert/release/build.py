@@ -179,7 +179,8 @@ def _build_onnx(ctx: ModelContext, job: Job, out: Path, settings: Any, deps: dic
     s = job.fmt.settings
     from_dir = deps.get(s["from"]) if "from" in s else None
     calibrated = s.get("precision", "int4") in ("int4", "int8") and from_dir is None and s.get("algo", "rtn") != "rtn"
-    tables = {k: s[k] for k in ("accuracy_level", "table_bits", "table_block_size") if k in s}  # else the exporter's
+    tables = {k: s[k] for k in ("accuracy_level", "table_bits", "table_block_size", "attention",
+                                           "mixed_precision") if k in s}  # else the exporter's
     out.mkdir()
     made = export_onnx(ctx.source.path, out, precision=s.get("precision", "int4"), algo=s.get("algo", "rtn"),
                        from_dir=from_dir, block_size=s.get("block_size"),

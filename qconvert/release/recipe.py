@@ -61,7 +61,8 @@ FORMAT_KEYS: MappingProxyType[str, MappingProxyType[str, str]] = MappingProxyTyp
                              "search_samples": _INT, "clip_all": _BOOL, "format": _STR}),
     "onnx": MappingProxyType({"precision": _STR, "algo": _STR, "block_size": _INT, "from": _STR,
                               "accuracy_level": _INT, "keep_embedding_float": _BOOL, "table_bits": _INT,
-                              "table_block_size": _INT}),
+                              "table_block_size": _INT, "attention": _STR,
+                              "mixed_precision": _BOOL}),
     "w8a8": MappingProxyType({"weights": _STR, "smooth": _FLOAT, "damp": _FLOAT}),
 })
 ONNX_PRECISIONS = ("fp32", "fp16", "int4", "int8")
@@ -71,8 +72,9 @@ ONNX_QUANTIZED = ("int4", "int8")
 ONNX_ACCURACY_LEVELS = (0, 1, 2, 4)
 ONNX_TABLE_BITS = (4, 8)
 ONNX_TABLE_BLOCK_SIZES = (16, 32, 64, 128)
+ONNX_ATTENTIONS = ("gqa", "plain")
 ONNX_QUANTIZED_KEYS = ("algo", "block_size", "from", "accuracy_level", "keep_embedding_float", "table_bits",
-                       "table_block_size")
+                       "table_block_size", "mixed_precision")
 LAYOUTS = ("by-model", "flat")
 
 DEFAULTS: MappingProxyType[str, MappingProxyType[str, Any]] = MappingProxyType({
@@ -388,6 +390,13 @@ def _check_onnx(recipe: Recipe, f: FormatEntry, ids: dict[str, FormatEntry]) -> 
         if key in s and s[key] not in allowed:
             raise recipe.error("formats", f.index, key, f"{key} = {s[key]}: use one of "
                                f"{', '.join(str(v) for v in allowed)}")
+    if s.get("mixed_precision") and (precision != "int4" or s.get("algo", "rtn") != "rtn" or "from" in s):
+        raise recipe.error("formats", f.index, "mixed_precision", "mixed_precision = true re-quantizes some linears "
+                           "at 8 bits with round-to-nearest: it needs precision = \"int4\" and algo = \"rtn\" (no "
+                           "from)")
+    if "attention" in s and s["attention"] not in ONNX_ATTENTIONS:
+        raise recipe.error("formats", f.index, "attention", f"attention = {s['attention']!r}: use one of "
+                           f"{', '.join(ONNX_ATTENTIONS)} (fused GroupQueryAttention, or explicit ops)")
     if s.get("keep_embedding_float") and ("table_bits" in s or "table_block_size" in s):
         raise recipe.error("formats", f.index, "keep_embedding_float", "keep_embedding_float = true keeps the "
                            "embedding / lm_head float32; drop table_bits / table_block_size (they quantize them)")
