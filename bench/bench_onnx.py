@@ -5,7 +5,9 @@
                                [--threads 2] [--builder] [--onnx-ir-path DIR] [--gptq-from DIR]
                                [--genai PROMPT NEW] [--repeats N] [--verify]
 
-Variants: ``PRECISION[-ALGO][-plain]`` (``-plain``: ``attention="plain"``, else GroupQueryAttention). ``--gptq-from
+Variants: ``PRECISION[-ALGO][-plain|-mixed]`` (``-plain``: ``attention="plain"``, else GroupQueryAttention;
+``-mixed``: ``mixed_precision=True``). ``--block-size`` / ``--table-block-size`` set those export options for every
+qconvert variant (default: the exporter's). ``--gptq-from
 DIR`` makes ``int4-gptq`` convert that GPTQ checkpoint (``export_onnx(from_dir=DIR)``, no calibration in the export
 time) instead of calibrating inside the export. ``--genai PROMPT NEW`` also times onnxruntime-genai's generator (the
 deployment runtime; GroupQueryAttention exports and the builder's share one past/present buffer there): a random
@@ -38,7 +40,8 @@ from pathlib import Path
 import numpy as np
 
 DEFAULT_MODEL = Path.home() / ".cache/qconvert-real/hf/qwen2.5-coder-0.5b-tied"
-VARIANTS = ("fp32", "fp16", "int4-rtn", "int4-gptq", "int4-awq", "fp32-plain", "int4-rtn-plain", "int4-gptq-plain")
+VARIANTS = ("fp32", "fp16", "int4-rtn", "int4-gptq", "int4-awq", "fp32-plain", "int4-rtn-plain", "int4-gptq-plain",
+            "int4-rtn-mixed")
 
 
 def child_export(model: Path, variant: str, out: Path, samples: int, seqlen: int, threads: int) -> dict:
@@ -49,8 +52,13 @@ def child_export(model: Path, variant: str, out: Path, samples: int, seqlen: int
     from qconvert.onnx_export import export_onnx
 
     torch.set_num_threads(threads)
-    precision, _, algo = variant.removesuffix("-plain").partition("-")
-    attention = "plain" if variant.endswith("-plain") else "gqa"
+    parts = variant.split("-")
+    precision, algo = parts[0], parts[1] if len(parts) > 1 else ""
+    attention = "plain" if "plain" in parts[2:] else "gqa"
+    extra = {"mixed_precision": True} if "mixed" in parts[2:] else {}
+    for key in ("table_block_size", "block_size"):
+        if os.environ.get(f"BENCH_{key.upper()}"):
+            extra[key] = int(os.environ[f"BENCH_{key.upper()}"])
     calib, from_dir = None, None
     if algo == "gptq" and os.environ.get("BENCH_GPTQ_FROM"):
         from_dir = Path(os.environ["BENCH_GPTQ_FROM"])
@@ -60,7 +68,7 @@ def child_export(model: Path, variant: str, out: Path, samples: int, seqlen: int
     name = f"{model.name}-{variant.partition('-')[2]}" if algo else model.name
     path = export_onnx(model, out, precision=precision, algo="rtn" if from_dir else algo or "rtn", calib=calib,
                        from_dir=from_dir, settings=CalibrationSettings("cpu", torch.float32, 4), model_name=name,
-                       force=True, attention=attention)
+                       force=True, attention=attention, **extra)
     return {"variant": variant, "dir": str(path), "seconds": time.perf_counter() - start,
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}
 
@@ -195,6 +203,8 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=256, help="GPTQ/AWQ calibration window length")
     p.add_argument("--builder", action="store_true", help="also run onnxruntime-genai's model builder (int4, cpu)")
     p.add_argument("--onnx-ir-path", help="directory holding the onnx_ir package, for --builder")
+    p.add_argument("--block-size", type=int, help="qconvert variants: linears' block size (not with --gptq-from)")
+    p.add_argument("--table-block-size", type=int, help="qconvert int4 variants: embedding / lm_head block size")
     p.add_argument("--gptq-from", type=Path, help="int4-gptq: convert this GPTQ checkpoint instead of calibrating")
     p.add_argument("--genai", nargs=2, type=int, metavar=("PROMPT", "NEW"),
                    help="also time onnxruntime-genai generation: PROMPT random tokens, NEW greedy tokens")
@@ -223,6 +233,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
     env = dict(os.environ) | ({"BENCH_GPTQ_FROM": str(args.gptq_from)} if args.gptq_from else {})
+    env |= {f"BENCH_{k.upper()}": str(v) for k, v in (("block_size", args.block_size),
+                                                       ("table_block_size", args.table_block_size)) if v}
     for v in args.variants:
         res = run_child(["export", str(args.model), v, str(args.out), str(args.samples), str(args.seqlen),
                          str(args.threads)], env)

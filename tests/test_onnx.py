@@ -374,7 +374,13 @@ def test_mixed_precision_writes_llamacpps_layers_at_8_bits(exported, model_dir, 
     layers = ", ".join(str(i) for i in range(n) if use_more_bits(i, n))
     assert meta["qconvert.mixed_precision"] == f"int8 v_proj, down_proj in layers {layers} ({len(wide) // 2} of {n})"
     assert "mixed precision: int8 v_proj" in (out / "README.md").read_text()
+    # q, k and v go through one MatMulNBits (rows q, k, v) where they share bits; apart where v_proj is 8-bit
+    assert {m for m in bits if m.endswith(".qkv_proj")} == {f"model.layers.{i}.self_attn.qkv_proj" for i in range(n)
+                                                           if not use_more_bits(i, n)}
     plain = exported(name, "int4", block_size=block, accuracy_level=0)
+    assert sorted(n.name.split("/")[0] for n in onnx.load(plain / "model.onnx").graph.node
+                  if n.op_type == "MatMulNBits" and "self_attn" in n.name and "o_proj" not in n.name) == \
+        sorted(f"model.layers.{i}.self_attn.qkv_proj" for i in range(n))
     size = lambda d: sum(f.stat().st_size for f in d.iterdir() if f.name.startswith("model.onnx"))
     assert size(out) > size(plain)
 

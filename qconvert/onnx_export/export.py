@@ -105,11 +105,27 @@ class Weights:
         w = self._read(f"{module}.weight")  # [N, K] -> MatMul's [K, N]
         return FloatLinear(self.store.add(f"{module}.weight_T", w.T.astype(self.weight_type)))
 
-    def bias(self, module: str) -> str | None:
-        name = f"{module}.bias"
-        if name not in self.ckpt.entries:
+    def qkv(self, prefix: str) -> FloatLinear | QuantLinear | None:
+        """q, k and v of the attention block ``prefix`` as one linear (rows q, k, v), or None when they stay apart
+        (quantized with different bits). Float weights are concatenated here, quantized ones by QuantizedLinears."""
+        packed = f"{prefix}.{QKV_PROJ}"
+        if packed in self.quantized:
+            return self.quantized[packed]
+        if any(f"{prefix}.{r}" in self.quantized for r in QKV):
             return None
-        return self.store.add(name, self._read(name))
+        w = np.concatenate([self._read(f"{prefix}.{r}.weight") for r in QKV])  # [N_q + 2 N_kv, K]
+        return FloatLinear(self.store.add(f"{packed}.weight_T", w.T.astype(self.weight_type)))
+
+    def bias(self, module: str) -> str | None:
+        prefix, _, role = module.rpartition(".")
+        parts = [f"{prefix}.{r}.bias" for r in QKV] if role == QKV_PROJ else [f"{module}.bias"]
+        present = [n for n in parts if n in self.ckpt.entries]
+        if not present:
+            return None
+        if len(present) < len(parts):  # a packed q/k/v with some biases: the others are zero
+            raise CheckpointError(f"{self.ckpt.dir}: {prefix} has biases for {', '.join(present)} only; a Qwen2 "
+                                  "checkpoint has q, k and v biases. Re-download or re-save it.")
+        return self.store.add(f"{module}.bias", np.concatenate([self._read(n) for n in parts]))
 
     def norm(self, name: str) -> str:
         return self.store.add(name, self._read(name))
@@ -150,9 +166,46 @@ class Weights:
         return name if name in self.store.names else self.store.add(name, value)
 
 
-def store_quantized(store: InitializerStore, module: str, q: QuantizedLinear) -> QuantLinear:
-    """Convert one ``QuantizedLinear`` to MatMulNBits and write its initializers now (streaming)."""
-    return store_block(store, module, matmulnbits.from_quantized(q, module))
+QKV = ("q_proj", "k_proj", "v_proj")
+QKV_PROJ = "qkv_proj"  # the packed q/k/v linear of one attention block: rows q, then k, then v
+
+
+class QuantizedLinears:
+    """MatMulNBits weights written as they come (streaming). q, k and v of one attention block are held until all
+    three are there and written as one ``<prefix>.qkv_proj`` weight (rows q, k, v; one MatMulNBits node instead of
+    three, as onnxruntime-genai's builder does) when they share bits and block size (not so for ``mixed_precision``,
+    whose v_proj may be 8-bit): then ``refs`` holds the packed weight, else each."""
+
+    def __init__(self, store: InitializerStore) -> None:
+        self.store = store
+        self.refs: dict[str, QuantLinear] = {}
+        self._pending: dict[str, dict[str, matmulnbits.BlockWeight]] = {}
+
+    def add(self, module: str, w: matmulnbits.BlockWeight) -> None:
+        prefix, _, role = module.rpartition(".")
+        if role not in QKV:
+            self.refs[module] = store_block(self.store, module, w)
+            return
+        group = self._pending.setdefault(prefix, {})
+        group[role] = w
+        if len(group) < len(QKV):
+            return
+        del self._pending[prefix]
+        parts = [group[r] for r in QKV]
+        if len({(p.bits, p.block_size, p.cols) for p in parts}) == 1:
+            self.refs[f"{prefix}.{QKV_PROJ}"] = store_block(self.store, f"{prefix}.{QKV_PROJ}",
+                                                            matmulnbits.concat_rows(parts))
+        else:
+            for r, part in zip(QKV, parts, strict=True):
+                self.refs[f"{prefix}.{r}"] = store_block(self.store, f"{prefix}.{r}", part)
+
+    def add_quantized(self, module: str, q: QuantizedLinear) -> None:
+        """Convert one ``QuantizedLinear`` to MatMulNBits and add it."""
+        self.add(module, matmulnbits.from_quantized(q, module))
+
+    def clear(self) -> None:
+        self.refs.clear()
+        self._pending.clear()
 
 
 def store_block(store: InitializerStore, module: str, w: matmulnbits.BlockWeight) -> QuantLinear:
@@ -394,21 +447,21 @@ def _weights(plan: _Plan, store: InitializerStore, precision: str, algo: str, ca
     """Quantize (or read) the int4 / int8 linears into ``store`` first; float tensors are pulled later by the graph."""
     ckpt = SafetensorsCheckpoint(plan.src)
     weight_type = np.dtype(np.float16 if precision == "fp16" else np.float32)
-    quantized: dict[str, QuantLinear] = {}
+    quantized = QuantizedLinears(store)
     floats: dict[str, np.ndarray] = {}
     if plan.bits is not None:
         if plan.scheme is not None:
             for module in plan.linears:
-                quantized[module] = store_quantized(store, module, matmulnbits.read_prequantized(ckpt, module, plan.scheme))
+                quantized.add_quantized(module, matmulnbits.read_prequantized(ckpt, module, plan.scheme))
         elif algo == "rtn":
-            _rtn(ckpt, store, plan, quantized)
+            _rtn(ckpt, plan, quantized)
         else:
             _calibrated(plan, store, algo, calib, settings, progress, quantized, floats)
-    return Weights(ckpt, store, plan.dims, weight_type, quantized, floats, accuracy_level=accuracy_level,
+    return Weights(ckpt, store, plan.dims, weight_type, quantized.refs, floats, accuracy_level=accuracy_level,
                    tables=plan.tables)
 
 
-def _rtn(ckpt: SafetensorsCheckpoint, store: InitializerStore, plan: _Plan, quantized: dict[str, QuantLinear]) -> None:
+def _rtn(ckpt: SafetensorsCheckpoint, plan: _Plan, quantized: QuantizedLinears) -> None:
     """Symmetric round-to-nearest, one weight at a time (no forward pass): zero point 2^(bits-1), so no zero_points."""
     import torch
 
@@ -417,11 +470,11 @@ def _rtn(ckpt: SafetensorsCheckpoint, store: InitializerStore, plan: _Plan, quan
     assert plan.bits is not None
     for module in plan.linears:
         w = torch.from_numpy(ckpt.read_f32(f"{module}.weight"))
-        quantized[module] = store_quantized(store, module, rtn(w, plan.linear_bits(module), plan.block_size, sym=True))
+        quantized.add_quantized(module, rtn(w, plan.linear_bits(module), plan.block_size, sym=True))
 
 
 def _calibrated(plan: _Plan, store: InitializerStore, algo: str, calib: CalibrationSet | None,
-                settings: CalibrationSettings | None, progress: Progress | None, quantized: dict[str, QuantLinear],
+                settings: CalibrationSettings | None, progress: Progress | None, quantized: QuantizedLinears,
                 floats: dict[str, np.ndarray]) -> None:
     """GPTQ (symmetric, no act-order; 4 or 8 bits) or AWQ (4-bit, zero points) through the calibration driver."""
     from qconvert.calibration.quantize import CalibrationSettings, calibrate
@@ -433,7 +486,7 @@ def _calibrated(plan: _Plan, store: InitializerStore, algo: str, calib: Calibrat
            else AWQConfig(group_size=plan.block_size))
 
     def on_linear(module: str, q: QuantizedLinear) -> None:
-        quantized[module] = store_quantized(store, module, q)
+        quantized.add_quantized(module, q)
 
     def on_float(name: str, t: Any) -> None:
         floats[name] = t.detach().float().cpu().numpy()

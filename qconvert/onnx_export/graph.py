@@ -109,6 +109,7 @@ class WeightSource(Protocol):
     accuracy_level: int
 
     def linear(self, module: str) -> FloatLinear | QuantLinear: ...
+    def qkv(self, prefix: str) -> FloatLinear | QuantLinear | None: ...
     def bias(self, module: str) -> str | None: ...
     def norm(self, name: str) -> str: ...
     def embedding(self) -> str | QuantEmbedding: ...
@@ -159,9 +160,9 @@ def matmul_nbits(g: Graph, ref: QuantLinear, x: str, scope: str, outputs: int | 
                 block_size=ref.block_size, accuracy_level=g.w.accuracy_level)
 
 
-def linear(g: Graph, module: str, x: str) -> str:
+def linear(g: Graph, module: str, x: str, ref: FloatLinear | QuantLinear | None = None) -> str:
     """``x`` f32 [b, t, K] -> f32 [b, t, N] through the float or MatMulNBits weight of ``module`` (+ bias)."""
-    ref = g.w.linear(module)
+    ref = g.w.linear(module) if ref is None else ref
     if isinstance(ref, QuantLinear):
         y = matmul_nbits(g, ref, x, module)
     else:
@@ -169,6 +170,19 @@ def linear(g: Graph, module: str, x: str) -> str:
         y = g.cast(g.op("MatMul", [g.cast(x, wt, F32, module), ref.weight], module), F32, wt, module)
     bias = g.w.bias(module)
     return y if bias is None else g.op("Add", [y, bias], module)
+
+
+def qkv_projections(g: Graph, dims: Dims, p: str, x: str, split: bool) -> list[str]:
+    """q, k, v f32 [b, t, heads·head_dim] of attention block ``p``: one linear on the packed q/k/v weight when the
+    weights allow it (``[qkv]``, or Split into three when ``split``), else three linears."""
+    packed = g.w.qkv(p)
+    if packed is None:
+        return [linear(g, f"{p}.{m}_proj", x) for m in "qkv"]
+    qkv = linear(g, f"{p}.qkv_proj", x, packed)
+    if not split:
+        return [qkv]
+    sizes = g.ints(dims.num_heads * dims.head_dim, dims.num_kv_heads * dims.head_dim, dims.num_kv_heads * dims.head_dim)
+    return g.op("Split", [qkv, sizes], p, outputs=3, axis=-1)
 
 
 def rms_norm(g: Graph, x: str, weight: str, eps: float, scope: str) -> str:
@@ -213,9 +227,10 @@ def attention(g: Graph, dims: Dims, layer: int, x: str, rope: tuple[str, str], m
     p = f"model.layers.{layer}.self_attn"
     nh, kv, hd, kv_type = dims.num_heads, dims.num_kv_heads, dims.head_dim, g.w.weight_type
     group = nh // kv
-    q = apply_rotary(g, g.op("Reshape", [linear(g, f"{p}.q_proj", x), g.ints(0, 0, nh, hd)], p), rope, p)
-    k = apply_rotary(g, g.op("Reshape", [linear(g, f"{p}.k_proj", x), g.ints(0, 0, kv, hd)], p), rope, p)
-    v = g.op("Reshape", [linear(g, f"{p}.v_proj", x), g.ints(0, 0, kv, hd)], p)
+    q, k, v = qkv_projections(g, dims, p, x, split=True)
+    q = apply_rotary(g, g.op("Reshape", [q, g.ints(0, 0, nh, hd)], p), rope, p)
+    k = apply_rotary(g, g.op("Reshape", [k, g.ints(0, 0, kv, hd)], p), rope, p)
+    v = g.op("Reshape", [v, g.ints(0, 0, kv, hd)], p)
     present = []
     for new, past, out in ((k, PAST_KEY, PRESENT_KEY), (v, PAST_VALUE, PRESENT_VALUE)):
         new = g.cast(g.op("Transpose", [new], p, perm=[0, 2, 1, 3]), kv_type, F32, p)  # [b, kv, t, hd]
@@ -261,10 +276,12 @@ def fused_inputs(g: Graph, dims: Dims) -> FusedInputs:
 
 
 def fused_attention(g: Graph, dims: Dims, layer: int, x: str, fused: FusedInputs) -> str:
-    """Self-attention of normed ``x`` f32 [b, t, hidden] through one GroupQueryAttention node; o_proj included."""
+    """Self-attention of normed ``x`` f32 [b, t, hidden] through one GroupQueryAttention node (q, k, v packed in its
+    query input when they come from one linear); o_proj included."""
     p = f"model.layers.{layer}.self_attn"
     at = g.w.weight_type
-    qkv = [g.cast(linear(g, f"{p}.{m}_proj", x), at, F32, p) for m in "qkv"]
+    qkv = [g.cast(t, at, F32, p) for t in qkv_projections(g, dims, p, x, split=False)]
+    qkv += [""] * (3 - len(qkv))
     out = g.op("GroupQueryAttention", [*qkv, PAST_KEY % layer, PAST_VALUE % layer, fused.seqlens_k, fused.total,
                                        fused.cos, fused.sin, "", fused.bias], p,
                outputs=[f"{p}/attention_out", PRESENT_KEY % layer, PRESENT_VALUE % layer], domain=MS_DOMAIN,
