@@ -23,6 +23,7 @@ INLINE_LIMIT = 256 << 20  # weights above this go to model.onnx.data (streamed; 
 INLINE_BELOW = 1024  # smaller tensors (shapes, axes, scalars) always stay in model.onnx
 DATA_FILE = "model.onnx.data"
 PAGE = 4096
+PAGE_ALIGN_FROM = 1 << 20  # tensors this large start on a page (onnxruntime can map them); smaller ones on 64 bytes
 SMALL_ALIGN = 64
 ONNX_TYPES: MappingProxyType[np.dtype, int] = MappingProxyType({
     np.dtype(np.float32): TensorProto.FLOAT,
@@ -59,7 +60,7 @@ class InitializerStore:
             self.tensors.append(numpy_helper.from_array(array, name))
             return name
         assert self._file is not None
-        align = PAGE if array.nbytes >= PAGE else SMALL_ALIGN
+        align = PAGE if array.nbytes >= PAGE_ALIGN_FROM else SMALL_ALIGN
         pad = -self.offset % align
         self._file.write(b"\0" * pad)
         self.offset += pad
