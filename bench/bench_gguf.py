@@ -13,6 +13,10 @@ real embedding (151936 x 1536, tied), random bf16 weights, ``--layers`` decoder 
 Each step runs in its own process; wall time and peak RSS come from the OS (wait4). The outputs are compared
 tensor by tensor: "identical" means every tensor's type and bytes agree; both are then deleted.
 
+Before timing, qconvert runs each type once untimed (printed as "warm-up"): numba compiles the kernels on first use
+and caches them beside the sources, so only the first run after an install pays for it (the I-quant kernels take
+~15 s); llama.cpp's library is compiled ahead. ``--no-warmup`` times the first run instead.
+
 ``--threads`` runs everything once per thread count: numba's threads for qconvert (``NUMBA_NUM_THREADS``, also
 ``OMP_NUM_THREADS`` for both processes), ``nthread`` for llama_model_quantize (default: all cores).
 ``--imatrix`` gives both sides the same synthetic importance matrix (chi-squared per column, as
@@ -132,6 +136,7 @@ def main() -> None:
                          "BF16 writer stands in)")
     ap.add_argument("--converter-python", default=sys.executable, metavar="PY",
                     help="the python that runs --converter (its venv has torch, transformers, sentencepiece)")
+    ap.add_argument("--no-warmup", action="store_true", help="time qconvert's first run (numba compiles then)")
     ap.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -149,6 +154,7 @@ def main() -> None:
           f"load average {load_average()}")
     print(f"{'threads':>7} {'type':<8} {'qconvert s':>10} {'llama.cpp s':>11} {'(convert+quantize)':>18} {'ratio':>6} "
           f"{'RSS qconvert':>12} {'RSS llama':>9} {'identical':>9}", flush=True)
+    warm = not args.no_warmup
     for threads in args.threads:
         if args.converter:
             conv_wall, conv_rss = timed([CONVERTER_RUNNER, str(args.converter), str(model), "--outtype", "bf16",
@@ -158,6 +164,13 @@ def main() -> None:
         if args.imatrix and threads == args.threads[0]:
             synthetic_imatrix(bf16, im_file)
         with_im = ["--imatrix", str(im_file)] if args.imatrix else []
+        if warm:  # numba's compile-and-cache, once per install: kept out of the timings
+            warm = False
+            for preset in args.types:
+                w_wall, _ = timed(qc + ["--type", preset, *with_im, "--output", str(args.workdir / "warm.gguf")], threads)
+                print(f"warm-up: qconvert {preset} first run {w_wall:.1f} s (includes numba's compile if not cached)",
+                      flush=True)
+            (args.workdir / "warm.gguf").unlink(missing_ok=True)
         for preset in args.types:
             ours, ref = args.workdir / f"qconvert-{preset}.gguf", args.workdir / f"llama-{preset}.gguf"
             q_wall, q_rss = timed(qc + ["--type", preset, *with_im, "--output", str(ours)], threads)

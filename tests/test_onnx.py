@@ -602,6 +602,7 @@ def test_onnxruntime_genai_loads_and_generates(exported, model_dir, precision: s
     assert ("position_ids" in cfg["model"]["decoder"]["inputs"]) is not fused
     ops = {n.op_type for n in onnx.load(out / "model.onnx", load_external_data=False).graph.node}
     assert ("GroupQueryAttention" in ops) is fused and ("Softmax" in ops) is not fused
+    assert ("SkipSimplifiedLayerNormalization" in ops) is fused  # residual add + RMSNorm as one op
     ids = demo_prompt(model_dir("demo"))
     model = og.Model(str(out))
     assert list(og.Tokenizer(model).encode("def add(a, b):"))  # the copied tokenizer loads

@@ -29,7 +29,8 @@ inputs and their outputs return to fp32); the plain graph's scores and softmax a
 runs in the cache's type (fp16 for the fp16 export, as the CUDA EP wants). int4 / int8 linears are ``MatMulNBits``
 on float32 activations, and a quantized embedding is ``GatherBlockQuantized`` (its lm_head ``MatMulNBits``; when
 tied, the embedding reads the lm_head's initializers through a ``Reshape``). RMSNorm uses the
-Pow/ReduceMean/Add/Sqrt/Div/Mul pattern that onnxruntime fuses into ``SimplifiedLayerNormalization``.
+Pow/ReduceMean/Add/Sqrt/Div/Mul pattern that onnxruntime fuses into ``SimplifiedLayerNormalization``; the gqa graph
+writes each residual add and the norm after it as one ``SkipSimplifiedLayerNormalization``.
 """
 
 from __future__ import annotations
@@ -298,14 +299,33 @@ def mlp(g: Graph, layer: int, x: str) -> str:
     return linear(g, f"{p}.down_proj", g.op("Mul", [act, linear(g, f"{p}.up_proj", x)], p))
 
 
-def decoder_layer(g: Graph, dims: Dims, layer: int, h: str, attend: Callable[[int, str], str]) -> str:
-    """``h`` f32 [b, t, hidden] -> the next residual stream; ``attend(layer, normed)`` is the attention block."""
+def residual_norm(g: Graph, h: str, delta: str | None, norm: str, eps: float, fused: bool) -> tuple[str, str]:
+    """(RMSNorm of ``h + delta`` with weight ``norm``, ``h + delta``); ``delta`` None: nothing to add. ``fused``:
+    one com.microsoft.SkipSimplifiedLayerNormalization (what onnxruntime's own Add + norm fusion would give, written
+    directly); else Add and the standard-op RMSNorm."""
+    scope = norm.removesuffix(".weight")
+    weight = g.w.norm(norm)
+    if delta is None:
+        return rms_norm(g, h, weight, eps, scope), h
+    if not fused:
+        h = g.op("Add", [h, delta], scope)
+        return rms_norm(g, h, weight, eps, scope), h
+    normed, total = f"{scope}/normed", f"{scope}/residual"
+    g.op("SkipSimplifiedLayerNormalization", [h, delta, weight], scope, outputs=[normed, "", "", total],
+         domain=MS_DOMAIN, epsilon=float(eps))
+    return normed, total
+
+
+def decoder_layer(g: Graph, dims: Dims, layer: int, h: str, pending: str | None, attend: Callable[[int, str], str],
+                  fused: bool) -> tuple[str, str]:
+    """One layer: ``h`` f32 [b, t, hidden] is the residual stream before the previous block's output ``pending`` is
+    added (None before layer 0); returns (the stream, this layer's MLP output still to add). ``attend(layer, normed)``
+    is the attention block."""
     p = f"model.layers.{layer}"
     eps = dims.rms_norm_eps
-    normed = rms_norm(g, h, g.w.norm(f"{p}.input_layernorm.weight"), eps, f"{p}.input_layernorm")
-    h = g.op("Add", [h, attend(layer, normed)], p)
-    normed = rms_norm(g, h, g.w.norm(f"{p}.post_attention_layernorm.weight"), eps, f"{p}.post_attention_layernorm")
-    return g.op("Add", [h, mlp(g, layer, normed)], p)
+    normed, h = residual_norm(g, h, pending, f"{p}.input_layernorm.weight", eps, fused)
+    normed, h = residual_norm(g, h, attend(layer, normed), f"{p}.post_attention_layernorm.weight", eps, fused)
+    return h, mlp(g, layer, normed)
 
 
 def embed(g: Graph) -> str:
@@ -320,17 +340,16 @@ def embed(g: Graph) -> str:
                 quantize_axis=QUANTIZE_AXIS)  # the output has the scales' type: float32
 
 
-def lm_head(g: Graph, dims: Dims, h: str) -> str:
-    """f32 logits [b, t, vocab]: final norm, then MatMulNBits on the quantized [vocab, hidden] weight, or Gemm(x, W,
-    transB) on the float one; when tied that weight is the embedding's (one initializer serves both ops)."""
+def lm_head(g: Graph, dims: Dims, x: str) -> str:
+    """f32 logits [b, t, vocab] of the final-normed ``x``: MatMulNBits on the quantized [vocab, hidden] weight, or
+    Gemm(x, W, transB) on the float one; when tied that weight is the embedding's (one initializer serves both ops)."""
     s, wt = "/lm_head", g.w.weight_type
-    x = rms_norm(g, h, g.w.norm("model.norm.weight"), dims.rms_norm_eps, "model.norm")
     head = g.w.lm_head()
     if isinstance(head, QuantLinear):
         return matmul_nbits(g, head, x, s, outputs=[LOGITS])
     rows = g.op("Reshape", [g.cast(x, wt, F32, s), g.ints(-1, dims.hidden_size)], s)
     y = g.cast(g.op("Gemm", [rows, head], s, transB=1), F32, wt, s)
-    shape = g.op("Concat", [g.op("Slice", [g.op("Shape", [h], s), g.ints(0), g.ints(2)], s), g.ints(dims.vocab_size)],
+    shape = g.op("Concat", [g.op("Slice", [g.op("Shape", [x], s), g.ints(0), g.ints(2)], s), g.ints(dims.vocab_size)],
                  s, axis=0)
     return g.op("Reshape", [y, shape], s, outputs=[LOGITS])
 
@@ -375,11 +394,13 @@ def build_model(dims: Dims, weights: WeightSource, progress: Any = None,
     else:
         rope, mask = rotary_tables(g, dims), attention_bias(g)
         attend = lambda layer, x: attention(g, dims, layer, x, rope, mask)
+    fused_norms = attention_kind == GQA  # the plain graph keeps to standard ops (+ MatMulNBits for int4/int8)
+    pending: str | None = None
     for i in range(dims.num_layers):
-        h = decoder_layer(g, dims, i, h, attend)
+        h, pending = decoder_layer(g, dims, i, h, pending, attend, fused_norms)
         if progress is not None:
             progress(i + 1, dims.num_layers)
-    lm_head(g, dims, h)
+    lm_head(g, dims, residual_norm(g, h, pending, "model.norm.weight", dims.rms_norm_eps, fused_norms)[0])
     inputs, outputs = _io(dims, weights.weight_type, position_ids=attention_kind == PLAIN)
     graph = helper.make_graph(g.nodes, "qwen2", inputs, outputs)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],

@@ -105,25 +105,22 @@ _IMATRIX_ROW_KERNELS: MappingProxyType[GGMLType, Callable[..., None]] = MappingP
 _IMATRIX_IGNORED = frozenset({GGMLType.F32, GGMLType.F16, GGMLType.BF16, GGMLType.Q8_0})
 SUPPORTED_TYPES: frozenset[GGMLType] = frozenset(_BLOCK_KERNELS) | frozenset(_FLOAT_CODECS)
 _MIN_BLOCKS_PER_THREAD = 64  # below this a thread costs more than it saves
-_RANGES_PER_THREAD = 8  # load balance: ranges per thread (see _run_blocks)
 _ALIGN = kquants.CHUNK  # ranges start at multiples of the K-quant chunk so chunks stay whole
 
 
 def _run_blocks(kernel: Callable[..., None], x: np.ndarray, out: np.ndarray) -> None:
     """Run ``kernel`` over all blocks, split in contiguous ranges over numba's thread count.
 
-    The kernels release the GIL, so Python threads run them in parallel; this is one call per range, with no per-row
-    Python work. (A numba ``prange`` wrapper would do the same but costs seconds of extra compile per type.) There are
-    ``_RANGES_PER_THREAD`` ranges per thread, taken in turn by whichever thread is free: the I-quants' searches cost
-    more on some blocks than on others, and one range per thread left a thread idle while the other finished.
+    The kernels release the GIL, so Python threads run them in parallel; this is one call per thread, with
+    no per-row Python work. (A numba ``prange`` wrapper would do the same but costs seconds of extra compile
+    per type.)
     """
     nb = x.shape[0]
     threads = min(numba.get_num_threads(), nb // _MIN_BLOCKS_PER_THREAD)
     if threads <= 1:
         kernel(x, out, 0, nb)
         return
-    step = max(_MIN_BLOCKS_PER_THREAD, -(-nb // (threads * _RANGES_PER_THREAD)))
-    step = -(-step // _ALIGN) * _ALIGN
+    step = -(-nb // threads // _ALIGN) * _ALIGN
     with ThreadPoolExecutor(threads) as pool:
         for f in [pool.submit(kernel, x, out, b, min(nb, b + step)) for b in range(0, nb, step)]:
             f.result()
