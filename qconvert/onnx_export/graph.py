@@ -193,10 +193,16 @@ def rms_norm(g: Graph, x: str, weight: str, eps: float, scope: str) -> str:
     return g.op("Mul", [g.op("Div", [x, rms], scope), weight], scope)
 
 
+def rotary_frequencies(dims: Dims) -> np.ndarray:
+    """RoPE's inverse frequencies f32 [head_dim / 2], computed in float32 as both graphs use them."""
+    hd = dims.head_dim
+    return (1.0 / (np.float32(dims.rope_theta) ** (np.arange(0, hd, 2, dtype=np.float32) / np.float32(hd)))).astype(np.float32)
+
+
 def rotary_tables(g: Graph, dims: Dims) -> tuple[str, str]:
     """cos, sin f32 [b, t, 1, head_dim] of ``position_ids`` (NEOX layout: both halves share frequencies)."""
-    hd, s = dims.head_dim, "/rotary"
-    inv_freq = (1.0 / (np.float32(dims.rope_theta) ** (np.arange(0, hd, 2, dtype=np.float32) / np.float32(hd))))
+    s = "/rotary"
+    inv_freq = rotary_frequencies(dims)
     pos = g.op("Unsqueeze", [g.op("Cast", [POSITION_IDS], s, to=TensorProto.FLOAT), g.ints(-1)], s)  # [b, t, 1]
     freqs = g.op("Mul", [pos, g.w.const("rotary/inv_freq", inv_freq.astype(np.float32))], s)  # [b, t, hd/2]
     angles = g.op("Concat", [freqs, freqs], s, axis=-1)
@@ -267,9 +273,7 @@ def fused_inputs(g: Graph, dims: Dims) -> FusedInputs:
     keys = g.op("Unsqueeze", [g.op("Cast", [ATTENTION_MASK], s, to=TensorProto.BOOL), g.ints(1, 2)], s)
     hidden = g.op("Where", [keys, g.scalar(0.0, at), g.scalar(float(np.finfo(at).min), at)], s)  # [b, 1, 1, total]
     bias = g.op("Expand", [hidden, g.op("Concat", [batch, g.ints(1), seq, total], s, axis=0)], s)
-    hd = dims.head_dim
-    inv_freq = (1.0 / (np.float32(dims.rope_theta) ** (np.arange(0, hd, 2, dtype=np.float32) / np.float32(hd))))
-    angles = np.arange(dims.max_positions, dtype=np.float32)[:, None] * inv_freq.astype(np.float32)[None]
+    angles = np.arange(dims.max_positions, dtype=np.float32)[:, None] * rotary_frequencies(dims)[None]
     return FusedInputs(g.op("Cast", [last], s, to=TensorProto.INT32),
                        g.op("Cast", [g.op("Squeeze", [total, g.ints(0)], s)], s, to=TensorProto.INT32),
                        g.w.const("rotary/cos_cache", np.cos(angles).astype(at)),
