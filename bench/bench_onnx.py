@@ -44,7 +44,9 @@ VARIANTS = ("fp32", "fp16", "int4-rtn", "int4-gptq", "int4-awq", "fp32-plain", "
             "int4-rtn-mixed")
 
 
-def child_export(model: Path, variant: str, out: Path, samples: int, seqlen: int, threads: int) -> dict:
+def child_export(model: Path, variant: str, out: Path, samples: int, seqlen: int, threads: int, options: dict) -> dict:
+    """One export in this (child) process. ``options``: ``gptq_from`` (a GPTQ directory for int4-gptq), and
+    ``block_size`` / ``table_block_size`` for export_onnx (absent: the exporter's defaults)."""
     import torch
 
     from qconvert.calibration.quantize import CalibrationSettings
@@ -56,12 +58,10 @@ def child_export(model: Path, variant: str, out: Path, samples: int, seqlen: int
     precision, algo = parts[0], parts[1] if len(parts) > 1 else ""
     attention = "plain" if "plain" in parts[2:] else "gqa"
     extra = {"mixed_precision": True} if "mixed" in parts[2:] else {}
-    for key in ("table_block_size", "block_size"):
-        if os.environ.get(f"BENCH_{key.upper()}"):
-            extra[key] = int(os.environ[f"BENCH_{key.upper()}"])
+    extra |= {k: options[k] for k in ("block_size", "table_block_size") if options.get(k)}
     calib, from_dir = None, None
-    if algo == "gptq" and os.environ.get("BENCH_GPTQ_FROM"):
-        from_dir = Path(os.environ["BENCH_GPTQ_FROM"])
+    if algo == "gptq" and options.get("gptq_from"):
+        from_dir = Path(options["gptq_from"])
     elif algo in ("gptq", "awq"):
         calib = load_calibration("builtin", model, chat=False, n_samples=samples, seq_len=seqlen, seed=0)
     start = time.perf_counter()
@@ -152,24 +152,23 @@ def genai_speed(directory: Path, prompt_len: int, new: int, threads: int, repeat
 
 
 def verify(model: Path, results: list[dict], window: int, tokens: int, workdir: Path) -> None:
-    """``qconvert verify`` on every output (symlinked under its variant's name): ΔPPL, KL, top-1 into ``results``."""
+    """``qconvert verify``'s library entry on every output (symlinked under its variant's name, which names its
+    row): ΔPPL, KL, top-1 into ``results``."""
+    from qconvert.pipelines.verify import verify_artifacts
+
     links = workdir / "verify-links"
     shutil.rmtree(links, ignore_errors=True)
     links.mkdir(parents=True)
     named = [r for r in results if "dir" in r]
     for r in named:
         (links / r["variant"]).symlink_to(Path(r["dir"]).resolve())
-    out = workdir / "verify.json"
-    subprocess.run([sys.executable, "-m", "qconvert", "verify", *(str(links / r["variant"]) for r in named),
-                    "--reference", str(model), "--ctx", str(window), "--chunks", str(max(1, tokens // window)),
-                    "--json", str(out), "--quiet"], check=False)
-    if not out.is_file():
-        return
-    by_name = {row["name"]: row for row in json.loads(out.read_text())["results"]}
+    v = verify_artifacts([links / r["variant"] for r in named], model, ctx=window, chunks=max(1, tokens // window),
+                         progress=False)
+    by_name = {row.name: row for row in v.results}
     for r in named:
         row = by_name.get(r["variant"])
         if row:
-            r.update({"dppl_pct": row["dppl_pct"], "kl_mean": row["kl_mean"], "top1": row["top1"]})
+            r.update({"dppl_pct": row.dppl_pct, "kl_mean": row.kl_mean, "top1": row.top1})
 
 
 def torch_check(model: Path, onnx_dir: Path, window: list[int], threads: int) -> dict:
@@ -215,7 +214,8 @@ def main() -> None:
     if args.child:
         kind, rest = args.child[0], args.child[1:]
         if kind == "export":
-            res = child_export(Path(rest[0]), rest[1], Path(rest[2]), int(rest[3]), int(rest[4]), int(rest[5]))
+            res = child_export(Path(rest[0]), rest[1], Path(rest[2]), int(rest[3]), int(rest[4]), int(rest[5]),
+                               json.loads(rest[6]))
         else:
             res = child_builder(Path(rest[0]), Path(rest[1]), rest[2] if len(rest) > 2 else None)
         print(json.dumps(res))
@@ -232,12 +232,11 @@ def main() -> None:
     print(f"model {args.model}: {len(windows)} windows x {args.window} tokens, {args.threads} threads", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
-    env = dict(os.environ) | ({"BENCH_GPTQ_FROM": str(args.gptq_from)} if args.gptq_from else {})
-    env |= {f"BENCH_{k.upper()}": str(v) for k, v in (("block_size", args.block_size),
-                                                       ("table_block_size", args.table_block_size)) if v}
+    options = json.dumps({"gptq_from": str(args.gptq_from) if args.gptq_from else None,
+                          "block_size": args.block_size, "table_block_size": args.table_block_size})
     for v in args.variants:
         res = run_child(["export", str(args.model), v, str(args.out), str(args.samples), str(args.seqlen),
-                         str(args.threads)], env)
+                         str(args.threads), options])
         results.append(res)
         print(json.dumps(res), flush=True)
     if args.builder:

@@ -555,17 +555,18 @@ def test_left_padded_batch_equals_single_sequence(exported, attention: str) -> N
     cache = {n: np.zeros((2, m.kv_heads, 0, m.head_dim), np.float32) for n in m.past_names}
     feeds = {"input_ids": batch_ids, "attention_mask": mask, "position_ids": positions}
     got = []
-    for t in range(len(steps) + 1):
+    for t in range(len(steps) + 1):  # the prefill, then one batched step per token of ``steps``
+        if t:
+            mask = np.concatenate([mask, np.ones((2, 1), np.int64)], 1)
+            feeds = {"input_ids": np.array([[steps[t - 1]], [7]], np.int64), "attention_mask": mask,
+                     "position_ids": positions[:, -1:] + t}
         out = dict(zip(m.output_names, m.session.run(m.output_names, {k: v for k, v in feeds.items()
                                                                         if k in m.input_names} | cache)))
         assert np.isfinite(out["logits"]).all()
         got.append(out["logits"][0, pad:] if t == 0 else out["logits"][0])
         cache = {n: out[n.replace("past_key_values.", "present.")] for n in m.past_names}
-        mask = np.concatenate([mask, np.ones((2, 1), np.int64)], 1)
-        feeds = {"input_ids": np.array([[steps[t]], [7]] if t < len(steps) else [[0], [0]], np.int64),
-                 "attention_mask": mask, "position_ids": positions[:, -1:] + t + 1}
     assert "position_ids" in m.input_names if attention == "plain" else "position_ids" not in m.input_names
-    assert rel(np.concatenate(got[:len(steps) + 1]), m.logits(ids + steps)) < 1e-5
+    assert rel(np.concatenate(got), m.logits(ids + steps)) < 1e-5
 
 
 def demo_prompt(path: Path) -> list[int]:

@@ -266,8 +266,9 @@ def fused_inputs(g: Graph, dims: Dims) -> FusedInputs:
     """Sequence lengths, rotary tables and the padding bias from ``attention_mask`` (module docstring: why
     ``total - 1`` for every row)."""
     s, at = "/gqa", g.w.weight_type
-    batch = g.op("Gather", [g.op("Shape", [INPUT_IDS], s), g.ints(0)], s, axis=0)  # [1]
-    seq = g.op("Gather", [g.op("Shape", [INPUT_IDS], s), g.ints(1)], s, axis=0)
+    ids_shape = g.op("Shape", [INPUT_IDS], s)
+    batch = g.op("Gather", [ids_shape, g.ints(0)], s, axis=0)  # [1]
+    seq = g.op("Gather", [ids_shape, g.ints(1)], s, axis=0)
     total = g.op("Gather", [g.op("Shape", [ATTENTION_MASK], s), g.ints(1)], s, axis=0)
     last = g.op("Expand", [g.op("Sub", [total, g.ints(1)], s), batch], s)
     keys = g.op("Unsqueeze", [g.op("Cast", [ATTENTION_MASK], s, to=TensorProto.BOOL), g.ints(1, 2)], s)
